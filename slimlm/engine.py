@@ -1,0 +1,214 @@
+"""The block-by-block calibration loop, written once and shared by every method.
+
+Shape of the loop (GPTQ/SparseGPT/Wanda papers' sequential scheme):
+  1. run the model's embedding part on the calibration windows and capture what block 0 receives;
+     the keyword arguments every block receives (rotary ``position_embeddings``, masks, position ids)
+     are captured generically from the model's own forward, so no architecture is special-cased;
+  2. for each block: move it to the compute device, forward all windows with hooks that accumulate
+     the input statistics each linear needs (``LayerStats``), call the compression function on each
+     linear, re-run the block with the compressed weights to get the next block's inputs (the papers'
+     default: later blocks calibrate on the compressed model's activations), move it back.
+Only one block is on the compute device at a time; activations stay there between blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimlm.errors import SlimlmError
+from slimlm.models import adapter_for, block_linears, decoder_blocks
+
+log = logging.getLogger(__name__)
+
+ACCUM_DTYPE = torch.float32  # statistics and compression math run in float32 (as GPTQ/SparseGPT do)
+DEFAULT_BATCH_TOKENS = 8192  # calibration windows per forward = this // seqlen
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one linear's input over all calibration tokens.
+
+    ``sqnorm[j]`` = ‖X_j‖₂², the squared L2 norm of input channel j over every token (Wanda, RIA, OWL).
+    ``hessian`` = (2/n)·Σ_t x_t x_tᵀ, the layer-wise reconstruction Hessian (SparseGPT, GPTQ), or None.
+    """
+
+    ntokens: int
+    sqnorm: torch.Tensor
+    hessian: torch.Tensor | None = None
+
+
+@dataclass
+class BlockTiming:
+    forward_s: float = 0.0  # both block passes (statistics pass and propagation pass)
+    compress_s: float = 0.0
+
+
+@dataclass
+class Captured:
+    """Block-0 inputs ``(n, T, hidden)`` and, per block and batch size, the other call arguments."""
+
+    hidden: torch.Tensor
+    call_args: list[dict[int, tuple[tuple, dict]]] = field(default_factory=list)
+
+
+class _Accumulator:
+    def __init__(self, width: int, hessian: bool, device):
+        self.ntokens = 0
+        self.sqnorm = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
+        self.xtx = torch.zeros(width, width, dtype=ACCUM_DTYPE, device=device) if hessian else None
+        self._stats = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(ACCUM_DTYPE)
+        self.ntokens += x.shape[0]
+        self.sqnorm += x.square().sum(0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+
+    def stats(self) -> LayerStats:
+        """Finalised statistics; computed once, as linears that share an input share this object."""
+        if self._stats is None:
+            hessian = None if self.xtx is None else self.xtx.mul_(2.0 / self.ntokens)
+            self._stats = LayerStats(self.ntokens, self.sqnorm, hessian)
+        return self._stats
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _batches(n: int, batch_size: int):
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device) -> Captured:
+    """Run the embedding part of the model and record what each block is called with.
+
+    Every block's ``forward`` is swapped for a stub that records its arguments and passes the hidden
+    states through unchanged, so the capture costs no block compute; the base model (no LM head) runs.
+    Call arguments do not depend on hidden-state values, only on the batch shape, so they are kept
+    once per batch size (references to tensors shared by all blocks, so little memory).
+    """
+    blocks = decoder_blocks(model)
+    captured = Captured(hidden=None, call_args=[{} for _ in blocks])
+    hidden = []
+
+    def stub_for(i):
+        def stub(hidden_states, *args, **kwargs):
+            if i == 0:
+                hidden.append(hidden_states.to(device))
+            captured.call_args[i].setdefault(hidden_states.shape[0], _to((args, kwargs), device))
+            return hidden_states
+        return stub
+
+    for i, block in enumerate(blocks):
+        block.forward = stub_for(i)
+    try:
+        model_device = next(model.parameters()).device
+        for s, e in _batches(windows.shape[0], batch_size):
+            model.base_model(input_ids=windows[s:e].to(model_device), use_cache=False)
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    captured.hidden = torch.cat(hidden)
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, call_args: dict, batch_size: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward every window through one block; returns ``(n, T, hidden)``."""
+    out = torch.empty_like(inputs) if out is None else out
+    for s, e in _batches(inputs.shape[0], batch_size):
+        args, kwargs = call_args[e - s]
+        y = block(inputs[s:e], *args, **kwargs)
+        out[s:e] = y[0] if isinstance(y, tuple) else y  # transformers<5 blocks return tuples
+    return out
+
+
+def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
+    """Hook each linear to accumulate input statistics; linears fed the same tensor (q/k/v,
+    gate/up) share one accumulator, so each statistic is computed once per distinct input."""
+    accs: dict[str, _Accumulator] = {}
+    last = {"x": None, "acc": None}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if name not in accs:
+                if last["x"] is x:
+                    accs[name] = last["acc"]
+                else:
+                    accs[name] = _Accumulator(x.shape[-1], hessian, x.device)
+            if last["x"] is not x:
+                accs[name].add(x)
+            last["x"], last["acc"] = x, accs[name]
+        return hook
+
+    handles = [lin.register_forward_hook(hook_for(n)) for n, lin in linears.items()]
+    return accs, handles, last
+
+
+CompressFn = Callable[[str, nn.Linear, LayerStats], bool]
+
+
+def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressFn, targets: set[str],
+                    hessian: bool = False, device: str | torch.device = "cpu",
+                    batch_size: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Calibrate and compress ``model`` in place, block by block.
+
+    ``compress(fqn, linear, stats) -> bool`` is called for every linear whose FQN is in ``targets``;
+    it changes ``linear.weight`` in place and returns whether it changed it. ``hessian`` asks for the
+    (in, in) Hessian besides the channel norms. Returns timings (seconds): ``capture``, ``forward``
+    (all block passes), ``compress``.
+    """
+    device = torch.device(device)
+    n, seqlen = windows.shape
+    batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // seqlen)
+    prefix = adapter_for(model).blocks
+    t0 = time.perf_counter()
+    captured = capture_inputs(model, windows, batch_size, device)
+    timing = {"capture": time.perf_counter() - t0, "forward": 0.0, "compress": 0.0}
+    x, y = captured.hidden, torch.empty_like(captured.hidden)
+    blocks = decoder_blocks(model)
+    for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+        block.to(device)
+        linears = {f"{prefix}.{i}.{name}": lin for name, lin in block_linears(block).items()}
+        linears = {fqn: lin for fqn, lin in linears.items() if fqn in targets}
+        accs, handles, last = _collect_stats(linears, hessian)
+        t = time.perf_counter()
+        try:
+            run_block(block, x, captured.call_args[i], batch_size, out=y)
+        finally:
+            for h in handles:
+                h.remove()
+            last.clear()
+        timing["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        changed = False
+        for fqn, lin in linears.items():
+            changed |= bool(compress(fqn, lin, accs[fqn].stats()))
+        accs.clear()
+        timing["compress"] += time.perf_counter() - t
+        if changed:  # the statistics pass gave dense outputs: recompute them with compressed weights
+            t = time.perf_counter()
+            run_block(block, x, captured.call_args[i], batch_size, out=y)
+            timing["forward"] += time.perf_counter() - t
+        if not torch.isfinite(y).all():
+            raise SlimlmError(f"non-finite activations after block {i}; check the model and dtype")
+        block.to("cpu")
+        x, y = y, x
+    return timing

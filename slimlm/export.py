@@ -1,0 +1,83 @@
+"""Writing results: an HF ``save_pretrained`` folder (safetensors) plus the ``slimlm.json`` manifest.
+
+Writes are atomic: everything goes to a temporary folder beside the target, which is renamed into
+place only when complete, so an interrupted run never leaves a folder that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimlm.errors import SlimlmError
+
+MANIFEST = "slimlm.json"
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """Fail before any long work if ``out`` exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise SlimlmError(f"refusing to overwrite {out}: it is not a slimlm run folder")
+    return out
+
+
+def versions() -> dict:
+    import transformers
+
+    from slimlm import __version__
+    return {"slimlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Save model, tokenizer, manifest (and extra safetensors files, by file name) atomically."""
+    from safetensors.torch import save_file
+
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, group in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in group.items()}, tmp / name)
+        write_manifest(tmp, manifest)
+        if out.exists():  # overwrite allowed: swap, then drop the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    """Write ``slimlm.json`` through a temporary file and an atomic rename."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimlmError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models (no downloads), the built-in model, the offline data folder."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("SLIMLM_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                       max_position_embeddings=256, word_embed_proj_dim=64)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_model(request):
+    return tiny_llama() if request.param == "llama" else tiny_opt()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    if not (DATA_DIR / "wikitext2" / "test.raw").is_file():
+        pytest.fail(f"offline data folder missing: {DATA_DIR} (set SLIMLM_DATA_DIR)")
+    return str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def builtin_folder():
+    """The built-in model converted once to a float32 folder (cached in $SLIMLM_CACHE)."""
+    from slimlm.models import builtin_gguf, gguf_to_folder
+
+    return gguf_to_folder(builtin_gguf("smollm2-135m"))

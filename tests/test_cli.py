@@ -1,0 +1,75 @@
+"""Command line on tiny models: bad input gives one line, a non-zero exit, and writes nothing."""
+import json
+
+import pytest
+
+from slimlm.cli import main
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with a real (built-in model's) tokenizer."""
+    from transformers import AutoTokenizer
+
+    from slimlm.models import builtin_gguf, gguf_to_folder
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama(vocab=49152)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_to_folder(builtin_gguf("smollm2-135m"))).save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
+    (["--pattern", "4:4"], "0 < N < M"),
+    (["--method", "obs"], "unknown method"),
+    (["--calib", "/no/such/file.txt"], "unknown data source"),
+    (["--nsamples", "100000", "--calib-sampling", "first"], "calibration text has"),
+])
+def test_bad_prune_input(capsys, tmp_path, tiny_folder, data_dir, argv, message):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "prune", str(tiny_folder), "--out", str(out), "--data-dir", data_dir,
+                       "--nsamples", "2", "--seqlen", "32", "--quiet", *argv)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_unreadable_model_and_unknown_architecture(capsys, tmp_path):
+    code, _, err = run(capsys, "prune", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o"))
+    assert code == 2 and "model file not found" in err
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = run(capsys, "eval", str(bad))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_prune_save_eval_and_overwrite(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "run"
+    args = ["prune", str(tiny_folder), "--method", "sparsegpt", "--pattern", "2:4", "--out", str(out),
+            "--data-dir", data_dir, "--nsamples", "4", "--seqlen", "32", "--quiet"]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0, stdout
+    manifest = json.loads((out / "slimlm.json").read_text())
+    assert manifest["method"] == "sparsegpt" and manifest["pattern"] == "2:4"
+    assert manifest["calibration"]["nsamples"] == 4 and manifest["seed"] == 0
+    assert all(abs(v["sparsity"] - 0.5) < 1e-6 for v in manifest["layers"].values())
+    before = (out / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, *args[:-1], "--sparsity", "0.3", "--pattern", "unstructured")
+    assert code == 2 and "already exists" in err
+    assert (out / "model.safetensors").read_bytes() == before
+    code, stdout, _ = run(capsys, "eval", str(out), "--data-dir", data_dir, "--eval-seqlen", "64",
+                          "--eval-windows", "2", "--quiet")
+    assert code == 0
+    ppl = json.loads(stdout)["perplexity"]
+    assert json.loads((out / "slimlm.json").read_text())["metrics"]["perplexity"]["perplexity"] == ppl

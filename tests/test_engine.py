@@ -1,0 +1,72 @@
+"""The block loop: exact replay, statistics against closed forms, one pass when nothing changes."""
+import pytest
+import torch
+
+from slimlm.engine import capture_inputs, compress_blocks, run_block
+from slimlm.errors import SlimlmError
+from slimlm.models import decoder_blocks, linear_fqns
+
+
+def windows(n=6, seqlen=16, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_block_replay_reproduces_full_model_exactly(tiny_model):
+    ids = windows()
+    expected = tiny_model.base_model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+    captured = capture_inputs(tiny_model, ids, batch_size=3, device="cpu")
+    x = captured.hidden
+    assert torch.equal(x, expected[0])
+    for i, block in enumerate(decoder_blocks(tiny_model)):
+        x = run_block(block, x, captured.call_args[i], batch_size=3)
+        if i + 1 < len(expected) - 1:  # the last hidden state has the final norm applied
+            assert torch.equal(x, expected[i + 1]), f"block {i} differs"
+
+
+def test_stats_match_closed_form(llama):
+    ids = windows()
+    recorded = {}
+    fqns = linear_fqns(llama)
+    hooks = [lin.register_forward_hook(lambda m, i, o, n=n: recorded.setdefault(n, []).append(i[0].detach()))
+             for n, lin in fqns.items()]
+    with torch.no_grad():
+        llama(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    seen = {}
+
+    def compress(fqn, linear, stats):
+        seen[fqn] = stats
+        return False
+
+    compress_blocks(llama, ids, compress, set(fqns), hessian=True, batch_size=6, progress=False)
+    for fqn, xs in recorded.items():
+        X = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+        st = seen[fqn]
+        assert st.ntokens == X.shape[0]
+        torch.testing.assert_close(st.sqnorm.double(), X.square().sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.hessian.double(), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert seen[q] is seen[k]  # q/k/v share one input: its statistics are computed once
+
+
+def test_unchanged_weights_cost_one_pass_per_block(llama):
+    calls = []
+    for block in decoder_blocks(llama):  # a block pass runs its down_proj once per batch
+        block.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    ids = windows()
+    compress_blocks(llama, ids, lambda f, l, s: False, set(linear_fqns(llama)), batch_size=6, progress=False)
+    assert len(calls) == len(decoder_blocks(llama))
+    calls.clear()
+    compress_blocks(llama, ids, lambda f, l, s: True, set(linear_fqns(llama)), batch_size=6, progress=False)
+    assert len(calls) == 2 * len(decoder_blocks(llama))
+
+
+def test_non_finite_activations_are_reported(llama):
+    def poison(fqn, linear, stats):
+        linear.weight.data.fill_(float("nan"))
+        return True
+
+    with pytest.raises(SlimlmError, match="non-finite activations after block 0"):
+        compress_blocks(llama, windows(), poison, {"model.layers.0.mlp.down_proj"}, progress=False)
