@@ -10,8 +10,9 @@ Python API (the CLI is a thin layer over it)::
 """
 __version__ = "0.1.0"
 
-from slimlm.api import Result, calibration, evaluate, prune, save  # noqa: E402
+from slimlm.api import Result, analyze, calibration, evaluate, plan_budgets, prune, save  # noqa: E402
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.models import load_model  # noqa: E402
 
-__all__ = ["Result", "SlimlmError", "calibration", "evaluate", "load_model", "prune", "save"]
+__all__ = ["Result", "SlimlmError", "analyze", "calibration", "evaluate", "load_model", "plan_budgets", "prune",
+           "save"]

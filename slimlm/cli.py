@@ -28,6 +28,27 @@ def _add_eval_args(p):
     p.add_argument("--eval-windows", type=int, help="limit to the first N windows")
 
 
+def _add_calib_args(p, nsamples=128, seqlen=2048):
+    p.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a text file")
+    p.add_argument("--nsamples", type=int, default=nsamples)
+    p.add_argument("--seqlen", type=int, default=seqlen)
+    p.add_argument("--calib-sampling", default="random", choices=["random", "first"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8192 tokens)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x layer mean)")
+
+
+def _add_allocation_args(p):
+    p.add_argument("--allocation", default="uniform", help="uniform, owl, alphapruning, errortable")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: budgets span target +- lambda")
+    p.add_argument("--alpha-epsilon", type=float, default=0.2, help="AlphaPruning: ratios span 1 +- epsilon")
+
+
+def _allocation_options(args) -> dict:
+    return {"owl": {"lamda": args.owl_lambda}, "alphapruning": {"epsilon": args.alpha_epsilon}}.get(
+        args.allocation, {})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,17 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", choices=["row", "matrix"], help="comparison group (default: the paper's)")
     p.add_argument("--permute", action="store_true", help="channel permutation before N:M (RIA)")
     p.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent")
-    p.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a text file")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--calib-sampling", default="random", choices=["random", "first"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8192 tokens)")
+    _add_calib_args(p)
+    _add_allocation_args(p)
+    p.add_argument("--budgets", help="JSON file FQN -> sparsity (from `slimlm allocate --out`)")
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="measure test perplexity after pruning")
     _add_eval_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
+    _add_model_args(p)
+    _add_calib_args(p, nsamples=32, seqlen=512)
+    p.add_argument("--no-calib", action="store_true", help="weight metrics only (no calibration pass)")
+    p.add_argument("--esd-layer", help="FQN of the layer whose ESD is plotted (default: the first)")
+    p.add_argument("--target", default="sparsity=0.7", help="budget plotted for each allocator")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("allocate", help="per-layer budget map from an analysis folder")
+    p.add_argument("analysis", help="folder written by `slimlm analyze`")
+    p.add_argument("--target", default="sparsity=0.7", help="sparsity=0.7, bits=3.5 or rank=0.5")
+    _add_allocation_args(p)
+    p.add_argument("--out", help="write the budget map to this JSON file (and a PNG beside it)")
+    p.set_defaults(func=cmd_allocate, quiet=True)
 
     p = sub.add_parser("eval", help="perplexity of a saved run or any model")
     _add_model_args(p)
@@ -74,12 +109,16 @@ def _eval(model, tokenizer, args) -> dict:
 
 def cmd_prune(args) -> None:
     import slimlm
+    from slimlm.allocate import ALLOCATORS
     from slimlm.data import check_source, data_dir
     from slimlm.export import check_output
     from slimlm.prune import check_sparsity, get_method, parse_pattern
 
     get_method(args.method), parse_pattern(args.pattern), check_sparsity(args.sparsity)  # fail fast
     check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
+    budgets = _read_json(args.budgets) if args.budgets else None
+    if args.allocation not in ALLOCATORS:
+        raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
     out = check_output(args.out or _default_out(args), args.overwrite)
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
     result = slimlm.prune(
@@ -87,7 +126,8 @@ def cmd_prune(args) -> None:
         group=args.group, permute=args.permute, calib_source=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
         device=args.device, batch_size=args.batch_size, ria_alpha=args.ria_alpha,
-        progress=not args.quiet)
+        allocation=args.allocation, allocation_options=_allocation_options(args), owl_m=args.owl_m,
+        budgets=budgets, progress=not args.quiet)
     result.manifest["model"] = args.model
     result.manifest["dtype"] = args.dtype
     if args.eval:
@@ -98,6 +138,81 @@ def cmd_prune(args) -> None:
     if args.eval:
         summary["perplexity"] = result.manifest["metrics"]["perplexity"]["perplexity"]
     print(json.dumps({"out": str(out), **summary}))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlimlmError(f"cannot read JSON file {path}: {e}") from e
+
+
+def cmd_analyze(args) -> None:
+    import slimlm
+    from slimlm.allocate import parse_target
+    from slimlm.data import check_source
+    from slimlm.export import atomic_dir, check_output, versions, write_manifest
+
+    check_output(args.out, args.overwrite), check_source(args.calib)
+    unit, target = parse_target(args.target)
+    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    calib = None if args.no_calib else slimlm.calibration(
+        tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_sampling, args.seed, args.data_dir)
+    metrics = slimlm.analyze(model, calib, args.owl_m, device=args.device, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        write_analysis(model, metrics, tmp, unit, target, args.esd_layer)
+        write_manifest(tmp, {"kind": "analysis", "model": args.model, "owl_m": args.owl_m, "versions": versions(),
+                             "calibration": None if calib is None else {
+                                 "source": args.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+                                 "sampling": args.calib_sampling, "seed": args.seed}})
+    print(json.dumps({"out": args.out, "layers": len(metrics)}))
+
+
+def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float, esd_layer=None) -> None:
+    """metrics.json / metrics.csv, and the alpha-depth, ESD and budget plots."""
+    import csv
+
+    from slimlm import plots
+    from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics
+    from slimlm.analysis import esd
+    from slimlm.models import linear_fqns
+
+    records = list(metrics.values())
+    (folder / "metrics.json").write_text(json.dumps(records, indent=1) + "\n")
+    columns = [k for k in records[0] if k != "errors"]
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    plots.alpha_depth(metrics, folder / "alpha_depth.png")
+    name = esd_layer or records[0]["name"]
+    if name not in metrics:
+        raise SlimlmError(f"--esd-layer {name} is not a linear inside the decoder blocks")
+    plots.esd(esd(linear_fqns(model)[name].weight.detach()), metrics[name]["alpha"], metrics[name]["xmin"],
+              name, folder / "esd.png")
+    usable = [a for a, key in ALLOCATOR_METRIC.items() if key is None or key in records[0]]
+    if unit != "sparsity":
+        usable = [a for a in usable if a != "errortable"]
+    plots.budgets({a: allocate_from_metrics(metrics, a, target, unit) for a in usable},
+                  folder / "budgets.png", unit)
+
+
+def cmd_allocate(args) -> None:
+    from slimlm import plots
+    from slimlm.allocate import allocate_from_metrics, parse_target
+
+    unit, target = parse_target(args.target)
+    records = _read_json(Path(args.analysis) / "metrics.json")
+    metrics = {r["name"]: r for r in records}
+    budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **_allocation_options(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(budgets, indent=1) + "\n")
+        plots.budgets({args.allocation: budgets}, Path(args.out).with_suffix(".png"), unit)
+    sizes = {n: metrics[n]["size"] for n in budgets}
+    mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
+    print(json.dumps({"allocation": args.allocation, unit: mean, "min": min(budgets.values()),
+                      "max": max(budgets.values()), "budgets": budgets}))
 
 
 def cmd_eval(args) -> None:

@@ -5,6 +5,7 @@ place only when complete, so an interrupted run never leaves a folder that looks
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -37,22 +38,20 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
-             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Save model, tokenizer, manifest (and extra safetensors files, by file name) atomically."""
-    from safetensors.torch import save_file
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it vanishes.
 
+    The folder gets the usual permissions (mkdtemp makes it private) and, with ``overwrite``, the old
+    ``out`` is swapped aside first and deleted only after the new one is in place.
+    """
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, group in (tensors or {}).items():
-            save_file({k: v.contiguous() for k, v in group.items()}, tmp / name)
-        write_manifest(tmp, manifest)
-        if out.exists():  # overwrite allowed: swap, then drop the old folder
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
@@ -62,7 +61,27 @@ def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Save model, tokenizer, manifest (and extra safetensors files, by file name) atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, group in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in group.items()}, tmp / name)
+        write_manifest(tmp, manifest)
+    return Path(out)
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> None:

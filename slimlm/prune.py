@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from slimlm.analysis import wanda_scores
 from slimlm.engine import ACCUM_DTYPE, LayerStats
 from slimlm.errors import SlimlmError
 from slimlm.quant import column_loop_threads, drop_dead_inputs, hessian_inverse_cholesky
@@ -178,9 +179,9 @@ def magnitude_scores(W: torch.Tensor, stats: LayerStats | None, spec: PruneSpec)
     return W.abs()
 
 
-def wanda_scores(W: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> torch.Tensor:
+def wanda(W: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> torch.Tensor:
     """Wanda (Sun et al. 2023, Eq. 1): S_ij = |W_ij| · ‖X_j‖₂."""
-    return W.abs() * stats.sqnorm.sqrt().unsqueeze(0)
+    return wanda_scores(W, stats.sqnorm)
 
 
 def ria_scores(W: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> torch.Tensor:
@@ -266,7 +267,7 @@ class Method:
 
 METHODS = {
     "magnitude": Method(_score_method(magnitude_scores, "matrix"), False, False, "matrix"),
-    "wanda": Method(_score_method(wanda_scores, "row"), False, True, "row"),
+    "wanda": Method(_score_method(wanda, "row"), False, True, "row"),
     "ria": Method(_score_method(ria_scores, "matrix"), False, True, "matrix"),
     "sparsegpt": Method(sparsegpt, True, True, "block"),
 }

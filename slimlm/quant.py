@@ -18,6 +18,8 @@ import numbers
 from dataclasses import dataclass
 
 import torch
+
+from slimlm.errors import SlimlmError
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
@@ -46,14 +48,14 @@ class QuantGrid:
     def __post_init__(self):
         bits = self.bits
         if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+            raise SlimlmError(f"bits must be an integer in 2..8, got {bits!r}")
         if self.group_size == -1:
             object.__setattr__(self, "group_size", None)
         gs = self.group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, numbers.Integral) or gs < 1):
-            raise ValueError(f"group_size must be a positive integer, None or -1, got {gs!r}")
+            raise SlimlmError(f"group_size must be a positive integer, None or -1, got {gs!r}")
         if not 0 < self.clip_ratio <= 1:
-            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+            raise SlimlmError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 
     @property
     def qmin(self) -> int:
@@ -76,7 +78,7 @@ def _per_column(t: torch.Tensor, group_size: int | None, n: int) -> torch.Tensor
     """Broadcast per-group parameters (..., ngroups) to the n columns they cover."""
     ngroups = 1 if group_size is None else math.ceil(n / group_size)
     if t.shape[-1] != ngroups:
-        raise ValueError(f"expected {ngroups} groups for width {n}, got parameters of shape {tuple(t.shape)}")
+        raise SlimlmError(f"expected {ngroups} groups for width {n}, got parameters of shape {tuple(t.shape)}")
     return t if group_size is None else t.repeat_interleave(group_size, -1)[..., :n]
 
 
@@ -168,7 +170,7 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tenso
     H = H.to(ACCUM_DTYPE)
     diag = torch.diag(H)
     if not torch.isfinite(H).all() or (diag < 0).any():
-        raise ValueError("H must be a finite PSD Hessian (2/n)·Σ x xᵀ; check the calibration inputs for NaN/inf")
+        raise SlimlmError("H must be a finite PSD Hessian (2/n)·Σ x xᵀ; check the calibration inputs for NaN/inf")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex(H + damp * diag.mean() * eye)
@@ -227,7 +229,7 @@ def gptq(
     """
     dtype, n = W.dtype, W.shape[1]
     if H.shape != (n, n) or blocksize < 1:
-        raise ValueError(f"need H ({n}, {n}) for W {tuple(W.shape)}, blocksize >= 1; got {tuple(H.shape)}, {blocksize}")
+        raise SlimlmError(f"need H ({n}, {n}) for W {tuple(W.shape)}, blocksize >= 1; got {tuple(H.shape)}, {blocksize}")
     W, H = drop_dead_inputs(W, H)
     gs = grid.group_size or n
     dynamic = grid.group_size is not None and not (static_groups or act_order)
@@ -342,7 +344,7 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """
     factors = _hadamard_factors(n)
     if factors is None:
-        raise ValueError(f"no Hadamard construction for order {n}; use random_orthogonal({n}, seed) instead")
+        raise SlimlmError(f"no Hadamard construction for order {n}; use random_orthogonal({n}, seed) instead")
     blocks = [(_paley(f) if f > 2 else _H2).to(dtype) / math.sqrt(f) for f in factors]  # each block orthogonal
     return functools.reduce(torch.kron, blocks, torch.ones(1, 1, dtype=dtype))
 
@@ -379,11 +381,11 @@ def pack_int(codes: torch.Tensor, bits: int, signed: bool = False) -> torch.Tens
     pack-quantized layout (pack_to_int32, packed_dim=1); for 4 and 8 bits it is the classic 8 or 4 codes per word.
     """
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8 for packing, got {bits!r}")
+        raise SlimlmError(f"bits must be in 1..8 for packing, got {bits!r}")
     n = codes.shape[-1]
     u = codes.to(torch.int64) + (2 ** (bits - 1) if signed else 0)
     if u.numel() and (u.min() < 0 or u.max() >= 2**bits):
-        raise ValueError(f"codes out of range for {bits}-bit {'signed' if signed else 'unsigned'} packing")
+        raise SlimlmError(f"codes out of range for {bits}-bit {'signed' if signed else 'unsigned'} packing")
     u = F.pad(u, (0, -n % 32)).unflatten(-1, (-1, 32)).movedim(-1, 0).contiguous()  # (32, ..., chunks)
     words = u.new_zeros(bits, *u.shape[1:])  # a chunk of 32 codes fills exactly `bits` words
     for k in range(32):
@@ -424,6 +426,6 @@ def packed_bytes(shape: tuple[int, int], grid: QuantGrid, mask_density: float | 
     elif 0 < mask_density <= 1:
         codes = _word_bytes(round(mask_density * out * n), grid.bits) + out * math.ceil(n / 8)
     else:
-        raise ValueError(f"mask_density is the kept fraction, in (0, 1]; got {mask_density!r}")
+        raise SlimlmError(f"mask_density is the kept fraction, in (0, 1]; got {mask_density!r}")
     zeros = 0 if grid.symmetric else ngroups * _word_bytes(out, grid.bits)
     return codes + out * ngroups * 2 + zeros

@@ -73,3 +73,31 @@ def test_prune_save_eval_and_overwrite(capsys, tmp_path, tiny_folder, data_dir):
     assert code == 0
     ppl = json.loads(stdout)["perplexity"]
     assert json.loads((out / "slimlm.json").read_text())["metrics"]["perplexity"]["perplexity"] == ppl
+
+
+def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "analysis"
+    code, stdout, err = run(capsys, "analyze", str(tiny_folder), "--out", str(out), "--data-dir", data_dir,
+                            "--nsamples", "4", "--seqlen", "32", "--target", "sparsity=0.6", "--quiet")
+    assert code == 0, err
+    for name in ("metrics.json", "metrics.csv", "alpha_depth.png", "esd.png", "budgets.png", "slimlm.json"):
+        assert (out / name).is_file(), name
+    records = json.loads((out / "metrics.json").read_text())
+    assert {"name", "block", "kind", "shape", "alpha", "alpha_hat", "xmin", "stable_rank", "spectral_norm",
+            "owl_lod", "errors"} <= set(records[0])
+    sizes = {r["name"]: r["size"] for r in records}
+    for allocation in ("owl", "alphapruning", "errortable"):
+        code, stdout, err = run(capsys, "allocate", str(out), "--target", "sparsity=0.6",
+                                "--allocation", allocation, "--out", str(tmp_path / f"{allocation}.json"))
+        assert code == 0, err
+        budgets = json.loads((tmp_path / f"{allocation}.json").read_text())
+        mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
+        assert abs(mean - 0.6) <= 0.6e-3 and all(0 <= b <= 0.99 for b in budgets.values())
+    code, stdout, err = run(capsys, "prune", str(tiny_folder), "--method", "wanda", "--budgets",
+                            str(tmp_path / "errortable.json"), "--out", str(tmp_path / "run"),
+                            "--data-dir", data_dir, "--nsamples", "4", "--seqlen", "32", "--quiet")
+    assert code == 0, err
+    layers = json.loads((tmp_path / "run" / "slimlm.json").read_text())["layers"]
+    assert {n: v["target"] for n, v in layers.items()} == budgets
+    code, _, err = run(capsys, "allocate", str(out), "--target", "sparsity=1.5")
+    assert code == 2 and "outside" in err

@@ -8,7 +8,7 @@ import torch
 from slimlm.engine import LayerStats
 from slimlm.errors import SlimlmError
 from slimlm.prune import (METHODS, PruneSpec, check_sparsity, get_method, nm_mask, nm_permutation,
-                          parse_pattern, retained_nm_score, ria_scores, topk_mask, wanda_scores)
+                          parse_pattern, retained_nm_score, ria_scores, topk_mask, wanda)
 
 
 def calib_inputs(n=512, width=64, seed=0):
@@ -64,7 +64,7 @@ def test_nm_mask_keeps_top_n_of_every_group(n, m):
 
 def test_wanda_scores_equal_formula():
     X, W = calib_inputs(), layer()
-    scores = wanda_scores(W, stats_of(X), PruneSpec())
+    scores = wanda(W, stats_of(X), PruneSpec())
     Xn, Wn = X.double().numpy(), W.double().numpy()
     expected = np.abs(Wn) * np.sqrt((Xn ** 2).sum(0))[None, :]
     np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-5)
