@@ -10,9 +10,10 @@ Python API (the CLI is a thin layer over it)::
 """
 __version__ = "0.1.0"
 
-from slimlm.api import Result, analyze, calibration, evaluate, plan_budgets, prune, save  # noqa: E402
+from slimlm.api import (Result, analyze, apply_runtime, calibration, evaluate, plan_budgets, prune,  # noqa: E402
+                        quantize, save)
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.models import load_model  # noqa: E402
 
-__all__ = ["Result", "SlimlmError", "analyze", "calibration", "evaluate", "load_model", "plan_budgets", "prune",
-           "save"]
+__all__ = ["Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
+           "plan_budgets", "prune", "quantize", "save"]

@@ -322,3 +322,22 @@ def allocate_from_metrics(metrics: dict[str, dict], allocation: str, target: flo
 def _table(errors: dict) -> dict[float, float]:
     """An error table with float levels (JSON turns the keys into strings)."""
     return {float(level): float(e) for level, e in errors.items()}
+
+
+def round_bits(budgets: dict[str, float], sizes: dict[str, int], choices=(2, 3, 4, 5, 6, 8)) -> dict[str, int]:
+    """Integer bit-widths from continuous ones, keeping the parameter-weighted mean at or just under theirs.
+
+    Every layer starts at the largest choice not above its budget; then layers are raised to the next choice,
+    the ones that lost the most first, while the average stays within the budget.
+    """
+    choices = sorted(choices)
+    target = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
+    bits = {n: max([c for c in choices if c <= b + 1e-9] or choices[:1]) for n, b in budgets.items()}
+    spent = sum(bits[n] * sizes[n] for n in bits)
+    limit = target * sum(sizes.values())
+    for n in sorted(budgets, key=lambda n: bits[n] - budgets[n]):  # most rounded down first
+        higher = [c for c in choices if c > bits[n]]
+        if higher and spent + (higher[0] - bits[n]) * sizes[n] <= limit + 1e-6:
+            spent += (higher[0] - bits[n]) * sizes[n]
+            bits[n] = higher[0]
+    return bits

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimlm import data as data_mod
-from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics
+from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics, round_bits
 from slimlm.analysis import ERROR_LEVELS, OWL_M, calibration_metrics, model_weight_metrics
 from slimlm.engine import compress_blocks
 from slimlm.errors import SlimlmError
@@ -15,6 +15,8 @@ from slimlm.evaluate import perplexity
 from slimlm.export import save_run, versions
 from slimlm.models import linear_fqns
 from slimlm.prune import PruneSpec, check_sparsity, get_method, parse_pattern
+from slimlm.quant import QuantGrid, gptq, packed_bytes, rtn
+from slimlm.rotate import attach_online_down_, quantize_activations_, rotate_
 
 
 @dataclass
@@ -39,6 +41,16 @@ def calibration(tokenizer, source: str = "wikitext2", nsamples: int = 128, seqle
     return data_mod.calibration_data(source, tokenizer, nsamples, seqlen, sampling, seed, data_dir)
 
 
+def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling, seed, data_dir):
+    """The calibration windows (given or loaded) and the manifest record describing them."""
+    if calib is None:
+        calib = calibration(tokenizer, source, nsamples, seqlen, sampling, seed, data_dir)
+    check_tokens(model, calib)
+    info = {"source": source, "nsamples": calib.shape[0], "seqlen": calib.shape[1], "sampling": sampling,
+            "seed": seed, "tokens": calib.numel(), "bos_added": _adds_bos(tokenizer)}
+    return calib, info
+
+
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
             device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
     """Per-linear metrics keyed by FQN: weight spectra always, activation metrics when ``calib`` is given."""
@@ -51,21 +63,26 @@ def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, erro
     return metrics
 
 
+def _allocation_metrics(model, allocation: str, calib, device, batch_size, progress, owl_m: float = OWL_M):
+    """The metric records an allocator reads, measuring only what it needs (one dense pass at most)."""
+    metric = ALLOCATOR_METRIC.get(allocation)
+    if metric == "alpha" or metric is None:
+        return model_weight_metrics(model) if metric else {f: {"size": l.weight.numel()}
+                                                           for f, l in linear_fqns(model).items()}
+    if calib is None:
+        raise SlimlmError(f"allocation '{allocation}' needs calibration data")
+    levels = ERROR_LEVELS if metric == "errors" else None
+    metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
+    for fqn, lin in linear_fqns(model).items():
+        metrics[fqn]["size"] = lin.weight.numel()
+    return metrics
+
+
 def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | None = None,
                  owl_m: float = OWL_M, device: str = "cpu", batch_size: int | None = None,
                  progress: bool = True, **options) -> dict[str, float]:
-    """Per-layer sparsity from an allocator, measuring only the metric it needs (one dense pass at most)."""
-    metric = ALLOCATOR_METRIC.get(allocation)
-    if metric == "alpha" or metric is None:
-        metrics = model_weight_metrics(model) if metric else {f: {"size": l.weight.numel()}
-                                                              for f, l in linear_fqns(model).items()}
-    else:
-        if calib is None:
-            raise SlimlmError(f"allocation '{allocation}' needs calibration data")
-        levels = ERROR_LEVELS if metric == "errors" else None
-        metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
-        for fqn, lin in linear_fqns(model).items():
-            metrics[fqn]["size"] = lin.weight.numel()
+    """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``)."""
+    metrics = _allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     return allocate_from_metrics(metrics, allocation, target, "sparsity", **options)
 
 
@@ -75,33 +92,31 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
           calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
           seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
           device: str = "cpu", batch_size: int | None = None, ria_alpha: float = 0.5,
-          blocksize: int = 128, damp: float = 0.01, progress: bool = True) -> Result:
+          blocksize: int = 128, damp: float = 0.01, wbits: int | None = None, group_size: int | None = 128,
+          symmetric: bool = True, progress: bool = True) -> Result:
     """Prune every linear inside the decoder blocks of ``model`` in place.
 
     ``sparsity`` is the global target: every layer gets it with ``allocation='uniform'``; other allocators
     (owl, alphapruning, errortable) spread it non-uniformly with the same parameter-weighted mean.
     ``budgets`` (FQN -> sparsity) overrides the allocator; ``pattern`` 'N:M' overrides both.
-    ``calib`` (token windows ``(n, seqlen)``) skips loading data.
+    ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
+    weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved.
     Returns a ``Result`` whose manifest records per-layer achieved sparsity, settings and timings.
     """
     m = get_method(method)
+    grid = None if wbits is None else QuantGrid(wbits, symmetric, group_size)
     spec = PruneSpec(nm=parse_pattern(pattern), group=group, permute=permute, ria_alpha=ria_alpha,
-                     blocksize=blocksize, damp=damp)
+                     blocksize=blocksize, damp=damp, grid=grid)
     check_sparsity(sparsity)
     layers = linear_fqns(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
     calib_info, timings = None, {}
-    needs_calib = m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors")
-    if needs_calib:
+    if m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors"):
         t = time.perf_counter()
-        if calib is None:
-            calib = calibration(tokenizer, calib_source, nsamples, seqlen, sampling, seed, data_dir)
-        check_tokens(model, calib)
+        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                             seed, data_dir)
         timings["data"] = time.perf_counter() - t
-        calib_info = {"source": calib_source, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                      "sampling": sampling, "seed": seed, "tokens": calib.numel(),
-                      "bos_added": _adds_bos(tokenizer)}
     if budgets is None and allocation != "uniform" and spec.nm is None:
         t = time.perf_counter()
         budgets = plan_budgets(model, allocation, sparsity, calib, owl_m, device, batch_size, progress,
@@ -143,7 +158,109 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         "calibration": calib_info, "device": str(device), "seed": seed, "timings": timings,
         "versions": versions(), "layers": achieved,
     }
+    if grid is not None:
+        manifest["quantization"] = {"wbits": wbits, "group_size": group_size, "symmetric": symmetric}
+        manifest["storage"] = storage_report(model, {f: grid for f in achieved},
+                                             {f: 1 - achieved[f]["sparsity"] for f in achieved})
     return Result(manifest, {"nm_permutations.safetensors": perms} if perms else {})
+
+
+def storage_report(model, grids: dict[str, QuantGrid], densities: dict[str, float] | None = None) -> dict:
+    """Real bytes of the compressed model: packed codes + scales + zero points (+ 1-bit masks) for the
+    quantized linears, everything else at its stored dtype; shared (tied) tensors counted once."""
+    linears = linear_fqns(model)
+    quantized = {fqn: packed_bytes(tuple(linears[fqn].weight.shape), grid, (densities or {}).get(fqn))
+                 for fqn, grid in grids.items()}
+    skip = {id(linears[f].weight) for f in grids}
+    seen, other_bytes, params = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params += p.numel()
+        if id(p) not in skip:
+            other_bytes += p.numel() * p.element_size()
+    linear_params = sum(linears[f].weight.numel() for f in grids)
+    total = sum(quantized.values()) + other_bytes
+    return {"total_bytes": total, "bytes_per_param": total / params,
+            "quantized_linear_bytes_per_param": sum(quantized.values()) / linear_params,
+            "other_bytes": other_bytes, "params": params}
+
+
+def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_size: int | None = 128,
+             symmetric: bool = True, act_order: bool = False, abits: int | None = None,
+             act_clip: float = 1.0, rotate: str | None = None, avg_bits: float | None = None,
+             allocation: str = "uniform", allocation_options: dict | None = None,
+             calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
+             seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
+             device: str = "cpu", batch_size: int | None = None, blocksize: int = 128, damp: float = 0.01,
+             progress: bool = True) -> Result:
+    """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on
+    the grid), optionally after a QuaRot rotation and with simulated per-token activation quantization.
+
+    ``method``: 'rtn' (data-free) or 'gptq'. ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
+    (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``.
+    """
+    if method not in ("rtn", "gptq"):
+        raise SlimlmError(f"unknown quantization method '{method}'; choose rtn or gptq")
+    if rotate not in (None, "none", "hadamard"):
+        raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
+    QuantGrid(wbits, symmetric, group_size)  # validates before any work
+    if abits is not None:
+        QuantGrid(abits, True, None, act_clip)
+    torch.manual_seed(seed)
+    start, timings, calib_info = time.perf_counter(), {}, None
+    rotation = rotate_(model, seed=seed) if rotate == "hadamard" else None
+    layers = linear_fqns(model)
+    if method == "gptq" or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) == "owl_lod"):
+        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                             seed, data_dir)
+    bits = {fqn: wbits for fqn in layers}
+    if avg_bits is not None:
+        metrics = _allocation_metrics(model, allocation, calib, device, batch_size, progress)
+        continuous = allocate_from_metrics(metrics, allocation, avg_bits, "bits", **(allocation_options or {}))
+        bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
+    grids = {fqn: QuantGrid(b, symmetric, group_size) for fqn, b in bits.items()}
+    losses = {}
+
+    def compress(fqn, linear, stats):
+        W = linear.weight.data
+        if method == "gptq":
+            Q, losses[fqn] = gptq(W, stats.hessian, grids[fqn], blocksize, damp, act_order)
+        else:
+            Q = rtn(W, grids[fqn])
+        W.copy_(Q)
+        return True
+
+    if method == "gptq":
+        timings |= compress_blocks(model, calib, compress, set(layers), hessian=True, device=device,
+                                   batch_size=batch_size, progress=progress)
+    else:
+        for fqn, linear in layers.items():
+            compress(fqn, linear, None)
+    if abits is not None:
+        quantize_activations_(model, abits, act_clip)
+    timings["total"] = time.perf_counter() - start
+    manifest = {
+        "kind": "quantize", "method": method, "wbits": wbits, "group_size": group_size, "symmetric": symmetric,
+        "act_order": act_order, "abits": abits, "act_clip": act_clip, "rotation": rotation,
+        "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {})},
+        "options": {"blocksize": blocksize, "damp": damp}, "calibration": calib_info, "device": str(device),
+        "seed": seed, "timings": timings, "versions": versions(),
+        "layers": {f: {"bits": bits[f], **({"gptq_loss": losses[f]} if f in losses else {})} for f in layers},
+        "storage": storage_report(model, grids),
+    }
+    return Result(manifest)
+
+
+def apply_runtime(model, manifest: dict) -> None:
+    """Re-attach what a saved run needs at inference beyond its weights: QuaRot's online Hadamard on the
+    down_proj inputs and the simulated activation quantization (neither lives in the safetensors)."""
+    rotation = manifest.get("rotation") or {}
+    if rotation.get("online_down"):
+        attach_online_down_(model, seed=rotation["seed"])
+    if manifest.get("abits"):
+        quantize_activations_(model, manifest["abits"], manifest.get("act_clip", 1.0))
 
 
 def _adds_bos(tokenizer) -> bool | None:

@@ -44,6 +44,11 @@ def _add_allocation_args(p):
     p.add_argument("--alpha-epsilon", type=float, default=0.2, help="AlphaPruning: ratios span 1 +- epsilon")
 
 
+def _add_grid_args(p):
+    p.add_argument("--group-size", type=int, default=128, help="quantization group (-1: per output channel)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
+
+
 def _allocation_options(args) -> dict:
     return {"owl": {"lamda": args.owl_lambda}, "alphapruning": {"epsilon": args.alpha_epsilon}}.get(
         args.allocation, {})
@@ -64,11 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     _add_allocation_args(p)
     p.add_argument("--budgets", help="JSON file FQN -> sparsity (from `slimlm allocate --out`)")
+    p.add_argument("--wbits", type=int, help="also quantize the kept weights (joint sparse + quantized)")
+    _add_grid_args(p)
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--eval", action="store_true", help="measure test perplexity after pruning")
     _add_eval_args(p)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ), optionally rotated and W4A4")
+    _add_model_args(p)
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
+    p.add_argument("--wbits", type=int, default=4)
+    _add_grid_args(p)
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--abits", type=int, help="simulated per-token activation quantization (e.g. 4 for W4A4)")
+    p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio")
+    p.add_argument("--rotate", default="none", choices=["none", "hadamard"], help="QuaRot rotation first")
+    p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
+    _add_calib_args(p)
+    _add_allocation_args(p)
+    p.add_argument("--out", help="output folder (default runs/<model>-<method>-w<bits>)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval", action="store_true", help="measure test perplexity after quantizing")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
     _add_model_args(p)
@@ -94,11 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_out(args) -> Path:
+def _group(args) -> int | None:
+    return None if args.group_size in (-1, 0) else args.group_size
+
+
+def _default_out(args, budget: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf")
                   else Path(args.model).name or args.model)
-    budget = args.pattern.replace(":", "of") if args.pattern != "unstructured" else f"{args.sparsity:g}"
     return Path("runs") / f"{name}-{args.method}-{budget}"
+
+
+def _finish(model, tokenizer, out, result, args) -> None:
+    """Optional evaluation, the atomic save, and a one-line JSON summary."""
+    import slimlm
+
+    result.manifest["model"] = args.model
+    result.manifest["dtype"] = args.dtype
+    if args.eval:
+        result.manifest["metrics"] = {"perplexity": _eval(model, tokenizer, args)}
+    slimlm.save(model.to("cpu"), tokenizer, out, result, args.overwrite)
+    keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage")
+    summary = {k: result.manifest[k] for k in keys if k in result.manifest}
+    summary["seconds"] = round(result.manifest["timings"]["total"], 2)
+    if args.eval:
+        summary["perplexity"] = result.manifest["metrics"]["perplexity"]["perplexity"]
+    print(json.dumps({"out": str(out), **summary}))
 
 
 def _eval(model, tokenizer, args) -> dict:
@@ -119,7 +164,8 @@ def cmd_prune(args) -> None:
     budgets = _read_json(args.budgets) if args.budgets else None
     if args.allocation not in ALLOCATORS:
         raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
-    out = check_output(args.out or _default_out(args), args.overwrite)
+    budget = args.pattern.replace(":", "of") if args.pattern != "unstructured" else f"{args.sparsity:g}"
+    out = check_output(args.out or _default_out(args, budget), args.overwrite)
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
     result = slimlm.prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
@@ -127,17 +173,35 @@ def cmd_prune(args) -> None:
         seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
         device=args.device, batch_size=args.batch_size, ria_alpha=args.ria_alpha,
         allocation=args.allocation, allocation_options=_allocation_options(args), owl_m=args.owl_m,
-        budgets=budgets, progress=not args.quiet)
-    result.manifest["model"] = args.model
-    result.manifest["dtype"] = args.dtype
-    if args.eval:
-        result.manifest["metrics"] = {"perplexity": _eval(model, tokenizer, args)}
-    slimlm.save(model.to("cpu"), tokenizer, out, result, args.overwrite)
-    summary = {k: result.manifest.get(k) for k in ("method", "pattern", "sparsity")}
-    summary["seconds"] = round(result.manifest["timings"]["total"], 2)
-    if args.eval:
-        summary["perplexity"] = result.manifest["metrics"]["perplexity"]["perplexity"]
-    print(json.dumps({"out": str(out), **summary}))
+        budgets=budgets, wbits=args.wbits, group_size=_group(args), symmetric=not args.asym,
+        progress=not args.quiet)
+    _finish(model, tokenizer, out, result, args)
+
+
+def cmd_quantize(args) -> None:
+    import slimlm
+    from slimlm.allocate import ALLOCATORS
+    from slimlm.data import check_source, data_dir
+    from slimlm.export import check_output
+    from slimlm.quant import QuantGrid
+
+    QuantGrid(args.wbits, not args.asym, _group(args))  # fail fast on bad bits or groups
+    if args.abits is not None:
+        QuantGrid(args.abits, True, None, args.act_clip)
+    check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
+    if args.allocation not in ALLOCATORS:
+        raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
+    budget = f"w{args.avg_bits:g}" if args.avg_bits else f"w{args.wbits}" + (f"a{args.abits}" if args.abits else "")
+    out = check_output(args.out or _default_out(args, budget), args.overwrite)
+    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    result = slimlm.quantize(
+        model, tokenizer, method=args.method, wbits=args.wbits, group_size=_group(args),
+        symmetric=not args.asym, act_order=args.act_order, abits=args.abits, act_clip=args.act_clip,
+        rotate=args.rotate, avg_bits=args.avg_bits, allocation=args.allocation,
+        allocation_options=_allocation_options(args), calib_source=args.calib, nsamples=args.nsamples,
+        seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
+        device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    _finish(model, tokenizer, out, result, args)
 
 
 def _read_json(path):
@@ -220,6 +284,7 @@ def cmd_eval(args) -> None:
     from slimlm.export import MANIFEST, read_manifest, write_manifest
 
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    slimlm.apply_runtime(model, read_manifest(args.model) if Path(args.model).is_dir() else {})
     metrics = _eval(model, tokenizer, args)
     folder = Path(args.model)
     if (folder / MANIFEST).is_file():  # a slimlm run: record the result in its manifest

@@ -19,7 +19,8 @@ import torch
 from slimlm.analysis import wanda_scores
 from slimlm.engine import ACCUM_DTYPE, LayerStats
 from slimlm.errors import SlimlmError
-from slimlm.quant import column_loop_threads, drop_dead_inputs, hessian_inverse_cholesky
+from slimlm.quant import (QuantGrid, column_loop_threads, column_quantizer, drop_dead_inputs,
+                          hessian_inverse_cholesky, rtn)
 
 GROUPS = ("row", "matrix")
 
@@ -32,6 +33,8 @@ class PruneSpec:
     ``permute``: channel permutation before N:M (RIA's channel reallocation + assignment refinement).
     ``ria_alpha``: RIA's activation exponent a (paper default 0.5). ``blocksize``/``damp``: SparseGPT's
     column block (128) and dampening as a fraction of the mean Hessian diagonal (0.01).
+    ``grid``: also quantize the kept weights (joint sparse + quantized): SparseGPT quantizes inside its
+    OBS sweep, so the error of quantizing is compensated too; score methods round the kept weights (RTN).
     """
 
     nm: tuple[int, int] | None = None
@@ -40,6 +43,7 @@ class PruneSpec:
     ria_alpha: float = 0.5
     blocksize: int = 128
     damp: float = 0.01
+    grid: QuantGrid | None = None
 
     def __post_init__(self):
         if self.nm is not None:
@@ -200,15 +204,15 @@ def _score_method(score_fn, default_group: str):
     def prune_fn(W, stats, sparsity, spec):
         Wf = W.to(ACCUM_DTYPE)
         mask, perm = score_mask(score_fn(Wf, stats, spec), sparsity, spec, default_group)
-        return (Wf * mask).to(W.dtype), mask, perm
+        new = Wf * mask if spec.grid is None else rtn(Wf * mask, spec.grid) * mask
+        return new.to(W.dtype), mask, perm
     prune_fn.__doc__ = score_fn.__doc__
     return prune_fn
 
 
 # --------------------------------------------------------------------------- SparseGPT
 
-def sparsegpt(W: torch.Tensor, stats: LayerStats, sparsity: float, spec: PruneSpec,
-              quantize: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+def sparsegpt(W: torch.Tensor, stats: LayerStats, sparsity: float, spec: PruneSpec):
     """SparseGPT (Frantar & Alistarh 2023, Alg. 1): OBS pruning with the inverse-Hessian Cholesky.
 
     Columns are swept left to right in blocks of ``spec.blocksize``. Unstructured: at the start of each
@@ -216,14 +220,15 @@ def sparsegpt(W: torch.Tensor, stats: LayerStats, sparsity: float, spec: PruneSp
     block, the paper's adaptive mask selection); N:M: the N largest of that criterion in each M-column
     group, chosen when the sweep reaches the group. Each pruned (or, in joint mode, quantized)
     column's error is propagated to the not yet processed columns: inside the block column by column,
-    to the rest of the matrix once per block (lazy batch update). ``quantize(column, index)`` turns
-    on the joint sparse+quantized mode (kept weights are quantized in the same pass).
+    to the rest of the matrix once per block (lazy batch update). ``spec.grid`` turns on the joint
+    sparse+quantized mode (SparseGPT Sec. 4): kept weights are quantized in the same pass.
     """
     if spec.group not in (None, "block"):
         raise SlimlmError("SparseGPT chooses its mask per column block; --group does not apply")
     Wf, H = drop_dead_inputs(W, stats.hessian)
     Hinv = hessian_inverse_cholesky(H, spec.damp)
     mask = torch.ones_like(Wf, dtype=torch.bool)
+    quantize = None if spec.grid is None else column_quantizer(Wf, spec.grid)
     with column_loop_threads(Wf.shape[0], spec.blocksize):
         _sparsegpt_sweep(Wf, Hinv, mask, sparsity, spec, quantize)
     return Wf.to(W.dtype), mask, None

@@ -137,6 +137,20 @@ def rtn(W: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     return fake_quant(W, grid)
 
 
+def column_quantizer(W: torch.Tensor, grid: QuantGrid):
+    """``fn(column, j)`` that quantizes column j of W on the grid of its group, with parameters set once
+    from W itself (static groups). SparseGPT's joint sparse+quantized sweep uses this: the reference code
+    fixes its quantizer on the full W before the sweep, and static groups keep pruned zeros on the grid.
+    """
+    scale, zero = quant_params(W, grid)
+    gs = grid.group_size or W.shape[1]
+
+    def quantize_column(column: torch.Tensor, j: int) -> torch.Tensor:
+        s, z = scale[:, j // gs], zero[:, j // gs]
+        return _values(_codes(column, s, z, grid), s, z)
+    return quantize_column
+
+
 def quantize_activations(
     x: torch.Tensor, bits: int, clip_ratio: float = 1.0, symmetric: bool = True, group_size: int | None = None
 ) -> torch.Tensor:

@@ -101,3 +101,29 @@ def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_fo
     assert {n: v["target"] for n, v in layers.items()} == budgets
     code, _, err = run(capsys, "allocate", str(out), "--target", "sparsity=1.5")
     assert code == 2 and "outside" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--wbits", "9"], "bits must be an integer in 2..8"),
+    (["--wbits", "4", "--abits", "1"], "bits must be an integer in 2..8"),
+    (["--group-size", "-5"], "group_size must be a positive integer"),
+    (["--allocation", "magic", "--avg-bits", "3.5"], "unknown allocation"),
+])
+def test_bad_quantize_input(capsys, tmp_path, tiny_folder, argv, message):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", str(tiny_folder), "--out", str(out), "--quiet", *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_quantize_cli_writes_storage_and_evals(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", str(tiny_folder), "--method", "gptq", "--wbits", "4",
+                            "--group-size", "32", "--asym", "--act-order", "--out", str(out), "--data-dir",
+                            data_dir, "--nsamples", "4", "--seqlen", "32", "--eval", "--eval-seqlen", "64",
+                            "--eval-windows", "1", "--quiet")
+    assert code == 0, err
+    manifest = json.loads((out / "slimlm.json").read_text())
+    assert manifest["method"] == "gptq" and manifest["act_order"] and not manifest["symmetric"]
+    assert manifest["storage"]["quantized_linear_bytes_per_param"] < 1.0  # 4-bit codes + g32 scales/zeros
+    assert manifest["metrics"]["perplexity"]["perplexity"] > 1
