@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the budget map to this JSON file (and a PNG beside it)")
     p.set_defaults(func=cmd_allocate, quiet=True)
 
+    p = sub.add_parser("export", help="write a saved run in an engine's format")
+    p.add_argument("run", help="folder written by `slimlm prune` or `slimlm quantize`")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse"])
+    p.add_argument("--out", required=True, help="output folder (never overwritten)")
+    p.add_argument("--inexact", action="store_true", help="compressed-tensors: allow scales within an ulp "
+                   "(bf16/fp16 runs)")
+    p.set_defaults(func=cmd_export, quiet=True)
+
     p = sub.add_parser("eval", help="perplexity of a saved run or any model")
     _add_model_args(p)
     _add_eval_args(p)
@@ -277,6 +285,17 @@ def cmd_allocate(args) -> None:
     mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
     print(json.dumps({"allocation": args.allocation, unit: mean, "min": min(budgets.values()),
                       "max": max(budgets.values()), "budgets": budgets}))
+
+
+def cmd_export(args) -> None:
+    from slimlm.formats import export_compressed_tensors, export_sparse
+
+    if args.format == "sparse":
+        export_sparse(args.run, args.out)
+    else:
+        export_compressed_tensors(args.run, args.out, exact=not args.inexact)
+    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(json.dumps({"out": args.out, "format": args.format, "bytes": size}))
 
 
 def cmd_eval(args) -> None:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from slimlm.cli import main
 from tests.conftest import tiny_llama
@@ -127,3 +128,20 @@ def test_quantize_cli_writes_storage_and_evals(capsys, tmp_path, tiny_folder, da
     assert manifest["method"] == "gptq" and manifest["act_order"] and not manifest["symmetric"]
     assert manifest["storage"]["quantized_linear_bytes_per_param"] < 1.0  # 4-bit codes + g32 scales/zeros
     assert manifest["metrics"]["perplexity"]["perplexity"] > 1
+
+
+def test_export_cli_round_trip(capsys, tmp_path, tiny_folder, data_dir):
+    from slimlm.formats import load_sparse
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "prune", str(tiny_folder), "--method", "wanda", "--pattern", "2:4", "--out",
+                       str(run_dir), "--data-dir", data_dir, "--nsamples", "2", "--seqlen", "32", "--quiet")
+    assert code == 0, err
+    code, stdout, err = run(capsys, "export", str(run_dir), "--format", "sparse", "--out", str(tmp_path / "sp"))
+    assert code == 0, err
+    from safetensors.torch import load_file
+    dense = load_file(run_dir / "model.safetensors")
+    assert all(torch.equal(dense[k], v) for k, v in load_sparse(tmp_path / "sp").items())
+    code, _, err = run(capsys, "export", str(run_dir), "--format", "compressed-tensors", "--out",
+                       str(tmp_path / "ct"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "ct").exists()
