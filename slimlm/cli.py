@@ -120,9 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bf16/fp16 runs)")
     p.set_defaults(func=cmd_export, quiet=True)
 
-    p = sub.add_parser("eval", help="perplexity of a saved run or any model")
+    p = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy of a saved run or any model")
     _add_model_args(p)
     _add_eval_args(p)
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness task names (piqa,arc_easy,hellaswag): "
+                   "zero-shot accuracy instead of perplexity; needs pip install 'slimlm[eval]'")
+    p.add_argument("--ppl", action="store_true", help="with --tasks: measure perplexity as well")
+    p.add_argument("--limit", type=int, help="zero-shot: only the first N documents of each task")
+    p.add_argument("--tasks-dir", help="zero-shot: folder of extra task YAMLs (their data_files paths are "
+                   "resolved from the current directory)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt")
+    p.add_argument("--batch-size", type=int, default=1, help="zero-shot: requests per forward")
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -299,18 +307,34 @@ def cmd_export(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    """Perplexity by default; with --tasks zero-shot accuracy (plus perplexity with --ppl). A run folder's
+    manifest gets each result under metrics.perplexity / metrics.zero_shot, the other key kept."""
     import slimlm
+    from slimlm.evaluate import check_tasks, zero_shot
     from slimlm.export import MANIFEST, read_manifest, write_manifest
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise SlimlmError("--tasks needs at least one task name (e.g. --tasks piqa,arc_easy)")
+    if args.limit is not None and args.limit < 1:
+        raise SlimlmError("--limit must be a positive number of documents")
+    if tasks:
+        check_tasks(tasks, args.tasks_dir)  # fail fast on unknown names, before loading the model
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
     slimlm.apply_runtime(model, read_manifest(args.model) if Path(args.model).is_dir() else {})
-    metrics = _eval(model, tokenizer, args)
+    metrics = {}
+    if not tasks or args.ppl:
+        metrics["perplexity"] = _eval(model, tokenizer, args)
+    if tasks:
+        metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
+                                         args.tasks_dir, args.num_fewshot)
     folder = Path(args.model)
-    if (folder / MANIFEST).is_file():  # a slimlm run: record the result in its manifest
+    if (folder / MANIFEST).is_file():  # a slimlm run: record the results in its manifest
         manifest = read_manifest(folder)
-        manifest.setdefault("metrics", {})["perplexity"] = metrics
+        manifest.setdefault("metrics", {}).update(metrics)
         write_manifest(folder, manifest)
-    print(json.dumps({"model": args.model, **metrics}))
+    print(json.dumps({"model": args.model, **metrics.get("perplexity", {}),
+                      **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
 
 
 def main(argv: list[str] | None = None) -> int:
