@@ -28,14 +28,16 @@ def main() -> None:
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     model, _ = slimlm.load_model("smollm2-135m")
     modules = dict(model.named_modules())
+    order = list(modules)  # WeightWatcher's layer_id indexes model.modules() in this order
     start = time.perf_counter()
     details = weightwatcher.WeightWatcher(model=model).analyze(plot=False)
     ww_s = time.perf_counter() - start
-    names = [n for n in details["name"] if n in modules and isinstance(modules[n], torch.nn.Linear)]
+    fqns = [order[i] for i in details["layer_id"]]
+    names = [n for n in fqns if isinstance(modules[n], torch.nn.Linear)]
     start = time.perf_counter()
     ours = weight_metrics_many({n: modules[n].weight.detach() for n in names})
     ours_s = time.perf_counter() - start
-    ww_alpha = dict(zip(details["name"], details["alpha"]))
+    ww_alpha = dict(zip(fqns, details["alpha"]))
     pairs = [(ww_alpha[n], ours[n]["alpha_mle"], ours[n]["alpha"]) for n in names]
     diffs = [abs(w - m) for w, m, _ in pairs]
     result = {

@@ -34,7 +34,7 @@ def _add_calib_args(p, nsamples=128, seqlen=2048):
     p.add_argument("--seqlen", type=int, default=seqlen)
     p.add_argument("--calib-sampling", default="random", choices=["random", "first"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default 8192 tokens)")
+    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default 2048 tokens)")
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x layer mean)")
 
 
