@@ -1,4 +1,4 @@
-"""The Python API: ``prune``, ``evaluate`` and ``save`` over a loaded model; the CLI calls these."""
+"""The Python API: analyze, prune, quantize, evaluate, save over a loaded model; the CLI calls these."""
 from __future__ import annotations
 
 import time
