@@ -9,7 +9,7 @@ import torch
 from slimlm import data as data_mod
 from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics, round_bits
 from slimlm.analysis import ERROR_LEVELS, OWL_M, calibration_metrics, model_weight_metrics
-from slimlm.engine import compress_blocks
+from slimlm.engine import compress_blocks, compress_data_free
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import save_run, versions
@@ -143,10 +143,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         timings |= compress_blocks(model, calib, compress, set(budgets), hessian=m.needs_hessian,
                                    device=device, batch_size=batch_size, progress=progress)
     else:
-        t = time.perf_counter()
-        for fqn, linear in layers.items():
-            compress(fqn, linear, None)
-        timings["compress"] = time.perf_counter() - t
+        timings |= compress_data_free(model, compress, set(budgets))
     timings["total"] = time.perf_counter() - start
     total = sum(layers[f].weight.numel() for f in achieved)
     zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
@@ -236,8 +233,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         timings |= compress_blocks(model, calib, compress, set(layers), hessian=True, device=device,
                                    batch_size=batch_size, progress=progress)
     else:
-        for fqn, linear in layers.items():
-            compress(fqn, linear, None)
+        timings |= compress_data_free(model, compress, set(layers))
     if abits is not None:
         quantize_activations_(model, abits, act_clip)
     timings["total"] = time.perf_counter() - start

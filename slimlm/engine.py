@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
-from slimlm.models import adapter_for, block_linears, decoder_blocks
+from slimlm.models import adapter_for, block_linears, decoder_blocks, linear_fqns
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,13 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         block.to("cpu")
         x, y = y, x
     return timing
+
+
+def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]) -> dict[str, float]:
+    """Data-free methods (magnitude, RTN): the same ``compress`` callback, called with ``stats=None`` and no
+    calibration pass. Returns ``{"compress": seconds}``."""
+    start = time.perf_counter()
+    for fqn, linear in linear_fqns(model).items():
+        if fqn in targets:
+            compress(fqn, linear, None)
+    return {"compress": time.perf_counter() - start}
