@@ -73,3 +73,27 @@ def write_json(path: str | Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"protocol": __doc__.split("\n\n")[1], "rows": rows}, indent=2) + "\n")
     return path
+
+
+def table_main(script: str, doc: str, rows: list[str], run_row, markdown, default_out: str) -> None:
+    """The command line of a row-table benchmark: ``--rows`` runs each row in its own process
+    (``run_row(name, args) -> dict`` there), then writes the JSON and ``markdown(rows)`` beside it."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=DEFAULT_DATA)
+    p.add_argument("--rows", default=",".join(rows))
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = p.parse_args()
+    if args.row:
+        print(json.dumps({"row": args.row, **run_row(args.row, args)}))
+        return
+    done = run_rows(script, args.rows.split(","), ["--data-dir", args.data_dir, "--calib-windows",
+                                                    str(args.calib_windows), "--eval-windows", str(args.eval_windows)])
+    out = write_json(args.out, done)
+    out.with_suffix(".md").write_text(markdown(done) + "\n")
+    print(markdown(done))
+

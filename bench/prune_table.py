@@ -9,11 +9,9 @@ needs, with nothing else (no statistics, no pruning); the table reports pruning 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
-from common import DEFAULT_DATA, RESULTS, compress_and_eval, peak_rss_mb, protocol_windows, run_rows, write_json
+from common import RESULTS, compress_and_eval, peak_rss_mb, protocol_windows, table_main
 
 ROWS = {  # name -> prune() keyword arguments (None: dense, no pruning)
     "dense": None,
@@ -65,26 +63,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA)
-    p.add_argument("--rows", default="floor," + ",".join(ROWS))
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--out", default=str(RESULTS / "prune_table.json"))
-    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
-    args = p.parse_args()
-    if args.row:
-        row = (floor_row(args.data_dir, args.calib_windows) if args.row == "floor" else
-               compress_and_eval(ROWS[args.row], args.data_dir, args.calib_windows, args.eval_windows))
-        print(json.dumps({"row": args.row, **row}))
-        return
-    rows = run_rows(__file__, args.rows.split(","), ["--data-dir", args.data_dir, "--calib-windows",
-                                                      str(args.calib_windows), "--eval-windows", str(args.eval_windows)])
-    out = write_json(args.out, rows)
-    out.with_suffix(".md").write_text(markdown(rows) + "\n")
-    print(markdown(rows))
+def run_row(name: str, args) -> dict:
+    if name == "floor":
+        return floor_row(args.data_dir, args.calib_windows)
+    return compress_and_eval(ROWS[name], args.data_dir, args.calib_windows, args.eval_windows)
 
 
 if __name__ == "__main__":
-    main()
+    table_main(__file__, __doc__, ["floor", *ROWS], run_row, markdown, str(RESULTS / "prune_table.json"))

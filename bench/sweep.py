@@ -1,33 +1,59 @@
-"""Allocation sweep (issue #3): perplexity of Wanda and SparseGPT at several sparsities with uniform,
-OWL, AlphaPruning and errortable budgets, under the protocol of bench/common.py. Writes one JSON, a
+"""Allocation sweep (issue #3): perplexity of Wanda and SparseGPT at several sparsities with uniform, OWL,
+AlphaPruning and fisher (slimlm's) budgets, under the protocol of bench/common.py. Writes one JSON, a
 markdown table and the perplexity-vs-sparsity plot.
 
-    python bench/sweep.py                                              # 2 methods x 3 sparsities x 4
-    python bench/sweep.py --methods wanda --sparsities 0.7 --eval-windows 4   # a quick subset
+Budgets depend on the allocator and the target, not on the pruning method, so each (allocator, target) map is
+planned once on the dense model (``--plan``, its time recorded) and every method's row prunes with it.
+
+    python bench/sweep.py --eval-windows 8                                       # 2 methods x 3 sparsities x 4
+    python bench/sweep.py --methods wanda --sparsities 0.7 --eval-windows 4       # a quick subset
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, RESULTS, compress_and_eval, run_rows, write_json
+from common import DEFAULT_DATA, RESULTS, compress_and_eval, protocol_windows, run_rows, write_json
 
-ALLOCATIONS = ("uniform", "owl", "alphapruning", "errortable")
-
-
-def parse_row(name: str) -> dict:
-    method, sparsity, allocation = name.split("/")
-    return dict(method=method, sparsity=float(sparsity), allocation=allocation)
+ALLOCATIONS = ("uniform", "owl", "alphapruning", "fisher")
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | " + " | ".join(ALLOCATIONS) + " |", "|---|---|" + "---|" * len(ALLOCATIONS)]
-    keys = sorted({(r["method"], r["target"]) for r in rows})
-    for method, target in keys:
+def plan(allocation: str, targets: list[float], data_dir: str, calib_windows: int, folder: Path) -> None:
+    """Plan the budget maps of one allocator on the dense built-in model, measuring its metrics once for every
+    target; each file records the metric time plus that target's solve time."""
+    import torch
+
+    import slimlm
+    from slimlm.allocate import allocate_from_metrics
+
+    torch.manual_seed(0)
+    model, tokenizer = slimlm.load_model("smollm2-135m")
+    calib, _ = protocol_windows(tokenizer, data_dir, calib_windows, 1)
+    start = time.perf_counter()
+    metrics = slimlm.api.allocation_metrics(model, allocation, calib, progress=False)
+    measured = time.perf_counter() - start
+    for target in targets:
+        start = time.perf_counter()
+        budgets = allocate_from_metrics(metrics, allocation, target)
+        seconds = measured + time.perf_counter() - start
+        budgets_file(folder, allocation, target).write_text(json.dumps(
+            {"allocation": allocation, "target": target, "seconds": seconds, "budgets": budgets}, indent=1) + "\n")
+
+
+def budgets_file(folder: Path, allocation: str, target: float) -> Path:
+    return folder / f"{allocation}-{target:g}.json"
+
+
+def markdown(rows: list[dict], allocations) -> str:
+    lines = ["| method | sparsity | " + " | ".join(allocations) + " |", "|---|---|" + "---|" * len(allocations)]
+    for method, target in sorted({(r["method"], r["target"]) for r in rows}):
         cells = {r["allocation"]: r["perplexity"] for r in rows if (r["method"], r["target"]) == (method, target)}
         lines.append(f"| {method} | {target:g} | " + " | ".join(
-            f"{cells[a]:.2f}" if a in cells else "-" for a in ALLOCATIONS) + " |")
+            f"{cells[a]:.2f}" if a in cells else "-" for a in allocations) + " |")
     return "\n".join(lines)
 
 
@@ -41,21 +67,40 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--out", default=str(RESULTS / "sweep.json"))
     p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.row:
-        kwargs = parse_row(args.row)
-        row = compress_and_eval(kwargs, args.data_dir, args.calib_windows, args.eval_windows)
-        print(json.dumps({"row": args.row, **kwargs, "target": kwargs["sparsity"], **row}))
+    folder = Path(args.out).with_suffix("").with_name(Path(args.out).stem + "_budgets")
+    common = ["--data-dir", args.data_dir, "--calib-windows", str(args.calib_windows), "--out", args.out]
+    if args.plan:
+        allocation, targets = args.plan.split("/")
+        plan(allocation, [float(t) for t in targets.split(",")], args.data_dir, args.calib_windows, folder)
         return
-    names = [f"{m}/{s}/{a}" for m in args.methods.split(",") for s in args.sparsities.split(",")
-             for a in args.allocations.split(",")]
-    rows = run_rows(__file__, names, ["--data-dir", args.data_dir, "--calib-windows", str(args.calib_windows),
-                                      "--eval-windows", str(args.eval_windows)])
+    if args.row:
+        method, target, allocation = args.row.split("/")
+        kwargs = dict(method=method, sparsity=float(target))
+        planned = None
+        if allocation != "uniform":
+            planned = json.loads(budgets_file(folder, allocation, float(target)).read_text())
+            kwargs["budgets"] = planned["budgets"]
+        row = compress_and_eval(kwargs, args.data_dir, args.calib_windows, args.eval_windows)
+        row["allocation_seconds"] = planned["seconds"] if planned else 0.0
+        print(json.dumps({"row": args.row, "method": method, "allocation": allocation, "target": float(target),
+                          **{k: v for k, v in row.items()}}))
+        return
+    allocations = args.allocations.split(",")
+    folder.mkdir(parents=True, exist_ok=True)
+    for allocation in allocations:
+        missing = [t for t in args.sparsities.split(",") if not budgets_file(folder, allocation, float(t)).exists()]
+        if allocation != "uniform" and missing:
+            subprocess.run([sys.executable, __file__, "--plan", f"{allocation}/{','.join(missing)}", *common],
+                           check=True)
+    names = [f"{m}/{s}/{a}" for m in args.methods.split(",") for s in args.sparsities.split(",") for a in allocations]
+    rows = run_rows(__file__, names, [*common, "--eval-windows", str(args.eval_windows)])
     out = write_json(args.out, rows)
     from slimlm import plots
     plots.sweep(rows, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(rows) + "\n")
-    print(markdown(rows))
+    out.with_suffix(".md").write_text(markdown(rows, allocations) + "\n")
+    print(markdown(rows, allocations))
 
 
 if __name__ == "__main__":

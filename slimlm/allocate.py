@@ -186,8 +186,6 @@ def alphapruning(
     return clip_and_renormalize(budgets, sizes, target, lo, hi)
 
 
-
-
 def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Lower convex hull of (budget, error) points, left to right (Andrew's monotone chain).
 
@@ -275,9 +273,48 @@ def errortable(
     return clip_and_renormalize(solve_error_table(tables, sizes, target), sizes, target, lo, hi)
 
 
-ALLOCATORS = {"uniform": uniform, "owl": owl, "alphapruning": alphapruning, "errortable": errortable}
-# which analysis metric each allocator reads (analysis.model_weight_metrics / calibration_metrics)
-ALLOCATOR_METRIC = {"uniform": None, "owl": "owl_lod", "alphapruning": "alpha", "errortable": "errors"}
+def fisher(
+    scores: dict[str, dict[float, float]],
+    sizes: dict[str, int],
+    target: float,
+    *,
+    block_wise: bool = True,
+    lo: float = 0.0,
+    hi: float = 0.99,
+    higher_is_more_compression: bool = True,
+    block_pattern: str = BLOCK_PATTERN,
+) -> dict[str, float]:
+    """slimlm's allocator: minimise the estimated end-to-end loss increase under the global budget.
+
+    scores: per linear, ``analysis.fisher_tables`` (Optimal Brain Damage cost ½·Σ F_ij·w_ij² of the weights Wanda
+    would remove at each sparsity level, F the empirical Fisher of the calibration loss), or for bit budgets
+    ``analysis.fisher_bit_tables`` (½·Σ F_ij·(w_ij − q_ij)² at each bit-width). Unlike the local
+    ``errortable``, the Fisher carries how much each layer's change moves the model's loss, through every later
+    block. With ``block_wise`` (default) the tables of a block's linears are summed and every linear of the block
+    gets the block's level, as AlphaPruning and OWL also allocate per block: a diagonal Fisher is a coarse
+    estimate for a single matrix at high sparsity, and pooling a block's seven matrices steadies it.
+    """
+    if not block_wise:
+        return errortable(scores, sizes, target, lo=lo, hi=hi)
+    blocks: dict[str, dict[float, float]] = {}
+    block_sizes: dict[str, int] = {}
+    for n, table in scores.items():
+        b = block_of(n, block_pattern)
+        block_sizes[b] = block_sizes.get(b, 0) + sizes[n]
+        summed = blocks.setdefault(b, {})
+        for level, e in table.items():
+            if lo <= level <= hi:
+                summed[level] = summed.get(level, 0.0) + e
+    solved = solve_error_table(blocks, block_sizes, target)
+    return clip_and_renormalize({n: solved[block_of(n, block_pattern)] for n in sizes}, sizes, target, lo, hi)
+
+
+ALLOCATORS = {"uniform": uniform, "owl": owl, "alphapruning": alphapruning, "errortable": errortable,
+              "fisher": fisher}
+# which analysis metric each allocator reads (analysis.model_weight_metrics / calibration_metrics / fisher_tables)
+ALLOCATOR_METRIC = {"uniform": None, "owl": "owl_lod", "alphapruning": "alpha", "errortable": "errors",
+                    "fisher": "fisher"}
+BIT_LEVELS = (2, 3, 4, 5, 6, 8)  # the bit-widths mixed precision chooses from (``round_bits``)
 # budget unit -> (bounds, higher_is_more_compression)
 UNITS = {"sparsity": (SPARSITY_BOUNDS, True), "bits": ((2.0, 8.0), False), "rank": ((0.01, 1.0), False)}
 
@@ -306,13 +343,17 @@ def allocate_from_metrics(metrics: dict[str, dict], allocation: str, target: flo
     if allocation not in ALLOCATORS:
         raise SlimlmError(f"unknown allocation '{allocation}'; choose one of {', '.join(ALLOCATORS)}")
     key = ALLOCATOR_METRIC[allocation]
+    if key == "fisher" and unit != "sparsity":
+        if unit != "bits":
+            raise SlimlmError(f"allocation 'fisher' measures sparsity and bit budgets, not {unit}")
+        key = "fisher_bits"
     missing = [n for n, r in metrics.items() if key is not None and key not in r]
     if missing:
         raise SlimlmError(f"allocation '{allocation}' needs the '{key}' metric, missing for {missing[0]}; "
                           "run the analysis with calibration data")
     sizes = {n: int(r["size"]) for n, r in metrics.items()}
     (lo, hi), more = UNITS[unit]
-    scores = {n: _table(r[key]) if key == "errors" else r[key] for n, r in metrics.items()} if key else None
+    scores = {n: _table(r[key]) if isinstance(r[key], dict) else r[key] for n, r in metrics.items()} if key else None
     kwargs = dict(lo=lo, hi=hi, **options)
     if allocation != "uniform":
         kwargs["higher_is_more_compression"] = more
@@ -324,7 +365,7 @@ def _table(errors: dict) -> dict[float, float]:
     return {float(level): float(e) for level, e in errors.items()}
 
 
-def round_bits(budgets: dict[str, float], sizes: dict[str, int], choices=(2, 3, 4, 5, 6, 8)) -> dict[str, int]:
+def round_bits(budgets: dict[str, float], sizes: dict[str, int], choices=BIT_LEVELS) -> dict[str, int]:
     """Integer bit-widths from continuous ones, keeping the parameter-weighted mean at or just under theirs.
 
     Every layer starts at the largest choice not above its budget; then layers are raised to the next choice,

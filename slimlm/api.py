@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from slimlm import data as data_mod
-from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics, round_bits
-from slimlm.analysis import ERROR_LEVELS, OWL_M, calibration_metrics, model_weight_metrics
-from slimlm.engine import compress_blocks, compress_data_free
+from slimlm.allocate import ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, round_bits
+from slimlm.analysis import (ERROR_LEVELS, FISHER_WINDOWS, OWL_M, calibration_metrics, fisher_bit_tables,
+                             fisher_diagonal, fisher_tables, model_weight_metrics)
+from slimlm.engine import BlockIO, compress_blocks, compress_data_free
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
 from slimlm.export import save_run, versions
 from slimlm.models import linear_fqns
 from slimlm.prune import PruneSpec, check_sparsity, get_method, parse_pattern
 from slimlm.quant import QuantGrid, gptq, packed_bytes, rtn
+from slimlm.resume import Checkpoint
 from slimlm.rotate import attach_online_down_, quantize_activations_, rotate_
 
 
@@ -52,25 +54,34 @@ def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling
 
 
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
-            device: str = "cpu", batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Per-linear metrics keyed by FQN: weight spectra always, activation metrics when ``calib`` is given."""
-    metrics = model_weight_metrics(model)
+            device: str = "cpu", batch_size: int | None = None, progress: bool = True,
+            fisher: bool = True) -> dict[str, dict]:
+    """Per-linear metrics keyed by FQN: weight spectra always; with ``calib``, the activation metrics and (unless
+    ``fisher=False``) the ``fisher`` loss tables of the first ``FISHER_WINDOWS`` windows."""
+    metrics = model_weight_metrics(model, device)
     if calib is not None:
         check_tokens(model, calib)
         for fqn, record in calibration_metrics(model, calib, owl_m, error_levels, device, batch_size,
                                                progress).items():
             metrics[fqn].update(record)
+        if fisher:
+            for fqn, record in fisher_metrics(model, calib, error_levels, progress).items():
+                metrics[fqn]["fisher"] = record["fisher"]
     return metrics
 
 
-def _allocation_metrics(model, allocation: str, calib, device, batch_size, progress, owl_m: float = OWL_M):
-    """The metric records an allocator reads, measuring only what it needs (one dense pass at most)."""
+def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_size=None, progress=True,
+                       owl_m: float = OWL_M, grid: QuantGrid | None = None):
+    """The metric records an allocator reads, measuring only what it needs (one dense pass at most, or the
+    gradient pass of ``fisher``; with a ``grid``, ``fisher`` measures bit-width tables on that grid's kind)."""
     metric = ALLOCATOR_METRIC.get(allocation)
     if metric == "alpha" or metric is None:
-        return model_weight_metrics(model) if metric else {f: {"size": l.weight.numel()}
+        return model_weight_metrics(model, device) if metric else {f: {"size": l.weight.numel()}
                                                            for f, l in linear_fqns(model).items()}
     if calib is None:
         raise SlimlmError(f"allocation '{allocation}' needs calibration data")
+    if metric == "fisher":
+        return fisher_metrics(model, calib, progress=progress, grid=grid)
     levels = ERROR_LEVELS if metric == "errors" else None
     metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
     for fqn, lin in linear_fqns(model).items():
@@ -82,8 +93,23 @@ def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | No
                  owl_m: float = OWL_M, device: str = "cpu", batch_size: int | None = None,
                  progress: bool = True, **options) -> dict[str, float]:
     """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``)."""
-    metrics = _allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
+    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     return allocate_from_metrics(metrics, allocation, target, "sparsity", **options)
+
+
+def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
+                   grid: QuantGrid | None = None) -> dict[str, dict]:
+    """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level
+    (``analysis.fisher_tables`` from the first ``FISHER_WINDOWS`` calibration windows); with a ``grid``, also
+    ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like it (``analysis.fisher_bit_tables``)."""
+    fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
+    tables = fisher_tables(model, fisher, sqnorms, levels)
+    records = {f: {"size": lin.weight.numel(), "fisher": tables[f]} for f, lin in linear_fqns(model).items()}
+    if grid is not None:
+        bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS)
+        for f, record in records.items():
+            record["fisher_bits"] = bit_tables[f]
+    return records
 
 
 def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
@@ -93,26 +119,33 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
           seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
           device: str = "cpu", batch_size: int | None = None, ria_alpha: float = 0.5,
           blocksize: int = 128, damp: float = 0.01, wbits: int | None = None, group_size: int | None = 128,
-          symmetric: bool = True, progress: bool = True) -> Result:
+          symmetric: bool = True, scale_dtype: str | None = None, progress: bool = True,
+          io: BlockIO | None = None, checkpoint: Checkpoint | None = None) -> Result:
     """Prune every linear inside the decoder blocks of ``model`` in place.
 
     ``sparsity`` is the global target: every layer gets it with ``allocation='uniform'``; other allocators
     (owl, alphapruning, errortable) spread it non-uniformly with the same parameter-weighted mean.
     ``budgets`` (FQN -> sparsity) overrides the allocator; ``pattern`` 'N:M' overrides both.
     ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
-    weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved.
+    weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved;
+    ``scale_dtype='float16'`` rounds its scales to float16 (exact GGUF export, see quant.float16_scales).
+    ``io`` streams the blocks from and to disk (``slimlm.shards.ShardStream``, ``--offload disk``);
+    ``checkpoint`` (``slimlm.resume.Checkpoint``) saves every finished block and resumes an interrupted run.
     Returns a ``Result`` whose manifest records per-layer achieved sparsity, settings and timings.
     """
     m = get_method(method)
-    grid = None if wbits is None else QuantGrid(wbits, symmetric, group_size)
+    grid = None if wbits is None else QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)
     spec = PruneSpec(nm=parse_pattern(pattern), group=group, permute=permute, ria_alpha=ria_alpha,
                      blocksize=blocksize, damp=damp, grid=grid)
     check_sparsity(sparsity)
+    if io is not None and budgets is None and allocation != "uniform" and spec.nm is None:
+        raise SlimlmError(f"allocation '{allocation}' needs the whole model in memory; with --offload disk use "
+                          "--allocation uniform or a --budgets map")
     layers = linear_fqns(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
     calib_info, timings = None, {}
-    if m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors"):
+    if m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors", "fisher"):
         t = time.perf_counter()
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
@@ -128,7 +161,8 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         raise SlimlmError(f"budgets name layers the model does not have: {sorted(unknown)[:3]}")
     for value in budgets.values():
         check_sparsity(value)
-    achieved, perms = {}, {}
+    # per-layer results; a checkpoint saves them with each block and refills them on resume
+    achieved, perms = (checkpoint.records, checkpoint.tensors) if checkpoint is not None else ({}, {})
 
     def compress(fqn, linear, stats):
         new, mask, perm = m.fn(linear.weight.data, stats, budgets[fqn], spec)
@@ -141,9 +175,10 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
 
     if m.needs_data:
         timings |= compress_blocks(model, calib, compress, set(budgets), hessian=m.needs_hessian,
-                                   device=device, batch_size=batch_size, progress=progress)
+                                   device=device, batch_size=batch_size, progress=progress, io=io,
+                                   checkpoint=checkpoint)
     else:
-        timings |= compress_data_free(model, compress, set(budgets))
+        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint)
     timings["total"] = time.perf_counter() - start
     total = sum(layers[f].weight.numel() for f in achieved)
     zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
@@ -156,7 +191,8 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         "versions": versions(), "layers": achieved,
     }
     if grid is not None:
-        manifest["quantization"] = {"wbits": wbits, "group_size": group_size, "symmetric": symmetric}
+        manifest["quantization"] = {"wbits": wbits, "group_size": group_size, "symmetric": symmetric,
+                                    "scale_dtype": scale_dtype}
         manifest["storage"] = storage_report(model, {f: grid for f in achieved},
                                              {f: 1 - achieved[f]["sparsity"] for f in achieved})
     return Result(manifest, {"nm_permutations.safetensors": perms} if perms else {})
@@ -185,40 +221,52 @@ def storage_report(model, grids: dict[str, QuantGrid], densities: dict[str, floa
 
 
 def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_size: int | None = 128,
-             symmetric: bool = True, act_order: bool = False, abits: int | None = None,
-             act_clip: float = 1.0, rotate: str | None = None, avg_bits: float | None = None,
-             allocation: str = "uniform", allocation_options: dict | None = None,
+             symmetric: bool = True, scale_dtype: str | None = None, act_order: bool = False,
+             abits: int | None = None, act_clip: float = 1.0, rotate: str | None = None,
+             avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
              calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
              seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
              device: str = "cpu", batch_size: int | None = None, blocksize: int = 128, damp: float = 0.01,
-             progress: bool = True) -> Result:
+             progress: bool = True, io: BlockIO | None = None, checkpoint: Checkpoint | None = None,
+             sequential: bool = True) -> Result:
     """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on
     the grid), optionally after a QuaRot rotation and with simulated per-token activation quantization.
 
     ``method``: 'rtn' (data-free) or 'gptq'. ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
-    (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``.
+    (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``. ``scale_dtype='float16'``
+    rounds scales to float16 so that GGUF export is exact (see quant.float16_scales). ``io`` and
+    ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
+    ``sequential=False`` calibrates every block on the dense model's activations in one pass
+    (``engine.compress_blocks``).
     """
     if method not in ("rtn", "gptq"):
         raise SlimlmError(f"unknown quantization method '{method}'; choose rtn or gptq")
     if rotate not in (None, "none", "hadamard"):
         raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
-    QuantGrid(wbits, symmetric, group_size)  # validates before any work
+    QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)  # validates before any work
+    if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
+        raise SlimlmError(f"unknown allocation '{allocation}'; choose one of {', '.join(ALLOCATORS)}")
     if abits is not None:
         QuantGrid(abits, True, None, act_clip)
+    if io is not None and (rotate == "hadamard" or abits is not None or (avg_bits is not None
+                                                                         and allocation != "uniform")):
+        raise SlimlmError("--offload disk quantizes weights block by block only: no --rotate, --abits, or "
+                          "--avg-bits with a non-uniform allocation")
     torch.manual_seed(seed)
     start, timings, calib_info = time.perf_counter(), {}, None
     rotation = rotate_(model, seed=seed) if rotate == "hadamard" else None
     layers = linear_fqns(model)
-    if method == "gptq" or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) == "owl_lod"):
+    if method == "gptq" or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
     bits = {fqn: wbits for fqn in layers}
     if avg_bits is not None:
-        metrics = _allocation_metrics(model, allocation, calib, device, batch_size, progress)
+        metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress,
+                                     grid=QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype))
         continuous = allocate_from_metrics(metrics, allocation, avg_bits, "bits", **(allocation_options or {}))
         bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
-    grids = {fqn: QuantGrid(b, symmetric, group_size) for fqn, b in bits.items()}
-    losses = {}
+    grids = {fqn: QuantGrid(b, symmetric, group_size, scale_dtype=scale_dtype) for fqn, b in bits.items()}
+    losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
 
     def compress(fqn, linear, stats):
         W = linear.weight.data
@@ -231,17 +279,23 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
 
     if method == "gptq":
         timings |= compress_blocks(model, calib, compress, set(layers), hessian=True, device=device,
-                                   batch_size=batch_size, progress=progress)
+                                   batch_size=batch_size, progress=progress, io=io, checkpoint=checkpoint,
+                                   sequential=sequential)
     else:
-        timings |= compress_data_free(model, compress, set(layers))
+        timings |= compress_data_free(model, compress, set(layers), io, checkpoint)
     if abits is not None:
         quantize_activations_(model, abits, act_clip)
     timings["total"] = time.perf_counter() - start
     manifest = {
         "kind": "quantize", "method": method, "wbits": wbits, "group_size": group_size, "symmetric": symmetric,
+        "scale_dtype": scale_dtype,
         "act_order": act_order, "abits": abits, "act_clip": act_clip, "rotation": rotation,
+        # achieved parameter-weighted mean bit-width (mixed precision stays at or under avg_bits)
+        "bits": sum(bits[f] * layers[f].weight.numel() for f in layers)
+        / sum(lin.weight.numel() for lin in layers.values()),
         "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {})},
-        "options": {"blocksize": blocksize, "damp": damp}, "calibration": calib_info, "device": str(device),
+        "options": {"blocksize": blocksize, "damp": damp, "sequential": sequential}, "calibration": calib_info,
+        "device": str(device),
         "seed": seed, "timings": timings, "versions": versions(),
         "layers": {f: {"bits": bits[f], **({"gptq_loss": losses[f]} if f in losses else {})} for f in layers},
         "storage": storage_report(model, grids),

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 
-from slimlm.errors import SlimlmError
+from safetensors import SafetensorError
+
+from slimlm.errors import SlimlmError, read_json
 
 
 def _add_model_args(p):
@@ -39,7 +43,7 @@ def _add_calib_args(p, nsamples=128, seqlen=2048):
 
 
 def _add_allocation_args(p):
-    p.add_argument("--allocation", default="uniform", help="uniform, owl, alphapruning, errortable")
+    p.add_argument("--allocation", default="uniform", help="uniform, owl, alphapruning, errortable, fisher (ours)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: budgets span target +- lambda")
     p.add_argument("--alpha-epsilon", type=float, default=0.2, help="AlphaPruning: ratios span 1 +- epsilon")
 
@@ -47,6 +51,16 @@ def _add_allocation_args(p):
 def _add_grid_args(p):
     p.add_argument("--group-size", type=int, default=128, help="quantization group (-1: per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
+    p.add_argument("--scale-dtype", choices=["float16"], help="round scales to float16 (exact GGUF Q4_0/Q4_1/Q8_0 "
+                   "export; default float32)")
+
+
+def _add_run_args(p):
+    p.add_argument("--offload", choices=["disk"], help="disk: keep the model on disk and stream one block at a "
+                   "time from its safetensors shards into the output shards (memory about one block, any size)")
+    p.add_argument("--resume", action="store_true", help="checkpoint every block in .OUT.partial beside --out "
+                   "(always done with --offload disk) and continue an interrupted run from its last finished "
+                   "block (same weights as an uninterrupted run)")
 
 
 def _allocation_options(args) -> dict:
@@ -73,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_args(p)
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_run_args(p)
     p.add_argument("--eval", action="store_true", help="measure test perplexity after pruning")
     _add_eval_args(p)
     p.set_defaults(func=cmd_prune)
@@ -83,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=int, default=4)
     _add_grid_args(p)
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--one-pass", action="store_true",
+                   help="GPTQ: calibrate every block on the dense model's activations (one pass, ~half the time)")
     p.add_argument("--abits", type=int, help="simulated per-token activation quantization (e.g. 4 for W4A4)")
     p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio")
     p.add_argument("--rotate", default="none", choices=["none", "hadamard"], help="QuaRot rotation first")
@@ -91,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allocation_args(p)
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-w<bits>)")
     p.add_argument("--overwrite", action="store_true")
+    _add_run_args(p)
     p.add_argument("--eval", action="store_true", help="measure test perplexity after quantizing")
     _add_eval_args(p)
     p.set_defaults(func=cmd_quantize)
@@ -99,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_calib_args(p, nsamples=32, seqlen=512)
     p.add_argument("--no-calib", action="store_true", help="weight metrics only (no calibration pass)")
+    p.add_argument("--no-fisher", action="store_true", help="skip the gradient pass behind --allocation fisher")
     p.add_argument("--esd-layer", help="FQN of the layer whose ESD is plotted (default: the first)")
     p.add_argument("--target", default="sparsity=0.7", help="budget plotted for each allocator")
     p.add_argument("--out", required=True, help="output folder")
@@ -114,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a saved run in an engine's format")
     p.add_argument("run", help="folder written by `slimlm prune` or `slimlm quantize`")
-    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse"])
-    p.add_argument("--out", required=True, help="output folder (never overwritten)")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse", "gguf"])
+    p.add_argument("--out", required=True, help="output folder, or for gguf a .gguf file (never overwritten)")
     p.add_argument("--inexact", action="store_true", help="compressed-tensors: allow scales within an ulp "
-                   "(bf16/fp16 runs)")
+                   "(bf16/fp16 runs); gguf: round block scales to float16 and report the deviation")
+    p.add_argument("--gguf-type", default="auto", help="gguf: auto (the run's grid where a block type holds it "
+                   "exactly, else the run's float dtype), f32, f16, bf16, q8_0, q4_0, q4_1")
     p.set_defaults(func=cmd_export, quiet=True)
 
     p = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy of a saved run or any model")
@@ -132,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt")
     p.add_argument("--batch-size", type=int, default=1, help="zero-shot: requests per forward")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
+    p.add_argument("folders", nargs="+", help="folders searched for runs (slimlm.json) and analyses")
+    p.add_argument("--out", help="output folder (default <first folder>/report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(func=cmd_report, quiet=True)
     return parser
 
 
@@ -145,15 +172,51 @@ def _default_out(args, budget: str) -> Path:
     return Path("runs") / f"{name}-{args.method}-{budget}"
 
 
-def _finish(model, tokenizer, out, result, args) -> None:
+# options that do not change the computed weights: a resumed run may differ from the first in these
+_NOT_SETTINGS = {"func", "out", "overwrite", "resume", "quiet", "allow_pickle", "eval", "eval_dataset",
+                 "eval_seqlen", "eval_windows"}
+
+
+def _open_run(args, out: Path, calibrated: bool, budgets: dict | None = None):
+    """``(model, tokenizer, stream, checkpoint)``: the model (a meta skeleton whose blocks stream from disk
+    with --offload disk) and the per-block checkpoint kept in the hidden partial folder beside ``out`` (see
+    slimlm.resume): for calibrated runs with --resume, and for every --offload disk run (its output shards
+    are streamed into that folder anyway, so only the small activations are extra)."""
+    import slimlm
+    from slimlm.resume import Checkpoint, partial_dir, read_progress
+    from slimlm.shards import check_free_space, load_streamed
+
+    folder = partial_dir(out)
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS} | {"budgets_map": budgets}
+    if folder.exists() and not args.resume:
+        raise SlimlmError(f"{folder} holds an interrupted run of {out}; pass --resume to continue it, or delete it")
+    if folder.exists():
+        read_progress(folder, settings)  # a run with other settings is refused before any work
+    if args.offload is None:
+        model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+        return model, tokenizer, None, Checkpoint(folder, settings) if calibrated and args.resume else None
+    if args.eval:
+        raise SlimlmError("--eval needs the whole model in memory; evaluate the saved run with `slimlm eval`")
+    model, tokenizer, stream = load_streamed(args.model, args.dtype, folder)
+    check_free_space(model, stream)
+    return model, tokenizer, stream, Checkpoint(folder, settings, weights=False)
+
+
+def _finish(model, tokenizer, out, result, args, stream=None) -> None:
     """Optional evaluation, the atomic save, and a one-line JSON summary."""
     import slimlm
+    from slimlm.resume import partial_dir
+    from slimlm.shards import save_streamed
 
     result.manifest["model"] = args.model
     result.manifest["dtype"] = args.dtype
     if args.eval:
         result.manifest["metrics"] = {"perplexity": _eval(model, tokenizer, args)}
-    slimlm.save(model.to("cpu"), tokenizer, out, result, args.overwrite)
+    if stream is not None:  # the partial folder holds the output shards: complete it and rename it
+        save_streamed(model, tokenizer, stream, out, result.manifest, result.tensors, args.overwrite)
+    else:
+        slimlm.save(model.to("cpu"), tokenizer, out, result, args.overwrite)
+        shutil.rmtree(partial_dir(out), ignore_errors=True)  # the finished run's checkpoint
     keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage")
     summary = {k: result.manifest[k] for k in keys if k in result.manifest}
     summary["seconds"] = round(result.manifest["timings"]["total"], 2)
@@ -177,12 +240,12 @@ def cmd_prune(args) -> None:
 
     get_method(args.method), parse_pattern(args.pattern), check_sparsity(args.sparsity)  # fail fast
     check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
-    budgets = _read_json(args.budgets) if args.budgets else None
+    budgets = read_json(args.budgets) if args.budgets else None
     if args.allocation not in ALLOCATORS:
         raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
     budget = args.pattern.replace(":", "of") if args.pattern != "unstructured" else f"{args.sparsity:g}"
     out = check_output(args.out or _default_out(args, budget), args.overwrite)
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    model, tokenizer, stream, checkpoint = _open_run(args, out, get_method(args.method).needs_data, budgets)
     result = slimlm.prune(
         model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
         group=args.group, permute=args.permute, calib_source=args.calib, nsamples=args.nsamples,
@@ -190,8 +253,9 @@ def cmd_prune(args) -> None:
         device=args.device, batch_size=args.batch_size, ria_alpha=args.ria_alpha,
         allocation=args.allocation, allocation_options=_allocation_options(args), owl_m=args.owl_m,
         budgets=budgets, wbits=args.wbits, group_size=_group(args), symmetric=not args.asym,
-        progress=not args.quiet)
-    _finish(model, tokenizer, out, result, args)
+        scale_dtype=args.scale_dtype,
+        progress=not args.quiet, io=stream, checkpoint=checkpoint)
+    _finish(model, tokenizer, out, result, args, stream)
 
 
 def cmd_quantize(args) -> None:
@@ -201,7 +265,7 @@ def cmd_quantize(args) -> None:
     from slimlm.export import check_output
     from slimlm.quant import QuantGrid
 
-    QuantGrid(args.wbits, not args.asym, _group(args))  # fail fast on bad bits or groups
+    QuantGrid(args.wbits, not args.asym, _group(args), scale_dtype=args.scale_dtype)  # fail fast on bad grids
     if args.abits is not None:
         QuantGrid(args.abits, True, None, args.act_clip)
     check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
@@ -209,22 +273,16 @@ def cmd_quantize(args) -> None:
         raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
     budget = f"w{args.avg_bits:g}" if args.avg_bits else f"w{args.wbits}" + (f"a{args.abits}" if args.abits else "")
     out = check_output(args.out or _default_out(args, budget), args.overwrite)
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    model, tokenizer, stream, checkpoint = _open_run(args, out, args.method == "gptq")
     result = slimlm.quantize(
         model, tokenizer, method=args.method, wbits=args.wbits, group_size=_group(args),
-        symmetric=not args.asym, act_order=args.act_order, abits=args.abits, act_clip=args.act_clip,
-        rotate=args.rotate, avg_bits=args.avg_bits, allocation=args.allocation,
+        symmetric=not args.asym, scale_dtype=args.scale_dtype, act_order=args.act_order, abits=args.abits,
+        act_clip=args.act_clip, rotate=args.rotate, avg_bits=args.avg_bits, allocation=args.allocation,
         allocation_options=_allocation_options(args), calib_source=args.calib, nsamples=args.nsamples,
         seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
-        device=args.device, batch_size=args.batch_size, progress=not args.quiet)
-    _finish(model, tokenizer, out, result, args)
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SlimlmError(f"cannot read JSON file {path}: {e}") from e
+        device=args.device, batch_size=args.batch_size, progress=not args.quiet, io=stream,
+        checkpoint=checkpoint, sequential=not args.one_pass)
+    _finish(model, tokenizer, out, result, args, stream)
 
 
 def cmd_analyze(args) -> None:
@@ -239,7 +297,7 @@ def cmd_analyze(args) -> None:
     calib = None if args.no_calib else slimlm.calibration(
         tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_sampling, args.seed, args.data_dir)
     metrics = slimlm.analyze(model, calib, args.owl_m, device=args.device, batch_size=args.batch_size,
-                             progress=not args.quiet)
+                             progress=not args.quiet, fisher=not args.no_fisher)
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_analysis(model, metrics, tmp, unit, target, args.esd_layer)
         write_manifest(tmp, {"kind": "analysis", "model": args.model, "owl_m": args.owl_m, "versions": versions(),
@@ -260,7 +318,7 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
 
     records = list(metrics.values())
     (folder / "metrics.json").write_text(json.dumps(records, indent=1) + "\n")
-    columns = [k for k in records[0] if k != "errors"]
+    columns = [k for k in records[0] if k not in ("errors", "fisher")]  # tables stay in metrics.json
     with open(folder / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
@@ -273,7 +331,7 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
               name, folder / "esd.png")
     usable = [a for a, key in ALLOCATOR_METRIC.items() if key is None or key in records[0]]
     if unit != "sparsity":
-        usable = [a for a in usable if a != "errortable"]
+        usable = [a for a in usable if a not in ("errortable", "fisher")]
     plots.budgets({a: allocate_from_metrics(metrics, a, target, unit) for a in usable},
                   folder / "budgets.png", unit)
 
@@ -283,7 +341,7 @@ def cmd_allocate(args) -> None:
     from slimlm.allocate import allocate_from_metrics, parse_target
 
     unit, target = parse_target(args.target)
-    records = _read_json(Path(args.analysis) / "metrics.json")
+    records = read_json(Path(args.analysis) / "metrics.json")
     metrics = {r["name"]: r for r in records}
     budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **_allocation_options(args))
     if args.out:
@@ -297,13 +355,24 @@ def cmd_allocate(args) -> None:
 
 def cmd_export(args) -> None:
     from slimlm.formats import export_compressed_tensors, export_sparse
+    from slimlm.gguf_export import export_gguf
 
+    extra = {}
     if args.format == "sparse":
         export_sparse(args.run, args.out)
+    elif args.format == "gguf":
+        written = export_gguf(args.run, args.out, args.gguf_type, exact=not args.inexact)
+        extra = {"file": str(written), "max_abs_deviation": _gguf_deviation(written)}
     else:
         export_compressed_tensors(args.run, args.out, exact=not args.inexact)
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(json.dumps({"out": args.out, "format": args.format, "bytes": size}))
+    out = Path(args.out)
+    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(json.dumps({"out": args.out, "format": args.format, "bytes": size, **extra}))
+
+
+def _gguf_deviation(path: Path) -> float:
+    import gguf
+    return json.loads(gguf.GGUFReader(path).fields["slimlm.export"].contents())["max_abs_deviation"]
 
 
 def cmd_eval(args) -> None:
@@ -337,6 +406,18 @@ def cmd_eval(args) -> None:
                       **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
 
 
+def cmd_report(args) -> None:
+    from slimlm.report import write_report
+
+    out, runs = write_report(args.folders, args.out, args.overwrite)
+    print(json.dumps({"out": str(out), "runs": len(runs), "html": str(out / "report.html")}))
+
+
+def _disk_full(e: Exception) -> bool:
+    # safetensors reports a full disk as a SafetensorError carrying the OS message, not as an OSError
+    return getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -349,8 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     except SlimlmError as e:
         print(f"slimlm: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as e:
+        if not _disk_full(e):
+            raise
+        print(f"slimlm: error: no space left on device ({e}); free some space and rerun with --resume",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("slimlm: interrupted; no output was written", file=sys.stderr)
+        print("slimlm: interrupted; no output was written (runs with --resume or --offload disk keep their "
+              "finished blocks: rerun with --resume)", file=sys.stderr)
         return 130
     return 0
 

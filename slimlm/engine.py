@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
-from slimlm.models import adapter_for, block_linears, decoder_blocks, linear_fqns
+from slimlm.models import adapter_for, block_linears, decoder_blocks
+
+if TYPE_CHECKING:
+    from slimlm.resume import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +168,35 @@ def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
 CompressFn = Callable[[str, nn.Linear, LayerStats], bool]
 
 
+class BlockIO(Protocol):
+    """Where block weights live outside their turn (``--offload disk``: ``slimlm.shards.ShardStream``).
+
+    ``load(i, block)`` materialises block i just before it is used; ``store(i, block)`` takes it once it is
+    compressed (writes it out and frees it), so only one block's weights are in memory at a time.
+    """
+
+    def load(self, i: int, block: nn.Module) -> None: ...
+
+    def store(self, i: int, block: nn.Module) -> None: ...
+
+
 def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressFn, targets: set[str],
                     hessian: bool = False, device: str | torch.device = "cpu",
-                    batch_size: int | None = None, progress: bool = True) -> dict[str, float]:
+                    batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
+                    checkpoint: Checkpoint | None = None, sequential: bool = True) -> dict[str, float]:
     """Calibrate and compress ``model`` in place, block by block.
 
     ``compress(fqn, linear, stats) -> bool`` is called for every linear whose FQN is in ``targets``;
     it changes ``linear.weight`` in place and returns whether it changed it. ``hessian`` asks for the
-    (in, in) Hessian besides the channel norms. Returns timings (seconds): ``capture``, ``forward``
+    (in, in) Hessian besides the channel norms. ``io`` streams block weights in and out (see ``BlockIO``);
+    ``checkpoint`` saves each finished block and the next block's inputs, and restarts after the last
+    finished block of an interrupted run. Returns timings (seconds): ``capture``, ``forward``
     (all block passes), ``compress``.
+
+    ``sequential`` (the GPTQ/SparseGPT/Wanda reference code's choice): each block is calibrated on the outputs
+    of the already compressed blocks before it, which costs a second pass per block. ``sequential=False``
+    propagates the statistics pass's own outputs, so every block sees the dense model's activations: one pass,
+    about half the forward time, and errors of earlier blocks are not compensated downstream.
     """
     device = torch.device(device)
     n, seqlen = windows.shape
@@ -182,9 +205,15 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
     t0 = time.perf_counter()
     captured = capture_inputs(model, windows, batch_size, device)
     timing = {"capture": time.perf_counter() - t0, "forward": 0.0, "compress": 0.0}
-    x, y = captured.hidden, torch.empty_like(captured.hidden)
     blocks = decoder_blocks(model)
-    for i, block in enumerate(tqdm(blocks, desc="blocks", disable=not progress)):
+    start, saved = checkpoint.restore(blocks) if checkpoint is not None else (0, None)
+    x = captured.hidden if saved is None else saved.to(device)  # block `start`'s inputs, as first computed
+    y = torch.empty_like(x)
+    for i in tqdm(range(start, len(blocks)), desc="blocks", initial=start, total=len(blocks),
+                  disable=not progress):
+        block = blocks[i]
+        if io is not None:
+            io.load(i, block)
         block.to(device)
         linears = {f"{prefix}.{i}.{name}": lin for name, lin in block_linears(block).items()}
         linears = {fqn: lin for fqn, lin in linears.items() if fqn in targets}
@@ -203,22 +232,38 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
             changed |= bool(compress(fqn, lin, accs[fqn].stats()))
         accs.clear()
         timing["compress"] += time.perf_counter() - t
-        if changed:  # the statistics pass gave dense outputs: recompute them with compressed weights
+        if changed and sequential:  # the statistics pass gave dense outputs: recompute with compressed weights
             t = time.perf_counter()
             run_block(block, x, captured.call_args[i], batch_size, out=y)
             timing["forward"] += time.perf_counter() - t
         if not torch.isfinite(y).all():
             raise SlimlmError(f"non-finite activations after block {i}; check the model and dtype")
         block.to("cpu")
+        if io is not None:
+            io.store(i, block)
+        if checkpoint is not None:
+            checkpoint.save(i, block, y)
         x, y = y, x
     return timing
 
 
-def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]) -> dict[str, float]:
+def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
+                       checkpoint: Checkpoint | None = None) -> dict[str, float]:
     """Data-free methods (magnitude, RTN): the same ``compress`` callback, called with ``stats=None`` and no
-    calibration pass. Returns ``{"compress": seconds}``."""
+    calibration pass, block by block so that ``io`` and ``checkpoint`` work as in ``compress_blocks``.
+    Returns ``{"compress": seconds}``."""
     start = time.perf_counter()
-    for fqn, linear in linear_fqns(model).items():
-        if fqn in targets:
-            compress(fqn, linear, None)
+    prefix = adapter_for(model).blocks
+    blocks = decoder_blocks(model)
+    first = checkpoint.restore(blocks)[0] if checkpoint is not None else 0
+    for i in range(first, len(blocks)):
+        if io is not None:
+            io.load(i, blocks[i])
+        for name, linear in block_linears(blocks[i]).items():
+            if f"{prefix}.{i}.{name}" in targets:
+                compress(f"{prefix}.{i}.{name}", linear, None)
+        if io is not None:
+            io.store(i, blocks[i])
+        if checkpoint is not None:
+            checkpoint.save(i, blocks[i], None)
     return {"compress": time.perf_counter() - start}

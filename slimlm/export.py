@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, read_json
 
 MANIFEST = "slimlm.json"
 
@@ -51,16 +51,23 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: str | Path, out: str | Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is swapped aside first and deleted
+    only once the new one is in place."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _umask() -> int:
@@ -96,7 +103,4 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimlmError(f"{path} is not valid JSON: {e}") from e
+    return read_json(path)

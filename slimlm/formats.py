@@ -338,10 +338,10 @@ def _linear_names(run: Path) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _check_runtime(manifest: dict) -> None:
+def _check_runtime(manifest: dict, fmt: str = "the pack-quantized format") -> None:
     if (manifest.get("rotation") or {}).get("online_down"):
-        raise SlimlmError("this run needs QuaRot's online down_proj Hadamard at inference, which the "
-                          "pack-quantized format cannot carry; export a run without online rotation")
+        raise SlimlmError(f"this run needs QuaRot's online down_proj Hadamard at inference, which {fmt} "
+                          "cannot carry; export a run without online rotation")
     if manifest.get("abits"):
         logger.warning("the run's simulated %s-bit activation quantization is not exported (weights only)",
                        manifest["abits"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -126,12 +127,33 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: 
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
+        check_folder(path, allow_pickle)
         folder = path
     elif path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise SlimlmError(f"cannot read model '{name}': not a model folder, .gguf file or hub id")
     else:
         folder = name  # a hub id: transformers downloads it (needs network)
     return _from_pretrained(folder, DTYPES[dtype], allow_pickle)
+
+
+def check_folder(folder: Path, allow_pickle: bool) -> None:
+    """Before loading a local folder: pickled weights (``*.bin``, which can run code when unpickled) only
+    with ``allow_pickle``; every safetensors shard present with a readable header, and no tensor shaped
+    differently from what the config gives. Each problem is one line instead of a traceback."""
+    from slimlm.shards import check_shapes, has_safetensors, skeleton, tensor_index
+
+    if not has_safetensors(folder):
+        if not allow_pickle and any(folder.glob("*.bin")):
+            raise SlimlmError(f"{folder} holds only pickled weights (*.bin), which can run code when loaded; "
+                              "pass --allow-pickle if you trust them")
+        return  # no weights at all: transformers says so
+    index = tensor_index(folder)
+    try:
+        quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SlimlmError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
+    if not quantized:  # packed quantized tensors legitimately differ from the float skeleton's shapes
+        check_shapes(skeleton(folder), index, complete=False)
 
 
 def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):

@@ -59,7 +59,8 @@ def esd(eigs: torch.Tensor, alpha: float, xmin: float, name: str, path: str | Pa
     plt.close(fig)
 
 
-def budgets(maps: dict[str, dict[str, float]], path: str | Path, unit: str = "sparsity") -> None:
+def budgets(maps: dict[str, dict[str, float]], path: str | Path, unit: str = "sparsity",
+            title: str | None = None) -> None:
     """Per-layer budgets of several allocators side by side (layers in model order)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -67,22 +68,22 @@ def budgets(maps: dict[str, dict[str, float]], path: str | Path, unit: str = "sp
         ax.plot(range(len(budget)), list(budget.values()), lw=1, label=name)
     ax.set_xlabel("linear layer (model order)")
     ax.set_ylabel(unit)
-    ax.set_title(f"per-layer {unit} by allocator")
+    ax.set_title(title or f"per-layer {unit} by allocator")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def sweep(rows: list[dict], path: str | Path) -> None:
-    """Perplexity against sparsity, one curve per (method, allocation); log-scale perplexity."""
+def sweep(rows: list[dict], path: str | Path, x: str = "sparsity") -> None:
+    """Perplexity against ``x`` (sparsity or bits), one curve per (method, allocation); log-scale perplexity."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(r["method"], r["allocation"]) for r in rows}):
-        pts = sorted((r["sparsity"], r["perplexity"]) for r in rows if (r["method"], r["allocation"]) == key)
+        pts = sorted((r[x], r["perplexity"]) for r in rows if (r["method"], r["allocation"]) == key)
         ax.plot([s for s, _ in pts], [p for _, p in pts], marker="o", label=f"{key[0]} / {key[1]}")
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity")
+    ax.set_xlabel(x)
     ax.set_ylabel("WikiText-2 perplexity")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -38,12 +38,15 @@ class QuantGrid:
     zero point. ``group_size`` None (or -1) = one group per output row; otherwise groups of ``group_size``
     consecutive input columns, the last one partial if it does not divide the width (576 / 128 -> 4x128 + 64).
     ``clip_ratio`` in (0, 1] shrinks the range before the scale is set (weight or activation clipping).
+    ``scale_dtype`` "float16" rounds scales up to float16 values (``float16_scales``) so that GGUF's block types,
+    which store scales in float16, hold the grid exactly; None keeps float32 scales.
     """
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
     clip_ratio: float = 1.0
+    scale_dtype: str | None = None
 
     def __post_init__(self):
         bits = self.bits
@@ -56,6 +59,8 @@ class QuantGrid:
             raise SlimlmError(f"group_size must be a positive integer, None or -1, got {gs!r}")
         if not 0 < self.clip_ratio <= 1:
             raise SlimlmError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.scale_dtype not in (None, "float16"):
+            raise SlimlmError(f"scale_dtype must be None or 'float16', got {self.scale_dtype!r}")
 
     @property
     def qmin(self) -> int:
@@ -108,8 +113,20 @@ def quant_params(W: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.
     levels = grid.qmax - grid.qmin  # 2^b - 1 steps
     scale = torch.maximum(hi, -lo) / (levels / 2) if grid.symmetric else (hi - lo) / levels
     scale = torch.where(scale > torch.finfo(ACCUM_DTYPE).tiny, scale, torch.ones_like(scale))
+    if grid.scale_dtype == "float16":
+        scale = float16_scales(scale, grid)
     zero = torch.zeros_like(scale) if grid.symmetric else torch.round(-lo / scale)
     return scale, zero
+
+
+def float16_scales(scale: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """Scales rounded up to float16 values, at least float16's smallest normal 2^-14 (rounding up never narrows
+    the range). GGUF stores a block's scale d in float16 (llama.cpp Q4_0/Q8_0: x = d·q) and Q4_1 also its offset
+    m = -zero·d (x = d·q + m): asymmetric scales keep 11 - bits significant bits so that zero·d, with
+    zero < 2^bits, still fits float16's 11."""
+    bits = 11 if grid.symmetric else 11 - grid.bits
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa · 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ceil(mantissa * 2**bits) / 2**bits, exponent).clamp(min=2.0**-14)
 
 
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: QuantGrid) -> torch.Tensor:

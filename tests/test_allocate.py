@@ -48,7 +48,7 @@ def test_block_of_parses_names():
 def test_uniform_and_registry():
     sizes = model_sizes()
     assert set(uniform(None, sizes, 0.5).values()) == {0.5}
-    assert set(ALLOCATORS) == {"uniform", "owl", "alphapruning", "errortable"}
+    assert set(ALLOCATORS) == {"uniform", "owl", "alphapruning", "errortable", "fisher"}
 
 
 def test_clip_and_renormalize_shifts_and_clips():
@@ -120,7 +120,7 @@ def test_alphapruning_with_an_outlier_alpha_stays_in_bounds(target):
     assert sparsity == sorted(sparsity)
 
 
-@pytest.mark.parametrize("name", sorted(set(ALLOCATORS) - {"errortable"}))  # scalar-score allocators
+@pytest.mark.parametrize("name", sorted(set(ALLOCATORS) - {"errortable", "fisher"}))  # scalar-score allocators
 def test_every_allocator_rejects_infeasible_targets_and_bad_scores(name):
     sizes = model_sizes(2)
     scores = {f: 1.0 + i for i, f in enumerate(sizes)}
@@ -236,3 +236,46 @@ def test_allocate_from_metrics_checks_inputs():
     bits = allocate_from_metrics({"a": {"size": 10, "alpha": 2.0}, "b": {"size": 10, "alpha": 5.0}},
                                  "alphapruning", 4.0, unit="bits", block_wise=False)
     assert bits["a"] > bits["b"]  # heavier tail (smaller alpha) keeps more bits
+
+
+def test_fisher_gives_each_block_one_level_and_spares_sensitive_blocks():
+    from slimlm.allocate import allocate_from_metrics, errortable, fisher
+    from slimlm.errors import SlimlmError
+
+    sizes = model_sizes(4)
+    levels = [round(0.05 * i, 2) for i in range(20)]
+    steepness = [10.0, 1.0, 0.3, 3.0]  # block 0 most sensitive, block 2 least
+    rng = random.Random(0)
+    tables = {f: {l: steepness[int(f.split(".")[2])] * rng.uniform(0.5, 2) * sizes[f] * l ** 2 for l in levels}
+              for f in sizes}
+    budgets = fisher(tables, sizes, 0.7)
+    block_level = {}
+    for f, b in budgets.items():
+        assert block_level.setdefault(block_of(f), b) == b  # one level per block
+        assert 0 <= b <= 0.99
+    assert block_level["model.layers.2"] > block_level["model.layers.1"] > block_level["model.layers.3"] > \
+        block_level["model.layers.0"]
+    assert abs(weighted_mean(budgets, sizes) - 0.7) <= 0.7e-3
+    assert fisher(tables, sizes, 0.7, block_wise=False) == errortable(tables, sizes, 0.7)
+    metrics = {f: {"size": sizes[f], "fisher": {str(l): e for l, e in t.items()}} for f, t in tables.items()}
+    assert allocate_from_metrics(metrics, "fisher", 0.7) == pytest.approx(budgets)
+    with pytest.raises(SlimlmError, match="needs the 'fisher_bits' metric"):
+        allocate_from_metrics(metrics, "fisher", 4.0, unit="bits")
+    with pytest.raises(SlimlmError, match="not rank"):
+        allocate_from_metrics(metrics, "fisher", 0.5, unit="rank")
+
+
+def test_fisher_bits_give_sensitive_blocks_more_bits():
+    from slimlm.allocate import BIT_LEVELS, allocate_from_metrics, round_bits
+
+    sizes = model_sizes(4)
+    steepness = [10.0, 1.0, 0.3, 3.0]
+    # rounding error falls ~4x per extra bit; a sensitive block's error costs more
+    metrics = {f: {"size": sizes[f], "fisher_bits": {str(b): steepness[int(f.split(".")[2])] * sizes[f] * 4.0 ** -b
+                                                     for b in BIT_LEVELS}} for f in sizes}
+    budgets = allocate_from_metrics(metrics, "fisher", 3.5, unit="bits")
+    block_bits = {block_of(f): b for f, b in budgets.items()}
+    assert block_bits["model.layers.0"] > block_bits["model.layers.3"] > block_bits["model.layers.1"] > \
+        block_bits["model.layers.2"]
+    assert abs(weighted_mean(budgets, sizes) - 3.5) <= 3.5e-3
+    assert weighted_mean(round_bits(budgets, sizes), sizes) <= 3.5 + 1e-9

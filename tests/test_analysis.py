@@ -55,6 +55,67 @@ def test_batched_esd_equals_per_matrix_esd():
         torch.testing.assert_close(eigs, esd(W), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (200, 200)])
+def test_gram_esd_equals_svdvals_path(shape):
+    """esd's float64 Gram + eigvalsh against the squared float64 singular values of the same float32
+    matrix, on a spectrum spanning 8 decades of λ. Stated tolerance: every eigenvalue within 1e-12·λ_max (EIG_RTOL,
+    below which eigenvalues are discarded) and those ≥ 1e-4·λ_max within 1e-9 relative; also batched."""
+    r = min(shape)
+    W = matrix_with_esd(torch.logspace(-8, 0, r, dtype=torch.float64), cols=max(shape), seed=sum(shape))
+    W = (W if shape[0] == r else W.T).float()
+    assert W.shape == shape
+    ref = torch.linalg.svdvals(W.double()).square().flip(0)
+    for got in (esd(W), esd(torch.stack([W, 2 * W]))[0], batched_esd([W.T, W])[1]):
+        assert got.dtype == torch.float64 and got.shape == (r,)
+        assert ((got - ref).abs() <= 1e-12 * ref[-1]).all()
+        big = ref >= 1e-4 * ref[-1]
+        torch.testing.assert_close(got[big], ref[big], rtol=1e-9, atol=0)
+
+
+def fingered_esd(seed: int = 1) -> torch.Tensor:
+    """A bulk on (0.05, 0.95), a Pareto(α=3) tail from 1 and four "fingers" near 40: data on which the KS form
+    matters (Clauset's two-sided supremum picks x_min ≈ 0.55 here, the references' one-sided form 1.27)."""
+    g = torch.Generator().manual_seed(seed)
+    bulk = 0.05 + 0.9 * torch.rand(300, generator=g, dtype=torch.float64)
+    fingers = torch.tensor([40.0, 41.0, 43.0, 44.0], dtype=torch.float64)
+    return torch.cat([bulk, pareto(60, 3.0, seed + 10), fingers]).sort().values
+
+
+def reference_scan(lam: np.ndarray, count: int) -> tuple[float, float, float]:
+    """WeightWatcher's WWFit / AlphaPruning's esd_utils scan as a plain loop over the first ``count`` candidates:
+    α_k = 1 + n/Σ ln(λ_i/λ_k), D_k = max_j |1 − (λ_{k+j}/λ_k)^(1−α_k) − j/n|; returns (D, α, x_min) at min D."""
+    best = (math.inf, math.nan, math.nan)
+    for k in range(count):
+        tail, n = lam[k:], len(lam) - k
+        a = 1 + n / np.log(tail / lam[k]).sum()
+        D = np.abs(1 - (tail / lam[k]) ** (1 - a) - np.arange(n) / n).max()
+        best = min(best, (D, a, lam[k]))
+    return best
+
+
+@pytest.mark.parametrize("rule", ["peak", "all"])
+def test_hill_alpha_equals_the_references_loop(rule, monkeypatch):
+    import slimlm.analysis
+
+    monkeypatch.setattr(slimlm.analysis, "KS_ELEMS", 20_000)  # 54 candidates per block: the block split is used
+    lam = fingered_esd().numpy()
+    counts, edges = np.histogram(np.log10(lam), bins=100)
+    peak = min(int((lam <= 1.5 * 10 ** edges[np.argmax(counts)]).sum()), len(lam) - 1)
+    D, alpha, xmin = reference_scan(lam, peak if rule == "peak" else len(lam) - 1)
+    fit = hill_alpha(torch.from_numpy(lam), rule)
+    assert (fit.alpha, fit.ks, fit.xmin) == pytest.approx((alpha, D, xmin), rel=1e-10)
+    assert fit.n_tail == int((lam >= xmin).sum())
+
+
+def test_alpha_mle_equals_weightwatcher_fit():
+    ww = pytest.importorskip("weightwatcher.WW_powerlaw")
+    for seed in range(3):
+        lam = fingered_esd(seed)
+        ref = ww.WWFit(lam.numpy())  # WeightWatcher's default power-law fit (pl_package="ww")
+        fit = weight_metrics(matrix_with_esd(lam, cols=400, seed=seed))
+        assert (fit["alpha_mle"], fit["xmin_mle"]) == pytest.approx((ref.alpha, ref.xmin), rel=1e-8)
+
+
 @pytest.mark.parametrize("rule", ["peak", "all"])
 @pytest.mark.parametrize("alpha", [2.0, 3.0, 4.0])
 def test_hill_alpha_recovers_pareto_exponent(alpha, rule):
@@ -157,8 +218,17 @@ def test_wanda_scores_and_owl_ratio_against_loops():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_esd_on_cuda_matches_cpu():
-    W = torch.randn(64, 96, generator=torch.Generator().manual_seed(10))
-    torch.testing.assert_close(batched_esd([W.cuda()])[0].cpu(), esd(W), rtol=1e-8, atol=1e-10)
+    g = torch.Generator().manual_seed(10)
+    weights = [torch.randn(s, generator=g) for s in [(64, 96), (96, 64), (64, 96), (40, 40)]]
+    for W, on_cuda, moved in zip(weights, batched_esd([W.cuda() for W in weights]), batched_esd(weights, "cuda")):
+        assert on_cuda.is_cuda and moved.is_cuda
+        torch.testing.assert_close(on_cuda.cpu(), esd(W), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(moved.cpu(), esd(W), rtol=1e-8, atol=1e-10)
+    named = dict(zip("abcd", weights))
+    on_gpu, on_cpu = weight_metrics_many(named, device="cuda"), weight_metrics_many(named)
+    for name in named:
+        for key in on_cpu[name]:
+            assert on_gpu[name][key] == pytest.approx(on_cpu[name][key], rel=1e-8), (name, key)
 
 
 def test_pruning_error_table_matches_direct_output_error():
@@ -206,3 +276,46 @@ def test_calibration_metrics_owl_lod_matches_direct_block_computation():
     expected = (scores > 2.0 * scores.mean()).double().mean().item()
     assert abs(records["model.layers.1.mlp.down_proj"]["owl_lod"] - expected) < 1e-9
     assert set(records["model.layers.0.self_attn.q_proj"]["errors"]) == {0.0, 0.5}
+
+
+def test_fisher_diagonal_and_tables_match_direct_computation():
+    from slimlm.analysis import fisher_diagonal, fisher_tables
+    from slimlm.models import linear_fqns
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    fisher, sqnorms = fisher_diagonal(model, ids, progress=False)
+    assert all(p.requires_grad for p in model.parameters())  # the requires_grad flags are restored
+    name = "model.layers.1.mlp.up_proj"
+    lin = dict(model.named_modules())[name]
+    expected = torch.zeros_like(lin.weight)
+    inputs = []
+    hook = lin.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    for w in ids:  # reference: one plain backward per window
+        model.zero_grad()
+        model(input_ids=w[None], labels=w[None]).loss.backward()
+        expected += lin.weight.grad.square() / len(ids)
+    hook.remove()
+    assert torch.allclose(fisher[name], expected, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(sqnorms[name], torch.cat(inputs).reshape(-1, lin.in_features).square().sum(0), rtol=1e-5)
+    tables = fisher_tables(model, fisher, sqnorms, levels=(0.0, 0.25, 0.5))
+    W, F = lin.weight.detach(), fisher[name]
+    scores = W.abs() * sqnorms[name].sqrt()
+    for s in (0.0, 0.25, 0.5):
+        k = int(W.shape[1] * s)
+        pruned = torch.zeros_like(W, dtype=torch.bool)
+        for r in range(W.shape[0]):  # Wanda's per-row order, the k lowest scores removed
+            pruned[r, torch.argsort(scores[r])[:k]] = True
+        direct = (0.5 * F * W.square())[pruned].double().sum().item()
+        assert tables[name][s] == pytest.approx(direct, rel=1e-6, abs=1e-30)
+    assert set(tables) == set(linear_fqns(model))
+    from slimlm.analysis import fisher_bit_tables
+    from slimlm.quant import QuantGrid, rtn
+
+    bit_tables = fisher_bit_tables(model, fisher, lambda b: QuantGrid(b, group_size=8), (2, 4, 8))
+    for b in (2, 4, 8):
+        direct = (0.5 * F * (W - rtn(W, QuantGrid(b, group_size=8))).square()).double().sum().item()
+        assert bit_tables[name][float(b)] == pytest.approx(direct, rel=1e-6)
+    assert bit_tables[name][2.0] > bit_tables[name][4.0] > bit_tables[name][8.0]
+

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import slimlm
+from slimlm.errors import SlimlmError
 from slimlm.models import linear_fqns
 from slimlm.quant import QuantGrid, packed_bytes
 from tests.conftest import tiny_llama
@@ -60,10 +61,12 @@ def test_rotated_8bit_model_keeps_its_function_and_runtime_reattaches(tmp_path):
         assert torch.allclose(reloaded(input_ids=ids(2)).logits, rotated, atol=1e-5)
 
 
-def test_mixed_precision_average_bits():
+@pytest.mark.parametrize("allocation", ["alphapruning", "fisher"])
+def test_mixed_precision_average_bits(allocation):
     model = tiny_llama(layers=4)
-    result = slimlm.quantize(model, method="rtn", avg_bits=3.5, allocation="alphapruning",
-                             allocation_options={"epsilon": 0.5}, group_size=None, progress=False)
+    options = {"epsilon": 0.5} if allocation == "alphapruning" else {}
+    result = slimlm.quantize(model, method="rtn", avg_bits=3.5, allocation=allocation, allocation_options=options,
+                             group_size=None, calib=ids(), progress=False)
     layers = result.manifest["layers"]
     sizes = {f: l.weight.numel() for f, l in linear_fqns(model).items()}
     mean = sum(layers[f]["bits"] * sizes[f] for f in sizes) / sum(sizes.values())
@@ -87,3 +90,11 @@ def test_bad_quantization_input():
         slimlm.quantize(tiny_llama(), method="rtn", wbits=9, progress=False)
     with pytest.raises(slimlm.SlimlmError, match="unknown quantization method"):
         slimlm.quantize(tiny_llama(), method="awq", progress=False)
+
+
+def test_bad_allocation_leaves_the_model_untouched():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SlimlmError, match="unknown allocation"):
+        slimlm.quantize(model, method="rtn", avg_bits=3.5, allocation="nope", rotate="hadamard", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -84,10 +84,10 @@ def test_allocation_end_to_end(builtin_folder, data_dir):
     metrics = slimlm.analyze(model, calib, error_levels=(0.0, 0.5, 0.6, 0.7, 0.8, 0.9), progress=False)
     assert len(metrics) == 30 * 7 and all(1.0 < r["alpha"] < 20 for r in metrics.values())
     sizes = {n: r["size"] for n, r in metrics.items()}
-    maps = {a: allocate_from_metrics(metrics, a, 0.7) for a in ("owl", "alphapruning", "errortable")}
+    maps = {a: allocate_from_metrics(metrics, a, 0.7) for a in ("owl", "alphapruning", "errortable", "fisher")}
     for name, budgets in maps.items():
         mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
         assert abs(mean - 0.7) <= 0.7e-3 and all(0 <= b <= 0.99 for b in budgets.values()), name
         assert max(budgets.values()) > min(budgets.values()), name  # really non-uniform
-    result = slimlm.prune(model, tokenizer, method="wanda", budgets=maps["errortable"], calib=calib, progress=False)
+    result = slimlm.prune(model, tokenizer, method="wanda", budgets=maps["fisher"], calib=calib, progress=False)
     assert abs(result.manifest["sparsity"] - 0.7) < 2e-3

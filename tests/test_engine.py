@@ -24,16 +24,22 @@ def test_block_replay_reproduces_full_model_exactly(tiny_model):
             assert torch.equal(x, expected[i + 1]), f"block {i} differs"
 
 
-def test_stats_match_closed_form(llama):
-    ids = windows()
+def linear_inputs(model, ids) -> dict[str, torch.Tensor]:
+    """Every linear's inputs in one plain forward, as (tokens, in_features) float64."""
     recorded = {}
-    fqns = linear_fqns(llama)
     hooks = [lin.register_forward_hook(lambda m, i, o, n=n: recorded.setdefault(n, []).append(i[0].detach()))
-             for n, lin in fqns.items()]
+             for n, lin in linear_fqns(model).items()]
     with torch.no_grad():
-        llama(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False)
     for h in hooks:
         h.remove()
+    return {n: torch.cat(xs).reshape(-1, xs[0].shape[-1]).double() for n, xs in recorded.items()}
+
+
+def test_stats_match_closed_form(llama):
+    ids = windows()
+    fqns = linear_fqns(llama)
+    inputs = linear_inputs(llama, ids)
     seen = {}
 
     def compress(fqn, linear, stats):
@@ -41,8 +47,7 @@ def test_stats_match_closed_form(llama):
         return False
 
     compress_blocks(llama, ids, compress, set(fqns), hessian=True, batch_size=6, progress=False)
-    for fqn, xs in recorded.items():
-        X = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+    for fqn, X in inputs.items():
         st = seen[fqn]
         assert st.ntokens == X.shape[0]
         torch.testing.assert_close(st.sqnorm.double(), X.square().sum(0), rtol=1e-5, atol=1e-5)
@@ -70,3 +75,25 @@ def test_non_finite_activations_are_reported(llama):
 
     with pytest.raises(SlimlmError, match="non-finite activations after block 0"):
         compress_blocks(llama, windows(), poison, {"model.layers.0.mlp.down_proj"}, progress=False)
+
+
+def test_one_pass_calibrates_every_block_on_dense_activations(llama):
+    import copy
+
+    ids = windows()
+    X = linear_inputs(copy.deepcopy(llama), ids)["model.layers.1.mlp.down_proj"]
+    fqns = linear_fqns(llama)
+    calls, seen = [], {}
+    for block in decoder_blocks(llama):
+        block.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def halve(fqn, linear, stats):  # a change that alters every later activation
+        seen[fqn] = stats
+        linear.weight.data.mul_(0.5)
+        return True
+
+    compress_blocks(llama, ids, halve, set(fqns), hessian=True, batch_size=6, progress=False, sequential=False)
+    assert len(calls) == len(decoder_blocks(llama))  # one pass per block although weights changed
+    # the dense model's inputs, not the halved model's
+    torch.testing.assert_close(seen["model.layers.1.mlp.down_proj"].hessian.double(), 2 * X.T @ X / X.shape[0],
+                               rtol=1e-4, atol=1e-5)

@@ -1,0 +1,398 @@
+"""GGUF export of a saved llama-architecture run: one file that llama.cpp runs and transformers reads
+(``from_pretrained(folder, gguf_file=name)``).
+
+Written from the GGUF spec (ggml docs/gguf.md: metadata keys ``llama.*``, ``tokenizer.ggml.*``, tensor names
+``blk.N.attn_q.weight`` ... taken from the ``gguf`` package's name map) with ``gguf.GGUFWriter``. Block types
+(ggml-common.h / dequantize_row_*; 32 weights per block along the input dimension, scales in float16):
+
+- ``Q8_0``: d, 32 int8 q; x = d·q                                       (34 bytes, 8.5 bits per weight)
+- ``Q4_0``: d, 16 bytes; x = d·(q - 8), weight j in the low nibble of byte j, weight j+16 in its high nibble (18 B)
+- ``Q4_1``: d, m, 16 bytes as Q4_0; x = d·q + m                           (20 bytes, 5 bits per weight)
+
+A quantized linear maps onto a block type only when that is exact: its groups are whole blocks (group size a
+multiple of 32, or one group per row), its integer codes fit the block's, and d (and m = -zero·d) are float16
+values. Codes and steps are read back from the saved weights with ``formats.recover_grid``; every tensor is then
+decoded with ``gguf.quants.dequantize`` and compared with the run's weights bit for bit. ``quant.float16_scales``
+(``--scale-dtype float16`` at quantize time) makes the scales float16; without it ``exact=False`` rounds them
+and reports the largest deviation. Unquantized runs (pruned ones too: GGUF has no sparse type) are written as
+float. Norms are always F32, as llama.cpp expects.
+
+HF Llama applies rotary embeddings to the two halves of each head (rotate_half: pairs i, i + d/2); ggml's
+llama rope rotates adjacent pairs (2i, 2i + 1). llama.cpp's converter therefore reorders the rows of q_proj
+and k_proj per head (``rope_interleave``); transformers' GGUF loader undoes it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.export import _umask, atomic_dir
+from slimlm.formats import _check_new, _check_runtime, _grids, _linear_weights, _read_run, recover_grid
+from slimlm.models import BUILTIN_MODELS, builtin_gguf
+from slimlm.quant import QuantGrid
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export_gguf", "rope_interleave", "GGUF_TYPES"]
+
+GGUF_FILE = "model.gguf"  # the file's name inside an output folder
+QK = 32  # weights per block for Q4_0, Q4_1, Q8_0
+T = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class Block:
+    """A GGUF block type as a grid: ``grid`` reads a block's signed codes back (recover_grid);
+    asymmetric blocks add the offset m = -zero·d."""
+
+    qtype: T
+    grid: QuantGrid
+
+
+BLOCKS = [Block(T.Q4_0, QuantGrid(4, True, QK)), Block(T.Q4_1, QuantGrid(4, False, QK)),
+          Block(T.Q8_0, QuantGrid(8, True, QK))]  # cheapest first: auto picks the first that holds a grid
+FLOATS = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
+GGUF_TYPES = ["auto", *FLOATS, *(b.qtype.name.lower() for b in BLOCKS)]
+FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
+              T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+              T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+MAPPABLE = ("groups of a multiple of 32 (or per channel) with float16 scales (quantize with --scale-dtype "
+            "float16): symmetric <=4-bit -> Q4_0, <=4-bit -> Q4_1, symmetric <=8-bit or asymmetric <=7-bit -> Q8_0")
+
+
+# ---------------------------------------------------------------- plan: which GGUF type each tensor gets
+
+def _holds(block: Block, grid: QuantGrid) -> bool:
+    """Whether every 32-weight block of a weight on ``grid`` is a ``block`` block up to float16 rounding:
+    groups are whole blocks, and the grid's signed codes (asymmetric: code - zero, in [-(2^b-1), 2^b-1]
+    spanning at most 2^b-1) fit the block's codes (Q4_1: any span of at most 15)."""
+    if grid.group_size is not None and grid.group_size % QK:
+        return False
+    lo, hi = (grid.qmin, grid.qmax) if grid.symmetric else (-grid.qmax, grid.qmax)
+    if block.grid.symmetric:
+        return block.grid.qmin <= lo and hi <= block.grid.qmax
+    return grid.qmax - grid.qmin <= block.grid.qmax
+
+
+def _describe(grid: QuantGrid) -> str:
+    group = f"group {grid.group_size}" if grid.group_size else "per channel"
+    return f"{'symmetric' if grid.symmetric else 'asymmetric'} {grid.bits}-bit {group}"
+
+
+def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_float: T) -> dict[str, Block | T]:
+    """HF linear weight name -> Block or float type. Quantized runs map each linear onto the cheapest block
+    that holds its grid (or the one asked for); a float ``gguf_type`` writes dequantized floats; unquantized
+    runs default to their own float type ``run_float``."""
+    if gguf_type not in GGUF_TYPES:
+        raise SlimlmError(f"unknown GGUF type '{gguf_type}'; choose one of {', '.join(GGUF_TYPES)}")
+    quantized = manifest.get("kind") == "quantize" or bool(manifest.get("quantization"))
+    if gguf_type in FLOATS or (gguf_type == "auto" and not quantized):
+        return {name: FLOATS.get(gguf_type, run_float) for name in linears}
+    if not quantized:
+        raise SlimlmError(f"--gguf-type {gguf_type} needs a quantized run (export writes the run's own grid, it "
+                          f"does not requantize); {run} is a '{manifest.get('kind')}' run: use f32, f16 or bf16")
+    grids = _grids(manifest, run)
+    asked = [b for b in BLOCKS if b.qtype.name.lower() == gguf_type]
+    plan = {}
+    for name in linears:
+        grid = grids[name.removesuffix(".weight")]
+        block = next((b for b in asked or BLOCKS if _holds(b, grid)), None)
+        if block is None:
+            wanted = f"{gguf_type.upper()} cannot hold" if asked else "no GGUF block type holds"
+            raise SlimlmError(f"{wanted} {name}'s {_describe(grid)} grid; GGUF blocks hold {MAPPABLE}; "
+                              "or pass --gguf-type f32/f16 to write dequantized weights")
+        plan[name] = block
+    return plan
+
+
+# ---------------------------------------------------------------- block encoding
+
+def rope_interleave(W: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q_proj / k_proj from HF's rotary layout (per head: first halves, then second halves) to ggml's
+    (rotated pairs adjacent), as llama.cpp's converter reorders them."""
+    return W.reshape(heads, 2, W.shape[0] // heads // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+
+
+def _block_values(d: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """ggml's float32 decoding of blocks: d·q with signed codes q (Q4_0 stores q + 8) or d·q + m."""
+    x = d.float().unsqueeze(-1) * q.float()
+    return x if m is None else x + m.float().unsqueeze(-1)
+
+
+def _float16_codes(V: torch.Tensor, K: torch.Tensor, step: torch.Tensor, block: Block, exact: bool):
+    """Per block, float16 d (and m) with integer codes q that decode to V (rows, nblocks, 32) exactly.
+
+    recover_grid gives the largest step s with signed multiples K; when s is not a float16 value (s is g·s0 for
+    codes sharing a factor g), s/j with codes j·K for a small j often is. Blocks with no exact choice are
+    SlimlmError, or with ``exact=False`` take the nearest float16 d (and m) for j = 1.
+    Returns (q codes as stored, d, m or None)."""
+    sym = block.grid.symmetric
+    q = torch.zeros_like(K)
+    d = torch.zeros(step.shape, dtype=torch.float16)
+    m = None if sym else torch.zeros(step.shape, dtype=torch.float16)
+    done = torch.zeros(step.shape, dtype=torch.bool)
+    for j in range(1, max(-block.grid.qmin, block.grid.qmax) + 1):
+        Kj, dj = K * j, (step.double() / j).half()
+        zero = torch.zeros_like(step, dtype=K.dtype) if sym else (-Kj.amin(-1)).clamp(min=0)
+        qj = Kj + zero.unsqueeze(-1)
+        fits = (qj.amin(-1) >= block.grid.qmin) & (qj.amax(-1) <= block.grid.qmax)
+        mj = None if sym else (-zero.double() * dj.double()).half()
+        ok = fits & ~done & (_block_values(dj, qj, mj) == V).all(-1)
+        if j == 1 and not exact:
+            ok = ~done  # nearest float16 values; the deviation is measured after decoding
+        q[ok], d[ok] = qj[ok], dj[ok]
+        if m is not None:
+            m[ok] = mj[ok]
+        done |= ok
+        if done.all():
+            break
+    if not done.all():
+        raise SlimlmError(f"{(~done).sum().item()} of {done.numel()} blocks have no exact float16 scale; "
+                          "quantize with --scale-dtype float16 for an exact GGUF, or pass --inexact")
+    if block.qtype == T.Q4_0:
+        q = q + 8  # stored unsigned: x = d·(q - 8)
+    return q, d, m
+
+
+def _pack(block: Block, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> np.ndarray:
+    """(rows, nblocks, 32) codes and per-block d (m) -> uint8 (rows, nblocks·bytes), ggml's block layout."""
+    rows, nblocks, _ = q.shape
+    parts = [d.view(torch.uint8).reshape(rows, nblocks, 2)]
+    if m is not None:
+        parts.append(m.view(torch.uint8).reshape(rows, nblocks, 2))
+    if block.qtype == T.Q8_0:
+        parts.append(q.to(torch.int8).view(torch.uint8))
+    else:
+        q = q.to(torch.uint8)
+        parts.append(q[..., : QK // 2] | (q[..., QK // 2 :] << 4))
+    return torch.cat(parts, -1).reshape(rows, -1).numpy()
+
+
+def _encode_block(W: torch.Tensor, block: Block, name: str, exact: bool) -> tuple[np.ndarray, float]:
+    """One quantized weight (out, in) as GGUF blocks, and the largest |decoded - W| (0.0 when exact)."""
+    rows, width = W.shape
+    if width % QK:
+        raise SlimlmError(f"{name} has {width} inputs, not a multiple of GGUF's {QK}-weight blocks")
+    codes, step, zero, _ = recover_grid(W, block.grid, name, exact)  # exact=False: half-precision runs
+    K = codes.long().reshape(rows, -1, QK) - zero.unsqueeze(-1)
+    V = W.float().reshape(rows, -1, QK)
+    try:
+        q, d, m = _float16_codes(V, K, step.float(), block, exact)
+    except SlimlmError as e:
+        raise SlimlmError(f"{name}: {e}") from None
+    packed = _pack(block, q, d, m)
+    deviation = _deviation(gguf.quants.dequantize(packed, block.qtype), W)
+    if exact and deviation:
+        raise SlimlmError(f"internal error: {name} does not decode to its weights ({deviation:g})")
+    return packed, deviation
+
+
+def _deviation(decoded: np.ndarray, W: torch.Tensor) -> float:
+    return float(np.abs(decoded.astype(np.float64) - W.double().numpy()).max()) if W.numel() else 0.0
+
+
+def _encode_float(W: torch.Tensor, qtype: T) -> tuple[np.ndarray, float]:
+    """A tensor as F32, F16 or BF16 (numpy has no bfloat16: its bits go as uint16), and the largest deviation."""
+    if qtype == T.BF16:
+        x = W.to(torch.bfloat16)
+        return x.view(torch.int16).numpy().view(np.uint16), (x.double() - W.double()).abs().max().item()
+    x = W.to(torch.float16 if qtype == T.F16 else torch.float32)
+    return x.numpy(), (x.double() - W.double()).abs().max().item()
+
+
+# ---------------------------------------------------------------- metadata
+
+def _check_llama(config: dict) -> None:
+    if config.get("model_type") != "llama":
+        raise SlimlmError(f"GGUF export writes llama-architecture runs; this run is '{config.get('model_type')}'")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise SlimlmError("GGUF export: biases in the attention or MLP linears are not written")
+    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise SlimlmError(f"GGUF export: rope_type '{rope_type}' (rope scaling) is not written")
+
+
+def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
+    """The ``llama.*`` hyperparameters (GGUF spec, LLM section) from an HF LlamaConfig."""
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(vocab)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _pre_tokenizer(spec: dict, manifest: dict, tokens: list[str]) -> str:
+    """llama.cpp's pre-tokenizer name. A run made from a GGUF file keeps that file's name (transformers drops it
+    when it reads the file, so the run's tokenizer.json cannot tell); otherwise it is read off the
+    pre-tokenizer: GPT-2's byte-level regex is 'gpt-2', single digits first then that regex is 'smollm'."""
+    source = _source_gguf(manifest.get("model"))
+    if source is not None:
+        reader = gguf.GGUFReader(source)
+        pre, vocab = (reader.fields.get(f"tokenizer.ggml.{k}") for k in ("pre", "tokens"))
+        if pre is not None and vocab is not None and vocab.contents() == tokens:
+            return pre.contents()
+    pre = spec.get("pre_tokenizer") or {}
+    steps = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
+    names = {(("ByteLevel", None, True),): "gpt-2", (("Digits", True, None), ("ByteLevel", None, True)): "smollm"}
+    if tuple(steps) not in names:
+        logger.warning("pre-tokenizer %s has no llama.cpp name here; writing 'default'", steps)
+    return names.get(tuple(steps), "default")
+
+
+def _source_gguf(model) -> Path | None:
+    if model in BUILTIN_MODELS:
+        try:
+            return builtin_gguf(model)
+        except SlimlmError:
+            return None
+    return Path(model) if isinstance(model, str) and model.endswith(".gguf") and Path(model).is_file() else None
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, run: Path, manifest: dict, vocab_size: int) -> None:
+    """``tokenizer.ggml.*`` for a byte-level BPE tokenizer (tokenizer model 'gpt2'): tokens by id (padded to
+    the embedding's rows with unused '[PADi]'), types (control = special added token, user-defined = other
+    added token), merges, special ids, BOS/EOS flags and chat template."""
+    from transformers import AutoTokenizer
+
+    if not (run / "tokenizer.json").is_file():
+        logger.warning("%s has no tokenizer.json: the GGUF gets no vocabulary (transformers loads its weights, "
+                       "llama.cpp needs a vocabulary to run it)", run)
+        return
+    tok = AutoTokenizer.from_pretrained(run)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        logger.warning("the run's tokenizer is not byte-level BPE: the GGUF gets no vocabulary")
+        return
+    ids = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    if max(ids.values()) >= vocab_size:
+        raise SlimlmError(f"the tokenizer has ids up to {max(ids.values())}, the model only {vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in ids.items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for added in spec["added_tokens"]:
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, manifest, tokens))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    for token_id, add in ((tok.bos_token_id, writer.add_bos_token_id), (tok.eos_token_id, writer.add_eos_token_id),
+                          (tok.unk_token_id, writer.add_unk_token_id), (tok.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    sample = tok("a")["input_ids"]
+    writer.add_add_bos_token(bool(sample) and sample[0] == tok.bos_token_id)
+    writer.add_add_eos_token(len(sample) > 1 and sample[-1] == tok.eos_token_id)
+    writer.add_add_space_prefix(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+# ---------------------------------------------------------------- export
+
+def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", exact: bool = True) -> Path:
+    """Write a llama-architecture run as GGUF; returns the file written.
+
+    ``out`` ending in ``.gguf`` is the file; otherwise a new folder holding ``model.gguf``. Never overwrites;
+    written to a temporary name and renamed. ``gguf_type``: ``auto`` (quantized runs: each linear in the cheapest
+    block type that holds it exactly; others in the run's own float dtype), a block type (``q4_0``, ``q4_1``,
+    ``q8_0``) for every quantized linear, or ``f32``/``f16``/``bf16`` for every matrix (quantized runs then
+    dequantized). Embeddings and the output matrix keep the run's float dtype unless a float type is asked;
+    norms are F32. ``exact=False`` accepts the nearest
+    float16 block scales. The metadata key ``slimlm.export`` holds the GGUF type of every tensor, the largest
+    absolute deviation from the run's weights, and the run's manifest.
+    """
+    out = _check_new(out)
+    run, manifest, tensors, _ = _read_run(run_dir)
+    config = json.loads((run / "config.json").read_text())
+    _check_llama(config)
+    _check_runtime(manifest, "GGUF")
+    linears = _linear_weights(manifest, tensors)
+    run_float = {torch.float16: T.F16, torch.bfloat16: T.BF16}.get(tensors["model.embed_tokens.weight"].dtype, T.F32)
+    plan = _plan(manifest, run, linears, gguf_type, run_float)
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    heads = {"q_proj": config["num_attention_heads"],
+             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    writer_args, types, deviation = [], {}, 0.0
+    for name, W in tensors.items():
+        base, _, suffix = name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None or suffix != "weight":
+            raise SlimlmError(f"tensor {name} has no GGUF llama name")
+        if base.rpartition(".")[2] in heads:
+            W = rope_interleave(W, heads[base.rpartition(".")[2]])
+        qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
+        if isinstance(qtype, Block):
+            data, dev = _encode_block(W, qtype, name, exact)
+            qtype = qtype.qtype
+        else:
+            data, dev = _encode_float(W, qtype)
+        writer_args.append((f"{gguf_name}.weight", data, qtype))
+        types[f"{gguf_name}.weight"], deviation = qtype.name, max(deviation, dev)
+    linear_types = [plan[n].qtype if isinstance(plan[n], Block) else plan[n] for n in linears]
+    main_type = max(set(linear_types), key=linear_types.count) if linear_types else T.F32
+    record = {"format": "gguf", "source": str(run), "exact": deviation == 0, "max_abs_deviation": deviation,
+              "types": types, "manifest": manifest}
+
+    def write(path: Path) -> None:
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_name(run.name)
+        writer.add_file_type(FILE_TYPES[main_type])
+        if any(isinstance(b, Block) for b in plan.values()):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_llama_config(writer, config, tensors["model.embed_tokens.weight"].shape[0])
+        _add_tokenizer(writer, run, manifest, tensors["model.embed_tokens.weight"].shape[0])
+        writer.add_string("slimlm.export", json.dumps(record))
+        for gguf_name, data, qtype in writer_args:
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    if deviation:
+        logger.warning("GGUF values differ from the run's weights by up to %.3g", deviation)
+    return _write_atomic(out, write)
+
+
+def _write_atomic(out: Path, write) -> Path:
+    """Call ``write(path)`` on a temporary file beside ``out`` (or inside a temporary folder) and rename it
+    into place; nothing is left behind on error."""
+    if out.suffix != ".gguf":
+        with atomic_dir(out) as tmp:
+            write(tmp / GGUF_FILE)
+        return out / GGUF_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
