@@ -28,6 +28,7 @@ EIG_RTOL = 1e-12  # λ below EIG_RTOL·λ_max is noise, treated as zero (see _fi
 PEAK_BINS = 100  # AlphaPruning's histogram over log10 λ used to locate the ESD peak
 PEAK_FACTOR = 1.5  # AlphaPruning: x_min candidates are the λ ≤ 1.5 × peak
 BATCH_ELEMS = 2**25  # at most ~256 MiB of float64 weights per batched Gram + eigvalsh call
+GRAM_BLOCKS = 4  # ESD Gram matrices are formed in 4x4 column blocks, lower triangle only (see _lower_gram)
 KS_ELEMS = 2**22  # at most ~32 MiB per (candidates × eigenvalues) KS block
 OWL_M = 5.0  # OWL outlier threshold M: the OWL README's 70% recipe uses 5 (its main.py default --Hyper_m is 3)
 
@@ -57,8 +58,21 @@ def esd(W: torch.Tensor, device: str | torch.device | None = None) -> torch.Tens
     to 0.
     """
     W = W.to(device=device, dtype=ESD_DTYPE)
-    gram = W.mT @ W if W.shape[-2] >= W.shape[-1] else W @ W.mT
-    return torch.linalg.eigvalsh(gram).clamp_min(0)
+    return torch.linalg.eigvalsh(_lower_gram(W if W.shape[-2] >= W.shape[-1] else W.mT)).clamp_min(0)
+
+
+def _lower_gram(W: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of WᵀW for W (..., m, n), upper part zero: all that ``eigvalsh`` (UPLO='L') reads.
+
+    Computed as GRAM_BLOCKS column-block products, each W[:, a:]ᵀ·W[:, a:b] (the block column from the
+    diagonal down): 10 of the 16 blocks of the full product, and the same dot products, so the same values.
+    """
+    n = W.shape[-1]
+    edges = [n * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
+    gram = W.new_zeros(*W.shape[:-2], n, n)
+    for a, b in zip(edges, edges[1:]):
+        gram[..., a:, a:b] = W[..., a:].mT @ W[..., a:b]
+    return gram
 
 
 def _map_single_threaded(fn: Callable, items: Sequence) -> list:
@@ -467,3 +481,38 @@ def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"
                        .sum(dtype=torch.float64).item() for b in levels}
     return tables
 
+
+
+def fisher_sparsegpt_tables(model, windows: torch.Tensor, fisher: dict, levels: Sequence[float] = ERROR_LEVELS,
+                            progress: bool = True) -> dict[str, dict]:
+    """Per linear: estimated loss increase when it alone is pruned by SparseGPT at each sparsity level.
+
+    ``fisher_tables`` charges each removed weight ½·F_ij·w_ij², which ignores SparseGPT's compensating updates of
+    the kept weights: SparseGPT changes far more weights than it removes, and makes the layer's output error much
+    smaller than the removals alone. Here the change is SparseGPT's own, ΔW = W − sparsegpt(W, H, s), priced
+    with a Kronecker-factored Fisher (K-FAC, Martens & Grosse 2015): F ≈ diag(g) ⊗ H, so the cost is
+    ½·Σ_r g_r·ΔW_r H ΔW_rᵀ, where H is the layer's input Hessian from the calibration windows. g_r, the output
+    row's sensitivity, is fitted to the diagonal Fisher so that removing all of row r costs what Optimal Brain
+    Damage says: g_r = Σ_j F_rj·w_rj² / Σ_j H_jj·w_rj². One dense pass of the engine gives every H; each level
+    runs one SparseGPT per linear (about a minute per level for the built-in model on 2 CPU cores).
+    """
+    from slimlm.engine import compress_blocks
+    from slimlm.models import linear_fqns
+    from slimlm.prune import PruneSpec, sparsegpt
+
+    tables = {}
+
+    def record(fqn, linear, stats):
+        W, H = linear.weight.detach().float(), stats.hessian.float()
+        W2 = W.square()
+        g = (fisher[fqn] * W2).sum(1) / (W2 @ torch.diag(H)).clamp_min(torch.finfo(torch.float32).tiny)
+        table = {}
+        for s in levels:
+            dW = W - sparsegpt(W, stats, float(s), PruneSpec())[0].float() if s > 0 else torch.zeros_like(W)
+            table[float(s)] = (0.5 * g * ((dW @ H) * dW).sum(1)).sum(dtype=torch.float64).item()
+        tables[fqn] = table
+        return False
+
+    compress_blocks(model, windows, record, set(linear_fqns(model)), hessian=True, progress=progress,
+                    device=next(model.parameters()).device, sequential=False)
+    return tables

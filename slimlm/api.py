@@ -9,7 +9,7 @@ import torch
 from slimlm import data as data_mod
 from slimlm.allocate import ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, round_bits
 from slimlm.analysis import (ERROR_LEVELS, FISHER_WINDOWS, OWL_M, calibration_metrics, fisher_bit_tables,
-                             fisher_diagonal, fisher_tables, model_weight_metrics)
+                             fisher_diagonal, fisher_sparsegpt_tables, fisher_tables, model_weight_metrics)
 from slimlm.engine import BlockIO, compress_blocks, compress_data_free
 from slimlm.errors import SlimlmError
 from slimlm.evaluate import perplexity
@@ -55,9 +55,10 @@ def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling
 
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
             device: str = "cpu", batch_size: int | None = None, progress: bool = True,
-            fisher: bool = True) -> dict[str, dict]:
+            fisher: bool = True, fisher_method: str | None = None) -> dict[str, dict]:
     """Per-linear metrics keyed by FQN: weight spectra always; with ``calib``, the activation metrics and (unless
-    ``fisher=False``) the ``fisher`` loss tables of the first ``FISHER_WINDOWS`` windows."""
+    ``fisher=False``) the ``fisher`` loss tables of the first ``FISHER_WINDOWS`` windows, for the pruning method
+    ``fisher_method`` (see ``fisher_metrics``)."""
     metrics = model_weight_metrics(model, device)
     if calib is not None:
         check_tokens(model, calib)
@@ -65,15 +66,16 @@ def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, erro
                                                progress).items():
             metrics[fqn].update(record)
         if fisher:
-            for fqn, record in fisher_metrics(model, calib, error_levels, progress).items():
-                metrics[fqn]["fisher"] = record["fisher"]
+            for fqn, record in fisher_metrics(model, calib, error_levels, progress, method=fisher_method).items():
+                metrics[fqn].update(fisher=record["fisher"], fisher_for=record["fisher_for"])
     return metrics
 
 
 def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_size=None, progress=True,
-                       owl_m: float = OWL_M, grid: QuantGrid | None = None):
+                       owl_m: float = OWL_M, grid: QuantGrid | None = None, method: str | None = None):
     """The metric records an allocator reads, measuring only what it needs (one dense pass at most, or the
-    gradient pass of ``fisher``; with a ``grid``, ``fisher`` measures bit-width tables on that grid's kind)."""
+    gradient pass of ``fisher``; with a ``grid``, ``fisher`` measures bit-width tables on that grid's kind, with
+    ``method='sparsegpt'`` it prices SparseGPT's changes, see ``fisher_metrics``)."""
     metric = ALLOCATOR_METRIC.get(allocation)
     if metric == "alpha" or metric is None:
         return model_weight_metrics(model, device) if metric else {f: {"size": l.weight.numel()}
@@ -81,7 +83,7 @@ def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_s
     if calib is None:
         raise SlimlmError(f"allocation '{allocation}' needs calibration data")
     if metric == "fisher":
-        return fisher_metrics(model, calib, progress=progress, grid=grid)
+        return fisher_metrics(model, calib, progress=progress, grid=grid, method=method)
     levels = ERROR_LEVELS if metric == "errors" else None
     metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
     for fqn, lin in linear_fqns(model).items():
@@ -91,20 +93,27 @@ def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_s
 
 def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | None = None,
                  owl_m: float = OWL_M, device: str = "cpu", batch_size: int | None = None,
-                 progress: bool = True, **options) -> dict[str, float]:
-    """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``)."""
-    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
+                 progress: bool = True, method: str | None = None, **options) -> dict[str, float]:
+    """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``); ``method`` is the
+    pruning method the map is for (``fisher`` prices SparseGPT's changes differently from the others')."""
+    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m, method=method)
     return allocate_from_metrics(metrics, allocation, target, "sparsity", **options)
 
 
 def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
-                   grid: QuantGrid | None = None) -> dict[str, dict]:
-    """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level
-    (``analysis.fisher_tables`` from the first ``FISHER_WINDOWS`` calibration windows); with a ``grid``, also
-    ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like it (``analysis.fisher_bit_tables``)."""
+                   grid: QuantGrid | None = None, method: str | None = None) -> dict[str, dict]:
+    """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level, the Fisher from
+    the first ``FISHER_WINDOWS`` calibration windows: ``analysis.fisher_tables`` (the weights Wanda would remove),
+    or for ``method='sparsegpt'`` ``analysis.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
+    of ``calib``). With a ``grid``, also ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like
+    it (``analysis.fisher_bit_tables``)."""
     fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
-    tables = fisher_tables(model, fisher, sqnorms, levels)
-    records = {f: {"size": lin.weight.numel(), "fisher": tables[f]} for f, lin in linear_fqns(model).items()}
+    if method == "sparsegpt":
+        tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
+    else:
+        tables = fisher_tables(model, fisher, sqnorms, levels)
+    records = {f: {"size": lin.weight.numel(), "fisher": tables[f], "fisher_for": method or "wanda"}
+               for f, lin in linear_fqns(model).items()}
     if grid is not None:
         bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS)
         for f, record in records.items():
@@ -152,7 +161,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         timings["data"] = time.perf_counter() - t
     if budgets is None and allocation != "uniform" and spec.nm is None:
         t = time.perf_counter()
-        budgets = plan_budgets(model, allocation, sparsity, calib, owl_m, device, batch_size, progress,
+        budgets = plan_budgets(model, allocation, sparsity, calib, owl_m, device, batch_size, progress, method,
                                **(allocation_options or {}))
         timings["allocation"] = time.perf_counter() - t
     budgets = {fqn: sparsity for fqn in layers} | (budgets or {})

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p, nsamples=32, seqlen=512)
     p.add_argument("--no-calib", action="store_true", help="weight metrics only (no calibration pass)")
     p.add_argument("--no-fisher", action="store_true", help="skip the gradient pass behind --allocation fisher")
+    p.add_argument("--fisher-for", choices=("wanda", "sparsegpt"), default="wanda",
+                   help="price the fisher tables for this method's changes (sparsegpt: slower, ~1 min per level)")
     p.add_argument("--esd-layer", help="FQN of the layer whose ESD is plotted (default: the first)")
     p.add_argument("--target", default="sparsity=0.7", help="budget plotted for each allocator")
     p.add_argument("--out", required=True, help="output folder")
@@ -297,10 +299,11 @@ def cmd_analyze(args) -> None:
     calib = None if args.no_calib else slimlm.calibration(
         tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_sampling, args.seed, args.data_dir)
     metrics = slimlm.analyze(model, calib, args.owl_m, device=args.device, batch_size=args.batch_size,
-                             progress=not args.quiet, fisher=not args.no_fisher)
+                             progress=not args.quiet, fisher=not args.no_fisher, fisher_method=args.fisher_for)
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_analysis(model, metrics, tmp, unit, target, args.esd_layer)
         write_manifest(tmp, {"kind": "analysis", "model": args.model, "owl_m": args.owl_m, "versions": versions(),
+                             "fisher_for": None if calib is None or args.no_fisher else args.fisher_for,
                              "calibration": None if calib is None else {
                                  "source": args.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
                                  "sampling": args.calib_sampling, "seed": args.seed}})

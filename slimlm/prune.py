@@ -255,7 +255,7 @@ def _sparsegpt_sweep(Wf, Hinv, mask, sparsity, spec, quantize):
             if quantize is not None:
                 q = quantize(q, i1 + i) * mask1[:, i]
             err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update of the block's remaining columns
             W1[:, i] = q
             Err1[:, i] = err
         Wf[:, i1:i2] = W1

@@ -204,11 +204,13 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tenso
         raise SlimlmError("H must be a finite PSD Hessian (2/n)·Σ x xᵀ; check the calibration inputs for NaN/inf")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * diag.mean() * eye)
+        # U without forming the inverse: with J the exchange matrix (flip), J·H·J = L·Lᵀ gives
+        # H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and J·L⁻¹·J is upper triangular with a positive diagonal, hence H⁻¹'s
+        # unique upper Cholesky factor. One Cholesky and one triangular solve instead of Cholesky, inverse and
+        # a second Cholesky: several times faster on CPU, and the inverse's rounding never enters.
+        L, info = torch.linalg.cholesky_ex((H + damp * diag.mean() * eye).flip(0, 1))
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U
+            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
         if attempt < DAMP_RETRIES:
             new = damp * 10 if damp > 0 else 1e-3
             logger.warning("Cholesky of the damped Hessian failed at damp=%g; retrying with damp=%g", damp, new)
@@ -291,8 +293,8 @@ def _gptq_sweep(W, U, Q, loss, grid, scale, zero, group_of, gs, dynamic, blocksi
             q = _values(_codes(W1[:, i], s, z, grid), s, z)
             err = (W1[:, i] - q) / U1[i, i]
             Q[:, j], Err1[:, i] = q, err
-            loss += err.square().sum() / 2
-            W1[:, i:] -= torch.outer(err, U1[i, i:])  # OBS update of the block's remaining columns (eq. 3)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # OBS update of the block's remaining columns (eq. 3)
+        loss += Err1.square().sum() / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
 
 

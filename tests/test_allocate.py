@@ -259,6 +259,10 @@ def test_fisher_gives_each_block_one_level_and_spares_sensitive_blocks():
     assert fisher(tables, sizes, 0.7, block_wise=False) == errortable(tables, sizes, 0.7)
     metrics = {f: {"size": sizes[f], "fisher": {str(l): e for l, e in t.items()}} for f, t in tables.items()}
     assert allocate_from_metrics(metrics, "fisher", 0.7) == pytest.approx(budgets)
+    for record in metrics.values():  # tables that price SparseGPT's changes are solved per linear
+        record["fisher_for"] = "sparsegpt"
+    per_linear = allocate_from_metrics(metrics, "fisher", 0.7)
+    assert per_linear == pytest.approx(errortable(tables, sizes, 0.7)) and per_linear != pytest.approx(budgets)
     with pytest.raises(SlimlmError, match="needs the 'fisher_bits' metric"):
         allocate_from_metrics(metrics, "fisher", 4.0, unit="bits")
     with pytest.raises(SlimlmError, match="not rank"):

@@ -319,3 +319,32 @@ def test_fisher_diagonal_and_tables_match_direct_computation():
         assert bit_tables[name][float(b)] == pytest.approx(direct, rel=1e-6)
     assert bit_tables[name][2.0] > bit_tables[name][4.0] > bit_tables[name][8.0]
 
+
+
+def test_fisher_sparsegpt_tables_price_sparsegpt_changes_with_kfac():
+    from slimlm.analysis import fisher_diagonal, fisher_sparsegpt_tables
+    from slimlm.engine import LayerStats
+    from slimlm.prune import PruneSpec, sparsegpt
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+    fisher, _ = fisher_diagonal(model, ids, progress=False)
+    tables = fisher_sparsegpt_tables(model, ids, fisher, levels=(0.0, 0.5), progress=False)
+    name = "model.layers.1.mlp.up_proj"
+    lin = dict(model.named_modules())[name]
+    inputs = []
+    hook = lin.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids)  # reference Hessian: a plain forward of the dense model
+    hook.remove()
+    X = torch.cat(inputs).reshape(-1, lin.in_features).double()
+    H = 2 / X.shape[0] * X.T @ X
+    W = lin.weight.detach().double()
+    pruned = sparsegpt(lin.weight.detach(), LayerStats(X.shape[0], X.square().sum(0).float(), H.float()), 0.5,
+                       PruneSpec())[0].double()
+    dW = W - pruned
+    g = (fisher[name].double() * W.square()).sum(1) / (W.square() @ torch.diag(H))  # OBD-matched row factors
+    expected = 0.5 * (g * ((dW @ H) * dW).sum(1)).sum().item()
+    assert tables[name][0.0] == 0.0 and (pruned == 0).double().mean() == 0.5
+    assert tables[name][0.5] == pytest.approx(expected, rel=1e-3)

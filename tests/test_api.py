@@ -98,3 +98,17 @@ def test_bad_allocation_leaves_the_model_untouched():
     with pytest.raises(SlimlmError, match="unknown allocation"):
         slimlm.quantize(model, method="rtn", avg_bits=3.5, allocation="nope", rotate="hadamard", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fisher_plans_sparsegpt_with_its_own_tables_per_linear():
+    from slimlm.allocate import errortable
+    from slimlm.analysis import fisher_diagonal, fisher_sparsegpt_tables
+    from slimlm.models import linear_fqns
+
+    model, calib = tiny_llama(), ids()
+    budgets = slimlm.plan_budgets(model, "fisher", 0.5, calib, progress=False, method="sparsegpt")
+    fisher, _ = fisher_diagonal(model, calib, progress=False)  # all 8 windows: fewer than FISHER_WINDOWS
+    tables = fisher_sparsegpt_tables(model, calib, fisher, progress=False)
+    sizes = {f: lin.weight.numel() for f, lin in linear_fqns(model).items()}
+    assert budgets == pytest.approx(errortable(tables, sizes, 0.5))
+    assert budgets != pytest.approx(slimlm.plan_budgets(model, "fisher", 0.5, calib, progress=False))

@@ -85,9 +85,9 @@ def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_fo
         assert (out / name).is_file(), name
     records = json.loads((out / "metrics.json").read_text())
     assert {"name", "block", "kind", "shape", "alpha", "alpha_hat", "xmin", "stable_rank", "spectral_norm",
-            "owl_lod", "errors"} <= set(records[0])
+            "owl_lod", "errors", "fisher"} <= set(records[0])
     sizes = {r["name"]: r["size"] for r in records}
-    for allocation in ("owl", "alphapruning", "errortable"):
+    for allocation in ("owl", "alphapruning", "errortable", "fisher"):  # the last one is pruned with below
         code, stdout, err = run(capsys, "allocate", str(out), "--target", "sparsity=0.6",
                                 "--allocation", allocation, "--out", str(tmp_path / f"{allocation}.json"))
         assert code == 0, err
@@ -95,7 +95,7 @@ def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_fo
         mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
         assert abs(mean - 0.6) <= 0.6e-3 and all(0 <= b <= 0.99 for b in budgets.values())
     code, stdout, err = run(capsys, "prune", str(tiny_folder), "--method", "wanda", "--budgets",
-                            str(tmp_path / "errortable.json"), "--out", str(tmp_path / "run"),
+                            str(tmp_path / "fisher.json"), "--out", str(tmp_path / "run"),
                             "--data-dir", data_dir, "--nsamples", "4", "--seqlen", "32", "--quiet")
     assert code == 0, err
     layers = json.loads((tmp_path / "run" / "slimlm.json").read_text())["layers"]
