@@ -62,17 +62,28 @@ def esd(W: torch.Tensor, device: str | torch.device | None = None) -> torch.Tens
 
 
 def _lower_gram(W: torch.Tensor) -> torch.Tensor:
-    """The lower triangle of WᵀW for W (..., m, n), upper part zero: all that ``eigvalsh`` (UPLO='L') reads.
+    """The lower triangle of WᵀW for W (..., m, n), upper part zero: all that ``eigvalsh`` (UPLO='L') reads."""
+    return add_lower_gram_(W.new_zeros(*W.shape[:-2], W.shape[-1], W.shape[-1]), W)
 
-    Computed as GRAM_BLOCKS column-block products, each W[:, a:]ᵀ·W[:, a:b] (the block column from the
-    diagonal down): 10 of the 16 blocks of the full product, and the same dot products, so the same values.
+
+def add_lower_gram_(out: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``out += XᵀX`` on and below the diagonal blocks only (X (..., m, n), out (..., n, n)); returns ``out``.
+
+    GRAM_BLOCKS column-block products X[:, a:]ᵀ·X[:, a:b], each the block column from the diagonal down: 10 of
+    the 16 blocks of the full product, the same dot products. ``symmetrize_lower`` completes the matrix. Used for
+    the ESD Gram matrices and for the calibration Hessians (engine), where XᵀX costs as much as the forward.
     """
-    n = W.shape[-1]
+    n = X.shape[-1]
     edges = [n * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
-    gram = W.new_zeros(*W.shape[:-2], n, n)
     for a, b in zip(edges, edges[1:]):
-        gram[..., a:, a:b] = W[..., a:].mT @ W[..., a:b]
-    return gram
+        out[..., a:, a:b] += X[..., a:].mT @ X[..., a:b]
+    return out
+
+
+def symmetrize_lower(A: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is A's."""
+    lower = A.tril()
+    return lower + lower.tril(-1).mT
 
 
 def _map_single_threaded(fn: Callable, items: Sequence) -> list:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimlm.analysis import add_lower_gram_, symmetrize_lower
 from slimlm.errors import SlimlmError
 from slimlm.models import adapter_for, block_linears, decoder_blocks
 
@@ -72,12 +73,12 @@ class _Accumulator:
         self.ntokens += x.shape[0]
         self.sqnorm += x.square().sum(0)
         if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
+            add_lower_gram_(self.xtx, x)  # ~40% fewer flops than the full product; completed in stats()
 
     def stats(self) -> LayerStats:
         """Finalised statistics; computed once, as linears that share an input share this object."""
         if self._stats is None:
-            hessian = None if self.xtx is None else self.xtx.mul_(2.0 / self.ntokens)
+            hessian = None if self.xtx is None else symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens)
             self._stats = LayerStats(self.ntokens, self.sqnorm, hessian)
         return self._stats
 
