@@ -28,7 +28,7 @@ EIG_RTOL = 1e-12  # λ below EIG_RTOL·λ_max is noise, treated as zero (see _fi
 PEAK_BINS = 100  # AlphaPruning's histogram over log10 λ used to locate the ESD peak
 PEAK_FACTOR = 1.5  # AlphaPruning: x_min candidates are the λ ≤ 1.5 × peak
 BATCH_ELEMS = 2**25  # at most ~256 MiB of float64 weights per batched Gram + eigvalsh call
-GRAM_BLOCKS = 4  # ESD Gram matrices are formed in 4x4 column blocks, lower triangle only (see _lower_gram)
+GRAM_BLOCKS = 4  # Gram matrices (ESD, calibration Hessians) in 4x4 column blocks, lower ones only (add_lower_gram_)
 KS_ELEMS = 2**22  # at most ~32 MiB per (candidates × eigenvalues) KS block
 OWL_M = 5.0  # OWL outlier threshold M: the OWL README's 70% recipe uses 5 (its main.py default --Hyper_m is 3)
 
@@ -491,7 +491,6 @@ def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"
         tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
                        .sum(dtype=torch.float64).item() for b in levels}
     return tables
-
 
 
 def fisher_sparsegpt_tables(model, windows: torch.Tensor, fisher: dict, levels: Sequence[float] = ERROR_LEVELS,

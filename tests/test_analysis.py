@@ -320,7 +320,6 @@ def test_fisher_diagonal_and_tables_match_direct_computation():
     assert bit_tables[name][2.0] > bit_tables[name][4.0] > bit_tables[name][8.0]
 
 
-
 def test_fisher_sparsegpt_tables_price_sparsegpt_changes_with_kfac():
     from slimlm.analysis import fisher_diagonal, fisher_sparsegpt_tables
     from slimlm.engine import LayerStats
