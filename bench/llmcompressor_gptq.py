@@ -5,9 +5,10 @@ once as token ids; llm-compressor receives them as a pre-tokenized dataset) and 
 folder. Each compression runs in its own fresh process, one after the other in one invocation, and is
 timed from process start to the saved model (imports, model load, calibration, GPTQ, save). llm-compressor
 runs in its own virtual environment (``--llmc-python``) through its public API only (``oneshot`` with a
-``GPTQModifier``); its model is saved uncompressed (fake-quantized float weights). Every saved model is
-then checked to lie on a 4-bit grid (at most 16 distinct values per group of each decoder linear) and
-evaluated here with slimlm's perplexity protocol (bench/common.py).
+``GPTQModifier``; its ``propagate_error=False`` is its one-pass mode, like our ``sequential=False``); its model
+is saved uncompressed (fake-quantized float weights). Every saved model is then checked to lie on a 4-bit grid
+(at most 16 distinct values per group of each decoder linear) and evaluated here with slimlm's perplexity
+protocol (bench/common.py).
 
     python bench/llmcompressor_gptq.py --llmc-python /work/venvs/llmc/bin/python      # -> bench/results/
     python bench/llmcompressor_gptq.py --llmc-python ... --nsamples 4 --seqlen 128 --eval-windows 1 --out /tmp/t.json
@@ -34,6 +35,8 @@ BITS, DAMP, BLOCKSIZE = 4, 0.01, 128
 # name -> (tool, settings); "llmc-*" rows run in llm-compressor's environment
 ROWS = {
     "llmc-sym-g64": ("llmc", dict(group_size=64, symmetric=True, actorder=None)),
+    # llm-compressor's own one-pass mode: every layer calibrated on the unquantized model's activations
+    "llmc-sym-g64-onepass": ("llmc", dict(group_size=64, symmetric=True, actorder=None, propagate_error=False)),
     "ours-sym-g64": ("ours", dict(group_size=64, symmetric=True, act_order=False)),
     "ours-sym-g64-onepass": ("ours", dict(group_size=64, symmetric=True, act_order=False, sequential=False)),
     "llmc-sym-g64-actorder": ("llmc", dict(group_size=64, symmetric=True, actorder="weight")),
@@ -41,9 +44,10 @@ ROWS = {
     "ours-asym-g64-actorder": ("ours", dict(group_size=64, symmetric=False, act_order=True)),
     "ours-asym-g32-actorder": ("ours", dict(group_size=32, symmetric=False, act_order=True)),
 }
-BASELINE = {"ours-sym-g64": "llmc-sym-g64",  # the issue's like-for-like pair: ours / theirs
-            "ours-sym-g64-onepass": "llmc-sym-g64",
-            "ours-sym-g64-actorder": "llmc-sym-g64-actorder"}
+BASELINE = [("ours-sym-g64", "llmc-sym-g64"),  # the issue's pair (both tools' defaults): ours / theirs
+            ("ours-sym-g64-onepass", "llmc-sym-g64"),
+            ("ours-sym-g64-onepass", "llmc-sym-g64-onepass"),  # both in one-pass mode
+            ("ours-sym-g64-actorder", "llmc-sym-g64-actorder")]
 
 
 # ---------------------------------------------------------------- children (one process per row)
@@ -73,7 +77,8 @@ def run_llmc(folder: str, calib_file: str, out: str, settings: dict) -> dict:
                           actorder=settings["actorder"])
     start = time.perf_counter()
     oneshot(model=model, processor=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False,
+            propagate_error=settings.get("propagate_error", True))
     compress_s = time.perf_counter() - start
     model.save_pretrained(out, save_compressed=False)
     tokenizer.save_pretrained(out)
@@ -179,12 +184,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         s = r["settings"]
         order = "act-order" if s.get("act_order") or s.get("actorder") else "no act-order"
-        grid = f"W4 {'sym' if s['symmetric'] else 'asym'} g{s['group_size']}, {order}" + (
-            ", one pass" if s.get("sequential") is False else "")
+        one_pass = s.get("sequential") is False or s.get("propagate_error") is False
+        grid = f"W4 {'sym' if s['symmetric'] else 'asym'} g{s['group_size']}, {order}{', one pass' * one_pass}"
         lines.append(f"| {r['row']} | {r['tool']} | {grid} | {r['perplexity']:.3f} | {r['seconds']:.1f} | "
                      f"{r['compress_seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['max_distinct_per_group']} | "
                      f"{r['load_before']} / {r['load_after']} |")
-    for ours, theirs in BASELINE.items():
+    for ours, theirs in BASELINE:
         if ours in by_name and theirs in by_name:
             a, b = by_name[ours], by_name[theirs]
             lines.append(f"\n{ours} / {theirs}: perplexity {a['perplexity']:.3f} vs {b['perplexity']:.3f} "

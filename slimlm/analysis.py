@@ -385,14 +385,16 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
     linears = linear_fqns(model)
     records, sqnorms = {}, {}
 
-    def record(fqn, linear, stats):
+    def record(group, stats):
         rms = (stats.sqnorm / stats.ntokens).sqrt()
-        sqnorms[fqn] = stats.sqnorm
-        records[fqn] = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
-                        "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item(),
-                        "outlier_ratio": owl_outlier_ratio(wanda_scores(linear.weight, stats.sqnorm), owl_m)}
-        if error_levels:
-            records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian, error_levels)
+        for fqn, linear in group.items():
+            sqnorms[fqn] = stats.sqnorm
+            records[fqn] = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
+                            "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item(),
+                            "outlier_ratio": owl_outlier_ratio(wanda_scores(linear.weight, stats.sqnorm), owl_m)}
+            if error_levels:
+                records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian,
+                                                             error_levels)
         return False
 
     compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
@@ -512,15 +514,17 @@ def fisher_sparsegpt_tables(model, windows: torch.Tensor, fisher: dict, levels: 
 
     tables = {}
 
-    def record(fqn, linear, stats):
-        W, H = linear.weight.detach().float(), stats.hessian.float()
-        W2 = W.square()
-        g = (fisher[fqn] * W2).sum(1) / (W2 @ torch.diag(H)).clamp_min(torch.finfo(torch.float32).tiny)
-        table = {}
-        for s in levels:
-            dW = W - sparsegpt(W, stats, float(s), PruneSpec())[0].float() if s > 0 else torch.zeros_like(W)
-            table[float(s)] = (0.5 * g * ((dW @ H) * dW).sum(1)).sum(dtype=torch.float64).item()
-        tables[fqn] = table
+    def record(group, stats):
+        H = stats.hessian.float()
+        for fqn, linear in group.items():
+            W = linear.weight.detach().float()
+            W2 = W.square()
+            g = (fisher[fqn] * W2).sum(1) / (W2 @ torch.diag(H)).clamp_min(torch.finfo(torch.float32).tiny)
+            table = {}
+            for s in levels:
+                dW = W - sparsegpt(W, stats, float(s), PruneSpec())[0].float() if s > 0 else torch.zeros_like(W)
+                table[float(s)] = (0.5 * g * ((dW @ H) * dW).sum(1)).sum(dtype=torch.float64).item()
+            tables[fqn] = table
         return False
 
     compress_blocks(model, windows, record, set(linear_fqns(model)), hessian=True, progress=progress,

@@ -173,13 +173,14 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
     # per-layer results; a checkpoint saves them with each block and refills them on resume
     achieved, perms = (checkpoint.records, checkpoint.tensors) if checkpoint is not None else ({}, {})
 
-    def compress(fqn, linear, stats):
-        new, mask, perm = m.fn(linear.weight.data, stats, budgets[fqn], spec)
-        linear.weight.data.copy_(new)
-        achieved[fqn] = {"target": budgets[fqn] if spec.nm is None else 1 - spec.nm[0] / spec.nm[1],
-                         "sparsity": (new == 0).float().mean().item()}
-        if perm is not None:
-            perms[fqn] = perm.cpu()
+    def compress(group, stats):
+        for fqn, linear in group.items():
+            new, mask, perm = m.fn(linear.weight.data, stats, budgets[fqn], spec)
+            linear.weight.data.copy_(new)
+            achieved[fqn] = {"target": budgets[fqn] if spec.nm is None else 1 - spec.nm[0] / spec.nm[1],
+                             "sparsity": (new == 0).float().mean().item()}
+            if perm is not None:
+                perms[fqn] = perm.cpu()
         return True
 
     if m.needs_data:
@@ -227,6 +228,14 @@ def storage_report(model, grids: dict[str, QuantGrid], densities: dict[str, floa
     return {"total_bytes": total, "bytes_per_param": total / params,
             "quantized_linear_bytes_per_param": sum(quantized.values()) / linear_params,
             "other_bytes": other_bytes, "params": params}
+
+
+def _by_grid(grids: dict[str, QuantGrid], group: dict) -> dict[QuantGrid, list[str]]:
+    """The FQNs of ``group`` by their grid (mixed precision can give q, k and v different bit-widths)."""
+    by_grid: dict[QuantGrid, list[str]] = {}
+    for fqn in group:
+        by_grid.setdefault(grids[fqn], []).append(fqn)
+    return by_grid
 
 
 def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_size: int | None = 128,
@@ -277,13 +286,19 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     grids = {fqn: QuantGrid(b, symmetric, group_size, scale_dtype=scale_dtype) for fqn, b in bits.items()}
     losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
 
-    def compress(fqn, linear, stats):
-        W = linear.weight.data
-        if method == "gptq":
-            Q, losses[fqn] = gptq(W, stats.hessian, grids[fqn], blocksize, damp, act_order)
-        else:
-            Q = rtn(W, grids[fqn])
-        W.copy_(Q)
+    def compress(group, stats):
+        for grid, fqns in _by_grid(grids, group).items():
+            weights = [group[fqn].weight.data for fqn in fqns]
+            if method == "rtn":
+                for W in weights:
+                    W.copy_(rtn(W, grid))
+                continue
+            # linears reading one input share one GPTQ sweep over their stacked rows (rows are independent)
+            Q, row_loss = gptq(torch.cat(weights), stats.hessian, grid, blocksize, damp, act_order)
+            rows = [W.shape[0] for W in weights]
+            for fqn, W, Q_part, loss in zip(fqns, weights, Q.split(rows), row_loss.split(rows)):
+                W.copy_(Q_part)
+                losses[fqn] = loss.sum().item()
         return True
 
     if method == "gptq":

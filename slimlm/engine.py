@@ -5,9 +5,10 @@ Shape of the loop (GPTQ/SparseGPT/Wanda papers' sequential scheme):
      the keyword arguments every block receives (rotary ``position_embeddings``, masks, position ids)
      are captured generically from the model's own forward, so no architecture is special-cased;
   2. for each block: move it to the compute device, forward all windows with hooks that accumulate
-     the input statistics each linear needs (``LayerStats``), call the compression function on each
-     linear, re-run the block with the compressed weights to get the next block's inputs (the papers'
-     default: later blocks calibrate on the compressed model's activations), move it back.
+     the input statistics each linear needs (``LayerStats``), call the compression function once per
+     set of linears that read the same input (q/k/v, gate/up share one ``LayerStats``), re-run the
+     block with the compressed weights to get the next block's inputs (the papers' default: later
+     blocks calibrate on the compressed model's activations), move it back.
 Only one block is on the compute device at a time; activations stay there between blocks.
 """
 from __future__ import annotations
@@ -71,14 +72,18 @@ class _Accumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(ACCUM_DTYPE)
         self.ntokens += x.shape[0]
-        self.sqnorm += x.square().sum(0)
-        if self.xtx is not None:
-            add_lower_gram_(self.xtx, x)  # ~40% fewer flops than the full product; completed in stats()
+        if self.xtx is None:
+            self.sqnorm += x.square().sum(0)
+        else:  # ~40% fewer flops than the full product; completed in stats(); its diagonal is sqnorm
+            add_lower_gram_(self.xtx, x)
 
     def stats(self) -> LayerStats:
         """Finalised statistics; computed once, as linears that share an input share this object."""
         if self._stats is None:
-            hessian = None if self.xtx is None else symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens)
+            hessian = None
+            if self.xtx is not None:
+                self.sqnorm = torch.diagonal(self.xtx).clone()  # Σ_t x_tj², the Gram's diagonal
+                hessian = symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens)
             self._stats = LayerStats(self.ntokens, self.sqnorm, hessian)
         return self._stats
 
@@ -166,7 +171,16 @@ def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
     return accs, handles, last
 
 
-CompressFn = Callable[[str, nn.Linear, LayerStats], bool]
+# compress({fqn: linear} of linears reading one input, their shared statistics) -> whether weights changed
+CompressFn = Callable[[dict[str, nn.Linear], LayerStats | None], bool]
+
+
+def _by_input(linears: dict[str, nn.Linear], accs: dict[str, _Accumulator]):
+    """[(statistics, {fqn: linear})] with one entry per distinct input, in the block's order."""
+    groups: dict[int, tuple[LayerStats, dict[str, nn.Linear]]] = {}
+    for fqn, lin in linears.items():
+        groups.setdefault(id(accs[fqn]), (accs[fqn].stats(), {}))[1][fqn] = lin
+    return list(groups.values())
 
 
 class BlockIO(Protocol):
@@ -187,12 +201,13 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
                     checkpoint: Checkpoint | None = None, sequential: bool = True) -> dict[str, float]:
     """Calibrate and compress ``model`` in place, block by block.
 
-    ``compress(fqn, linear, stats) -> bool`` is called for every linear whose FQN is in ``targets``;
-    it changes ``linear.weight`` in place and returns whether it changed it. ``hessian`` asks for the
-    (in, in) Hessian besides the channel norms. ``io`` streams block weights in and out (see ``BlockIO``);
-    ``checkpoint`` saves each finished block and the next block's inputs, and restarts after the last
-    finished block of an interrupted run. Returns timings (seconds): ``capture``, ``forward``
-    (all block passes), ``compress``.
+    ``compress({fqn: linear}, stats) -> bool`` is called once per set of linears in ``targets`` that read the
+    same input (q/k/v, gate/up; every other linear alone), with their shared statistics, so a method can share
+    work across them (GPTQ sweeps their stacked rows once); it changes the weights in place and returns whether
+    it changed any. ``hessian`` asks for the (in, in) Hessian besides the channel norms. ``io`` streams block
+    weights in and out (see ``BlockIO``); ``checkpoint`` saves each finished block and the next block's inputs,
+    and restarts after the last finished block of an interrupted run. Returns timings (seconds): ``capture``,
+    ``forward`` (all block passes), ``compress``.
 
     ``sequential`` (the GPTQ/SparseGPT/Wanda reference code's choice): each block is calibrated on the outputs
     of the already compressed blocks before it, which costs a second pass per block. ``sequential=False``
@@ -229,8 +244,8 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         timing["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         changed = False
-        for fqn, lin in linears.items():
-            changed |= bool(compress(fqn, lin, accs[fqn].stats()))
+        for stats, group in _by_input(linears, accs):
+            changed |= bool(compress(group, stats))
         accs.clear()
         timing["compress"] += time.perf_counter() - t
         if changed and sequential:  # the statistics pass gave dense outputs: recompute with compressed weights
@@ -250,9 +265,9 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
 
 def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
                        checkpoint: Checkpoint | None = None) -> dict[str, float]:
-    """Data-free methods (magnitude, RTN): the same ``compress`` callback, called with ``stats=None`` and no
-    calibration pass, block by block so that ``io`` and ``checkpoint`` work as in ``compress_blocks``.
-    Returns ``{"compress": seconds}``."""
+    """Data-free methods (magnitude, RTN): the same ``compress`` callback, called for each linear alone with
+    ``stats=None`` and no calibration pass, block by block so that ``io`` and ``checkpoint`` work as in
+    ``compress_blocks``. Returns ``{"compress": seconds}``."""
     start = time.perf_counter()
     prefix = adapter_for(model).blocks
     blocks = decoder_blocks(model)
@@ -262,7 +277,7 @@ def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]
             io.load(i, blocks[i])
         for name, linear in block_linears(blocks[i]).items():
             if f"{prefix}.{i}.{name}" in targets:
-                compress(f"{prefix}.{i}.{name}", linear, None)
+                compress({f"{prefix}.{i}.{name}": linear}, None)
         if io is not None:
             io.store(i, blocks[i])
         if checkpoint is not None:

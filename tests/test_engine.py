@@ -42,8 +42,11 @@ def test_stats_match_closed_form(llama):
     inputs = linear_inputs(llama, ids)
     seen = {}
 
-    def compress(fqn, linear, stats):
-        seen[fqn] = stats
+    groups = []
+
+    def compress(group, stats):
+        seen.update(dict.fromkeys(group, stats))
+        groups.append(tuple(name.rsplit(".", 1)[1] for name in group))
         return False
 
     compress_blocks(llama, ids, compress, set(fqns), hessian=True, batch_size=6, progress=False)
@@ -54,6 +57,8 @@ def test_stats_match_closed_form(llama):
         torch.testing.assert_close(st.hessian.double(), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
     q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
     assert seen[q] is seen[k]  # q/k/v share one input: its statistics are computed once
+    # and the method gets the linears that read one input together
+    assert groups[:4] == [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
 
 
 def test_unchanged_weights_cost_one_pass_per_block(llama):
@@ -61,16 +66,17 @@ def test_unchanged_weights_cost_one_pass_per_block(llama):
     for block in decoder_blocks(llama):  # a block pass runs its down_proj once per batch
         block.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
     ids = windows()
-    compress_blocks(llama, ids, lambda f, l, s: False, set(linear_fqns(llama)), batch_size=6, progress=False)
+    compress_blocks(llama, ids, lambda group, stats: False, set(linear_fqns(llama)), batch_size=6, progress=False)
     assert len(calls) == len(decoder_blocks(llama))
     calls.clear()
-    compress_blocks(llama, ids, lambda f, l, s: True, set(linear_fqns(llama)), batch_size=6, progress=False)
+    compress_blocks(llama, ids, lambda group, stats: True, set(linear_fqns(llama)), batch_size=6, progress=False)
     assert len(calls) == 2 * len(decoder_blocks(llama))
 
 
 def test_non_finite_activations_are_reported(llama):
-    def poison(fqn, linear, stats):
-        linear.weight.data.fill_(float("nan"))
+    def poison(group, stats):
+        for linear in group.values():
+            linear.weight.data.fill_(float("nan"))
         return True
 
     with pytest.raises(SlimlmError, match="non-finite activations after block 0"):
@@ -87,9 +93,10 @@ def test_one_pass_calibrates_every_block_on_dense_activations(llama):
     for block in decoder_blocks(llama):
         block.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
 
-    def halve(fqn, linear, stats):  # a change that alters every later activation
-        seen[fqn] = stats
-        linear.weight.data.mul_(0.5)
+    def halve(group, stats):  # a change that alters every later activation
+        for fqn, linear in group.items():
+            seen[fqn] = stats
+            linear.weight.data.mul_(0.5)
         return True
 
     compress_blocks(llama, ids, halve, set(fqns), hessian=True, batch_size=6, progress=False, sequential=False)
