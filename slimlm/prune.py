@@ -227,39 +227,38 @@ def sparsegpt(W: torch.Tensor, stats: LayerStats, sparsity: float, spec: PruneSp
         raise SlimlmError("SparseGPT chooses its mask per column block; --group does not apply")
     Wf, H = drop_dead_inputs(W, stats.hessian)
     Hinv = hessian_inverse_cholesky(H, spec.damp)
-    mask = torch.ones_like(Wf, dtype=torch.bool)
     quantize = None if spec.grid is None else column_quantizer(Wf, spec.grid)
+    Wt = Wf.T.contiguous()  # (in, out): a column is a contiguous row, as the sweep reads it (as in quant.gptq)
+    mask_t = torch.ones_like(Wt, dtype=torch.bool)
     with column_loop_threads(Wf.shape[0], spec.blocksize):
-        _sparsegpt_sweep(Wf, Hinv, mask, sparsity, spec, quantize)
-    return Wf.to(W.dtype), mask, None
+        _sparsegpt_sweep(Wt, Hinv, mask_t, sparsity, spec, quantize)
+    return Wt.T.to(W.dtype).contiguous(), mask_t.T.contiguous(), None
 
 
-def _sparsegpt_sweep(Wf, Hinv, mask, sparsity, spec, quantize):
-    """The column sweep of ``sparsegpt``, in place on ``Wf`` and ``mask``."""
-    cols = Wf.shape[1]
+def _sparsegpt_sweep(Wt, Hinv, mask_t, sparsity, spec, quantize):
+    """The column sweep of ``sparsegpt`` over the transposed weights Wt (in, out), in place on Wt and mask_t.
+    Masks are chosen on the (out, in) orientation, so ties break as on the untransposed matrix."""
+    cols = Wt.shape[0]
     for i1 in range(0, cols, spec.blocksize):
         i2 = min(i1 + spec.blocksize, cols)
-        W1, Hinv1 = Wf[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1, mask1 = Wt[i1:i2], Hinv[i1:i2, i1:i2], mask_t[i1:i2]  # views: updates land in Wt, mask_t
         d = torch.diag(Hinv1)
-        Err1 = torch.zeros_like(W1)
-        mask1 = mask[:, i1:i2]
+        d_list, Err1 = d.tolist(), torch.empty_like(W1)
         if spec.nm is None and sparsity > 0:
-            mask1.copy_(topk_mask(W1.square() / d.square(), sparsity, "matrix"))
+            mask1.copy_(topk_mask((W1.square() / d.square()[:, None]).T.contiguous(), sparsity, "matrix").T)
         for i in range(i2 - i1):
             if spec.nm is not None and i % spec.nm[1] == 0:
                 n, m = spec.nm
-                crit = W1[:, i:i + m].square() / d[i:i + m].square()
-                mask1[:, i:i + m] = nm_mask(crit, n, m)
-            w = W1[:, i]
-            q = w * mask1[:, i]
+                crit = W1[i:i + m].square() / d[i:i + m, None].square()
+                mask1[i:i + m] = nm_mask(crit.T.contiguous(), n, m).T
+            w = W1[i]
+            q = w * mask1[i]
             if quantize is not None:
-                q = quantize(q, i1 + i) * mask1[:, i]
-            err = (w - q) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update of the block's remaining columns
-            W1[:, i] = q
-            Err1[:, i] = err
-        Wf[:, i1:i2] = W1
-        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                q = quantize(q, i1 + i) * mask1[i]
+            err = torch.sub(w, q, out=Err1[i]).div_(d_list[i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # OBS update of the block's remaining columns
+            W1[i] = q
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy batch update of all later columns
 
 
 @dataclass(frozen=True)
