@@ -386,11 +386,12 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
     records, sqnorms = {}, {}
 
     def record(group, stats):
-        rms = (stats.sqnorm / stats.ntokens).sqrt()
+        rms = (stats.sqnorm / stats.ntokens).sqrt()  # the input's norms: one computation for the whole group
+        input_norms = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
+                       "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item()}
         for fqn, linear in group.items():
             sqnorms[fqn] = stats.sqnorm
-            records[fqn] = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
-                            "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item(),
+            records[fqn] = {**input_norms,
                             "outlier_ratio": owl_outlier_ratio(wanda_scores(linear.weight, stats.sqnorm), owl_m)}
             if error_levels:
                 records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian,

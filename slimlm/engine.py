@@ -65,8 +65,9 @@ class Captured:
 class _Accumulator:
     def __init__(self, width: int, hessian: bool, device):
         self.ntokens = 0
-        self.sqnorm = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
+        # with a Hessian the channel norms are its Gram's diagonal, so only one of the two is accumulated
         self.xtx = torch.zeros(width, width, dtype=ACCUM_DTYPE, device=device) if hessian else None
+        self.sqnorm = None if hessian else torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
         self._stats = None
 
     def add(self, x: torch.Tensor) -> None:
@@ -74,17 +75,17 @@ class _Accumulator:
         self.ntokens += x.shape[0]
         if self.xtx is None:
             self.sqnorm += x.square().sum(0)
-        else:  # ~40% fewer flops than the full product; completed in stats(); its diagonal is sqnorm
+        else:  # ~40% fewer flops than the full product; completed in stats()
             add_lower_gram_(self.xtx, x)
 
     def stats(self) -> LayerStats:
         """Finalised statistics; computed once, as linears that share an input share this object."""
         if self._stats is None:
-            hessian = None
-            if self.xtx is not None:
-                self.sqnorm = torch.diagonal(self.xtx).clone()  # Σ_t x_tj², the Gram's diagonal
-                hessian = symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens)
-            self._stats = LayerStats(self.ntokens, self.sqnorm, hessian)
+            if self.xtx is None:
+                self._stats = LayerStats(self.ntokens, self.sqnorm)
+            else:  # Σ_t x_tj² is the Gram's diagonal
+                self._stats = LayerStats(self.ntokens, torch.diagonal(self.xtx).clone(),
+                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens))
         return self._stats
 
 

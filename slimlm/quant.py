@@ -95,6 +95,15 @@ def _values(codes, scale, zero) -> torch.Tensor:
     return (codes - zero) * scale
 
 
+def _grid_values_into(out: torch.Tensor, w, scale, zero, grid: QuantGrid) -> torch.Tensor:
+    """``_values(_codes(w))`` written into ``out`` (same ops, same bits; the zero point is skipped on symmetric
+    grids, where it is 0): the per-column step of the GPTQ and SparseGPT sweeps, without temporaries."""
+    torch.div(w, scale, out=out).round_()
+    if grid.symmetric:
+        return out.clamp_(grid.qmin, grid.qmax).mul_(scale)
+    return out.add_(zero).clamp_(grid.qmin, grid.qmax).sub_(zero).mul_(scale)
+
+
 def quant_params(W: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per (row, group): two fp32 tensors of shape (..., ngroups); zero holds integers.
 
@@ -164,7 +173,7 @@ def column_quantizer(W: torch.Tensor, grid: QuantGrid):
 
     def quantize_column(column: torch.Tensor, j: int) -> torch.Tensor:
         s, z = scale[:, j // gs], zero[:, j // gs]
-        return _values(_codes(column, s, z, grid), s, z)
+        return _grid_values_into(torch.empty_like(column), column, s, z, grid)
     return quantize_column
 
 
@@ -304,13 +313,8 @@ def _gptq_sweep(Wt, U, Qt, row_loss, grid, params, group_of, gs, blocksize):
             if group_of[j] != current:
                 current = group_of[j]
                 s, z = _sweep_group_params(Wt, j, gs, grid, params, current)
-            q, err = Qt[j], Err1[i]
-            torch.div(W1[i], s, out=q).round_()  # _values(_codes(w)) in place on Q's row: fewer ops per column
-            if grid.symmetric:
-                q.clamp_(grid.qmin, grid.qmax).mul_(s)
-            else:
-                q.add_(z).clamp_(grid.qmin, grid.qmax).sub_(z).mul_(s)
-            torch.sub(W1[i], q, out=err).div_(diag[i])
+            q = _grid_values_into(Qt[j], W1[i], s, z, grid)
+            err = torch.sub(W1[i], q, out=Err1[i]).div_(diag[i])
             W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBS update of the block's remaining columns (eq. 3)
         row_loss += Err1.square().sum(0) / 2
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)  # lazy batch update of all later columns
