@@ -45,7 +45,7 @@ def main() -> None:
     import weightwatcher
 
     import slimlm
-    from slimlm.analysis import batched_esd, weight_metrics_many
+    from slimlm.analysis.spectra import batched_esd, weight_metrics_many
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     model, _ = slimlm.load_model("smollm2-135m")

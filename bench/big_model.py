@@ -58,7 +58,7 @@ def check_big_output(source: Path, out: Path) -> dict:
     """Every tensor the config implies is in the output shards with its shape; a sampled block is 2:4."""
     from safetensors import safe_open
 
-    from slimlm.shards import check_shapes, skeleton, tensor_index
+    from slimlm.core.shards import check_shapes, skeleton, tensor_index
 
     index = tensor_index(out)
     check_shapes(skeleton(source), index)
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS / "big_model"))
     args = parser.parse_args()
 
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     rows, checks = [], {}
     builtin = gguf_to_folder(builtin_gguf("smollm2-135m"))

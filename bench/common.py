@@ -24,7 +24,7 @@ def peak_rss_mb() -> float:
 
 
 def protocol_windows(tokenizer, data_dir: str, calib_windows: int = 32, eval_windows: int = 32):
-    from slimlm.data import calibration_windows, eval_windows as cut, load_text, tokenize
+    from slimlm.core.data import calibration_windows, eval_windows as cut, load_text, tokenize
 
     calib = calibration_windows(tokenize(load_text("wikitext2", "calib", data_dir), tokenizer),
                                 calib_windows, 512, "first")
@@ -38,7 +38,7 @@ def compress_and_eval(kwargs: dict | None, data_dir: str, calib_windows: int, ev
     import torch
 
     import slimlm
-    from slimlm.evaluate import perplexity
+    from slimlm.evaluation.perplexity import perplexity
 
     torch.manual_seed(0)
     model, tokenizer = slimlm.load_model("smollm2-135m")

@@ -52,8 +52,9 @@ def formats_for(run: Path) -> list[str]:
 
 
 def export(run: Path, fmt: str, out: Path) -> Path:
-    from slimlm.formats import export_compressed_tensors, export_sparse
-    from slimlm.gguf_export import export_gguf
+    from slimlm.formats.compressed_tensors import export_compressed_tensors
+    from slimlm.formats.sparse import export_sparse
+    from slimlm.formats.gguf import export_gguf
 
     if fmt == "run":
         return run

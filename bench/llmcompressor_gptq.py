@@ -168,8 +168,8 @@ def load_saved(folder: str, out: str):
 
 
 def evaluate_row(row: dict, folder: str, test) -> dict:
-    from slimlm.evaluate import perplexity
-    from slimlm.models import linear_fqns
+    from slimlm.evaluation.perplexity import perplexity
+    from slimlm.core.architectures import linear_fqns
 
     model, saved = load_saved(folder, row["out"])
     grid = grid_check(saved, list(linear_fqns(model)), row["settings"]["group_size"])
@@ -221,7 +221,8 @@ def main() -> None:
 
     import slimlm
     from common import protocol_windows, write_json
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     args.folder = str(gguf_to_folder(builtin_gguf("smollm2-135m")))
     _, tokenizer = slimlm.load_model("smollm2-135m")

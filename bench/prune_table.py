@@ -32,8 +32,8 @@ ROWS = {  # name -> prune() keyword arguments (None: dense, no pruning)
 def floor_row(data_dir: str, calib_windows: int) -> dict:
     """Two plain block passes per block over the calibration windows: the sequential lower bound."""
     import slimlm
-    from slimlm.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
-    from slimlm.models import decoder_blocks
+    from slimlm.core.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
+    from slimlm.core.architectures import decoder_blocks
 
     model, tokenizer = slimlm.load_model("smollm2-135m")
     calib, _ = protocol_windows(tokenizer, data_dir, calib_windows, 1)

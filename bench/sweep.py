@@ -117,7 +117,7 @@ def main() -> None:
 
 def write_outputs(rows: list[dict], path: str, allocations: list[str]) -> None:
     """The JSON, its markdown table and the perplexity-vs-sparsity plot."""
-    from slimlm import plots
+    from slimlm.report import plots
 
     out = write_json(path, rows)
     plots.sweep(rows, out.with_suffix(".png"))

@@ -32,9 +32,10 @@ def write_checkpoint(folder: str | Path, layers: int = CONFIG["num_hidden_layers
     from accelerate import init_empty_weights
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from slimlm.models import builtin_gguf, gguf_to_folder
-    from slimlm.resume import write_tensors
-    from slimlm.shards import INDEX, expected_tensors
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
+    from slimlm.runs.resume import write_tensors
+    from slimlm.core.shards import INDEX, expected_tensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=False)

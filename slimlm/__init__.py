@@ -8,12 +8,11 @@ Python API (the CLI is a thin layer over it)::
     slimlm.save(model, tokenizer, "runs/wanda50", result)
     print(slimlm.evaluate(model, tokenizer, windows=4))
 """
-__version__ = "0.1.0"
-
+from slimlm.version import __version__  # noqa: E402
 from slimlm.api import (Result, analyze, apply_runtime, calibration, evaluate, plan_budgets, prune,  # noqa: E402
                         quantize, save)
 from slimlm.errors import SlimlmError  # noqa: E402
-from slimlm.models import load_model  # noqa: E402
+from slimlm.core.models import load_model  # noqa: E402
 
-__all__ = ["Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
+__all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
            "plan_budgets", "prune", "quantize", "save"]

@@ -19,28 +19,17 @@ References:
 """
 
 import math
-import re
 from typing import Sequence
 
 import torch
 
+from slimlm.core.architectures import BLOCK_PATTERN, block_of
 from slimlm.errors import SlimlmError
 
-BLOCK_PATTERN = r"^((?:.*?\.)?(?:layers|h|blocks)\.\d+)\."  # first "<...>.layers.<i>." (HF Llama/OPT, GPT-2 "h")
 SPARSITY_BOUNDS = (0.0, 0.99)  # never prune a whole layer: 100% would cut the residual branch entirely
 TARGET_RTOL = 1e-3  # the allocation contract: weighted mean within 0.1% of the target
 OWL_LAMBDA = 0.08  # OWL README and main.py --Lamda: sparsities span [S − λ, S + λ]
 ALPHA_EPSILON = 0.2  # AlphaPruning scripts/llama_7b.sh for Wanda and SparseGPT (README example: 0.3)
-
-
-def block_of(fqn: str, pattern: str = BLOCK_PATTERN) -> str:
-    """The transformer block an FQN belongs to (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``).
-
-    Parsed from the name, never from the position in a list, so any subset or order of layers groups correctly.
-    An FQN outside every block (``lm_head``) is a group of its own.
-    """
-    match = re.match(pattern, fqn)
-    return match.group(1) if match else fqn
 
 
 def _check(scores: dict[str, float] | None, sizes: dict[str, int]) -> None:
@@ -127,7 +116,7 @@ def owl(
 ) -> dict[str, float]:
     """OWL: blocks with more activation outliers are more important and get less compression.
 
-    scores: each linear's outlier ratio LOD (``analysis.owl_outlier_ratio`` with M = ``analysis.OWL_M`` = 5, the OWL
+    scores: each linear's outlier ratio LOD (``analysis.activations.owl_outlier_ratio`` with M = ``analysis.activations.OWL_M`` = 5, the OWL
     README's 70% recipe; its main.py default is 3). OWL computes one LOD per block over the concatenated scores of
     all its linears; pass that value for each linear of the block (the block mean below then leaves it unchanged).
     With ``block_wise=False`` each linear keeps its own score.
@@ -161,7 +150,7 @@ def alphapruning(
 ) -> dict[str, float]:
     """AlphaPruning: layers with a heavier-tailed ESD (smaller alpha) are better trained and get less compression.
 
-    scores: each linear's ``alpha`` from ``analysis.weight_metrics`` (PL_Alpha_Hill, xmin_peak). With
+    scores: each linear's ``alpha`` from ``analysis.spectra.weight_metrics`` (PL_Alpha_Hill, xmin_peak). With
     ``block_wise`` (the paper's default mapping) alpha is first averaged over each block's linears.
     Mapping (lib/prune.py ``ww_sparsity``): ratio = (α − α_min)/(α_max − α_min)·(s2 − s1) + s1 with
     s1 = 1 − ε, s2 = 1 + ε, then budget = S·ratio / (parameter-weighted mean of ratio). For budgets where higher
@@ -261,7 +250,7 @@ def errortable(
     """slimlm's allocator: spend the budget where it measurably costs least.
 
     scores: per layer, the relative output error measured on the calibration data at each sparsity level
-    (``analysis.pruning_error_table``: that layer alone Wanda-pruned, ‖XΔWᵀ‖²/‖XWᵀ‖²). The budget map
+    (``analysis.sensitivity.pruning_error_table``: that layer alone Wanda-pruned, ‖XΔWᵀ‖²/‖XWᵀ‖²). The budget map
     minimises the summed error under the parameter-weighted target (``solve_error_table``), so layers whose
     error rises slowly (redundant ones) are pruned more, and small but sensitive layers are kept dense.
     Unlike OWL and AlphaPruning it needs no range hyperparameter: the measured curves set the spread.
@@ -286,14 +275,14 @@ def fisher(
 ) -> dict[str, float]:
     """slimlm's allocator: minimise the estimated end-to-end loss increase under the global budget.
 
-    scores: per linear, ``analysis.fisher_tables`` (Optimal Brain Damage cost ½·Σ F_ij·w_ij² of the weights Wanda
+    scores: per linear, ``analysis.sensitivity.fisher_tables`` (Optimal Brain Damage cost ½·Σ F_ij·w_ij² of the weights Wanda
     would remove at each sparsity level, F the empirical Fisher of the calibration loss), or for bit budgets
-    ``analysis.fisher_bit_tables`` (½·Σ F_ij·(w_ij − q_ij)² at each bit-width). Unlike the local
+    ``analysis.sensitivity.fisher_bit_tables`` (½·Σ F_ij·(w_ij − q_ij)² at each bit-width). Unlike the local
     ``errortable``, the Fisher carries how much each layer's change moves the model's loss, through every later
     block. With ``block_wise`` (default) the tables of a block's linears are summed and every linear of the block
     gets the block's level, as AlphaPruning and OWL also allocate per block: a diagonal Fisher is a coarse
     estimate for a single matrix at high sparsity, and pooling a block's seven matrices steadies it.
-    ``analysis.fisher_sparsegpt_tables`` (SparseGPT's own changes, priced with the layer's full input Hessian) are
+    ``analysis.sensitivity.fisher_sparsegpt_tables`` (SparseGPT's own changes, priced with the layer's full input Hessian) are
     per-matrix estimates of what SparseGPT will do, so ``allocate_from_metrics`` solves them per linear
     (``block_wise=False``); on the built-in model at 70% that gave SparseGPT 114.3 perplexity against 139.3 per
     block (and 135.7 with the Wanda-priced tables per block).

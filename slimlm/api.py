@@ -6,19 +6,25 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm import data as data_mod
 from slimlm.allocate import ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, round_bits
-from slimlm.analysis import (ERROR_LEVELS, FISHER_WINDOWS, OWL_M, calibration_metrics, fisher_bit_tables,
-                             fisher_diagonal, fisher_sparsegpt_tables, fisher_tables, model_weight_metrics)
-from slimlm.engine import BlockIO, compress_blocks, compress_data_free
+from slimlm.analysis.activations import OWL_M, calibration_metrics
+from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
+                                         fisher_sparsegpt_tables, fisher_tables)
+from slimlm.analysis.spectra import model_weight_metrics
+from slimlm.core import data as data_mod
+from slimlm.core.architectures import linear_fqns
+from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
 from slimlm.errors import SlimlmError
-from slimlm.evaluate import perplexity
-from slimlm.export import save_run, versions
-from slimlm.models import linear_fqns
-from slimlm.prune import PruneSpec, check_sparsity, get_method, parse_pattern
-from slimlm.quant import QuantGrid, gptq, packed_bytes, rtn
-from slimlm.resume import Checkpoint
-from slimlm.rotate import attach_online_down_, quantize_activations_, rotate_
+from slimlm.evaluation.perplexity import perplexity
+from slimlm.pruning.methods import get_method
+from slimlm.pruning.spec import PruneSpec, check_sparsity, parse_pattern
+from slimlm.quant.gptq import gptq
+from slimlm.quant.grids import QuantGrid
+from slimlm.quant.packing import packed_bytes
+from slimlm.quant.rotate import attach_online_down_, quantize_activations_, rotate_
+from slimlm.quant.rtn import rtn
+from slimlm.runs.resume import Checkpoint
+from slimlm.runs.save import save_run, versions
 
 
 @dataclass
@@ -103,10 +109,10 @@ def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | No
 def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
                    grid: QuantGrid | None = None, method: str | None = None) -> dict[str, dict]:
     """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level, the Fisher from
-    the first ``FISHER_WINDOWS`` calibration windows: ``analysis.fisher_tables`` (the weights Wanda would remove),
-    or for ``method='sparsegpt'`` ``analysis.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
+    the first ``FISHER_WINDOWS`` calibration windows: ``analysis.sensitivity.fisher_tables`` (the weights Wanda would remove),
+    or for ``method='sparsegpt'`` ``analysis.sensitivity.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
     of ``calib``). With a ``grid``, also ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like
-    it (``analysis.fisher_bit_tables``)."""
+    it (``analysis.sensitivity.fisher_bit_tables``)."""
     fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
     if method == "sparsegpt":
         tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
@@ -137,9 +143,9 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
     ``budgets`` (FQN -> sparsity) overrides the allocator; ``pattern`` 'N:M' overrides both.
     ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
     weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved;
-    ``scale_dtype='float16'`` rounds its scales to float16 (exact GGUF export, see quant.float16_scales).
-    ``io`` streams the blocks from and to disk (``slimlm.shards.ShardStream``, ``--offload disk``);
-    ``checkpoint`` (``slimlm.resume.Checkpoint``) saves every finished block and resumes an interrupted run.
+    ``scale_dtype='float16'`` rounds its scales to float16 (exact GGUF export, see quant.grids.float16_scales).
+    ``io`` streams the blocks from and to disk (``slimlm.runs.offload.ShardStream``, ``--offload disk``);
+    ``checkpoint`` (``slimlm.runs.resume.Checkpoint``) saves every finished block and resumes an interrupted run.
     Returns a ``Result`` whose manifest records per-layer achieved sparsity, settings and timings.
     """
     m = get_method(method)
@@ -252,10 +258,10 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
 
     ``method``: 'rtn' (data-free) or 'gptq'. ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
     (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``. ``scale_dtype='float16'``
-    rounds scales to float16 so that GGUF export is exact (see quant.float16_scales). ``io`` and
+    rounds scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and
     ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
     ``sequential=False`` calibrates every block on the dense model's activations in one pass
-    (``engine.compress_blocks``).
+    (``core.engine.compress_blocks``).
     """
     if method not in ("rtn", "gptq"):
         raise SlimlmError(f"unknown quantization method '{method}'; choose rtn or gptq")

@@ -47,6 +47,7 @@ def data_dir() -> str:
 @pytest.fixture(scope="session")
 def builtin_folder():
     """The built-in model converted once to a float32 folder (cached in $SLIMLM_CACHE)."""
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     return gguf_to_folder(builtin_gguf("smollm2-135m"))

@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm.analysis import (
-    batched_esd,
-    esd,
-    hill_alpha,
-    owl_outlier_ratio,
-    spectral_entropy,
-    wanda_scores,
-    weight_metrics,
-    weight_metrics_many,
-)
+from slimlm.analysis.activations import owl_outlier_ratio
+from slimlm.analysis.spectra import batched_esd, esd, hill_alpha, spectral_entropy, weight_metrics, weight_metrics_many
+from slimlm.pruning.scores import wanda_scores
 
 
 def pareto(n: int, alpha: float, seed: int) -> torch.Tensor:
@@ -95,9 +88,9 @@ def reference_scan(lam: np.ndarray, count: int) -> tuple[float, float, float]:
 
 @pytest.mark.parametrize("rule", ["peak", "all"])
 def test_hill_alpha_equals_the_references_loop(rule, monkeypatch):
-    import slimlm.analysis
+    import slimlm.analysis.spectra
 
-    monkeypatch.setattr(slimlm.analysis, "KS_ELEMS", 20_000)  # 54 candidates per block: the block split is used
+    monkeypatch.setattr(slimlm.analysis.spectra, "KS_ELEMS", 20_000)  # 54 candidates per block: the block split is used
     lam = fingered_esd().numpy()
     counts, edges = np.histogram(np.log10(lam), bins=100)
     peak = min(int((lam <= 1.5 * 10 ** edges[np.argmax(counts)]).sum()), len(lam) - 1)
@@ -232,7 +225,7 @@ def test_esd_on_cuda_matches_cpu():
 
 
 def test_pruning_error_table_matches_direct_output_error():
-    from slimlm.analysis import pruning_error_table
+    from slimlm.analysis.sensitivity import pruning_error_table
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)
@@ -252,7 +245,7 @@ def test_pruning_error_table_matches_direct_output_error():
 
 
 def test_calibration_metrics_owl_lod_matches_direct_block_computation():
-    from slimlm.analysis import calibration_metrics
+    from slimlm.analysis.activations import calibration_metrics
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -279,8 +272,8 @@ def test_calibration_metrics_owl_lod_matches_direct_block_computation():
 
 
 def test_fisher_diagonal_and_tables_match_direct_computation():
-    from slimlm.analysis import fisher_diagonal, fisher_tables
-    from slimlm.models import linear_fqns
+    from slimlm.analysis.sensitivity import fisher_diagonal, fisher_tables
+    from slimlm.core.architectures import linear_fqns
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
@@ -310,8 +303,9 @@ def test_fisher_diagonal_and_tables_match_direct_computation():
         direct = (0.5 * F * W.square())[pruned].double().sum().item()
         assert tables[name][s] == pytest.approx(direct, rel=1e-6, abs=1e-30)
     assert set(tables) == set(linear_fqns(model))
-    from slimlm.analysis import fisher_bit_tables
-    from slimlm.quant import QuantGrid, rtn
+    from slimlm.analysis.sensitivity import fisher_bit_tables
+    from slimlm.quant.grids import QuantGrid
+    from slimlm.quant.rtn import rtn
 
     bit_tables = fisher_bit_tables(model, fisher, lambda b: QuantGrid(b, group_size=8), (2, 4, 8))
     for b in (2, 4, 8):
@@ -321,9 +315,10 @@ def test_fisher_diagonal_and_tables_match_direct_computation():
 
 
 def test_fisher_sparsegpt_tables_price_sparsegpt_changes_with_kfac():
-    from slimlm.analysis import fisher_diagonal, fisher_sparsegpt_tables
-    from slimlm.engine import LayerStats
-    from slimlm.prune import PruneSpec, sparsegpt
+    from slimlm.analysis.sensitivity import fisher_diagonal, fisher_sparsegpt_tables
+    from slimlm.core.stats import LayerStats
+    from slimlm.pruning.sparsegpt import sparsegpt
+    from slimlm.pruning.spec import PruneSpec
     from tests.conftest import tiny_llama
 
     model = tiny_llama()

@@ -4,8 +4,9 @@ import torch
 
 import slimlm
 from slimlm.errors import SlimlmError
-from slimlm.models import linear_fqns
-from slimlm.quant import QuantGrid, packed_bytes
+from slimlm.core.architectures import linear_fqns
+from slimlm.quant.grids import QuantGrid
+from slimlm.quant.packing import packed_bytes
 from tests.conftest import tiny_llama
 
 
@@ -102,8 +103,8 @@ def test_bad_allocation_leaves_the_model_untouched():
 
 def test_fisher_plans_sparsegpt_with_its_own_tables_per_linear():
     from slimlm.allocate import errortable
-    from slimlm.analysis import fisher_diagonal, fisher_sparsegpt_tables
-    from slimlm.models import linear_fqns
+    from slimlm.analysis.sensitivity import fisher_diagonal, fisher_sparsegpt_tables
+    from slimlm.core.architectures import linear_fqns
 
     model, calib = tiny_llama(), ids()
     budgets = slimlm.plan_budgets(model, "fisher", 0.5, calib, progress=False, method="sparsegpt")

@@ -13,7 +13,8 @@ def tiny_folder(tmp_path_factory):
     """A tiny random Llama saved with a real (built-in model's) tokenizer."""
     from transformers import AutoTokenizer
 
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     folder = tmp_path_factory.mktemp("tiny")
     model = tiny_llama(vocab=49152)
@@ -131,7 +132,7 @@ def test_quantize_cli_writes_storage_and_evals(capsys, tmp_path, tiny_folder, da
 
 
 def test_export_cli_round_trip(capsys, tmp_path, tiny_folder, data_dir):
-    from slimlm.formats import load_sparse
+    from slimlm.formats.sparse import load_sparse
 
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "prune", str(tiny_folder), "--method", "wanda", "--pattern", "2:4", "--out",

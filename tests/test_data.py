@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slimlm.data import calibration_windows, eval_windows, load_text
+from slimlm.core.data import calibration_windows, eval_windows, load_text
 from slimlm.errors import SlimlmError
 
 

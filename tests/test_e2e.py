@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import slimlm
-from slimlm.data import eval_windows, load_text, tokenize
-from slimlm.engine import capture_inputs, run_block
-from slimlm.evaluate import perplexity
-from slimlm.models import decoder_blocks
+from slimlm.core.data import eval_windows, load_text, tokenize
+from slimlm.core.engine import capture_inputs, run_block
+from slimlm.evaluation.perplexity import perplexity
+from slimlm.core.architectures import decoder_blocks
 
 pytestmark = pytest.mark.slow
 CALIB = dict(nsamples=8, seqlen=128, sampling="first")

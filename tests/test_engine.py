@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from slimlm.engine import capture_inputs, compress_blocks, run_block
+from slimlm.core.engine import capture_inputs, compress_blocks, run_block
 from slimlm.errors import SlimlmError
-from slimlm.models import decoder_blocks, linear_fqns
+from slimlm.core.architectures import decoder_blocks, linear_fqns
 
 
 def windows(n=6, seqlen=16, vocab=128, seed=0):

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from slimlm.evaluate import perplexity
+from slimlm.evaluation.perplexity import perplexity
 
 
 def test_perplexity_matches_hf_loss(llama):

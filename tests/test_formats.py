@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 import slimlm
-from slimlm.formats import (export_compressed_tensors, export_sparse, load_compressed_tensors, load_sparse,
-                            pack_mask, recover_grid, unpack_mask)
-from slimlm.quant import QuantGrid, dequantize, quant_params, quantize
+from slimlm.formats.codes import recover_grid
+from slimlm.formats.compressed_tensors import export_compressed_tensors, load_compressed_tensors
+from slimlm.formats.sparse import export_sparse, load_sparse, pack_mask, unpack_mask
+from slimlm.quant.grids import QuantGrid, dequantize, quant_params, quantize
 from tests.conftest import tiny_llama
 
 CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -184,7 +185,7 @@ def test_half_precision_needs_exact_false(run, tmp_path):
 
 def test_pack_int_matches_compressed_tensors():
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    from slimlm.quant import pack_int
+    from slimlm.quant.packing import pack_int
 
     for bits in range(2, 9):
         codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (6, 77),

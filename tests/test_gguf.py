@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import slimlm
 from slimlm.cli import main
-from slimlm.gguf_export import export_gguf, rope_interleave
-from slimlm.quant import QuantGrid, fake_quant, quant_params
+from slimlm.formats.gguf import export_gguf, rope_interleave
+from slimlm.quant.grids import QuantGrid, fake_quant, quant_params
 from tests.conftest import tiny_llama, tiny_opt
 
 F16 = "float16"
@@ -174,7 +174,7 @@ def test_tokenizer_metadata_matches_llama_cpps_conversion(smollm_export):
     (both read with transformers' own GGUF parser, not the gguf package that wrote ours)."""
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
-    from slimlm.models import builtin_gguf
+    from slimlm.core.models import builtin_gguf
 
     arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
     ours, _ = read_gguf_metadata(str(smollm_export[1]), arrays)

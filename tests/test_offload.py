@@ -47,7 +47,8 @@ def src(tmp_path_factory):
     with the built-in model's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=BLOCKS, num_attention_heads=4,
@@ -118,8 +119,8 @@ def test_streamed_run_equals_in_memory_run(capsys, tmp_path, src, calib, command
 
 def test_only_one_block_is_in_memory_at_a_time(tmp_path, src, calib):
     import slimlm
-    from slimlm.models import decoder_blocks
-    from slimlm.shards import load_streamed
+    from slimlm.core.architectures import decoder_blocks
+    from slimlm.runs.offload import load_streamed
 
     model, tokenizer, stream = load_streamed(str(src), "float32", tmp_path / "out")
     blocks = decoder_blocks(model)
@@ -182,7 +183,7 @@ def test_killed_run_resumes_to_identical_weights(capsys, tmp_path, src, calib, m
 
 
 def test_disk_full_is_one_line_and_keeps_finished_blocks(capsys, tmp_path, src, calib, monkeypatch):
-    import slimlm.resume
+    import slimlm.runs.resume
 
     reference, out = tmp_path / "reference", tmp_path / "out"
     args = prune_args(src, out, calib, "--method", "wanda", "--offload", "disk")
@@ -195,7 +196,7 @@ def test_disk_full_is_one_line_and_keeps_finished_blocks(capsys, tmp_path, src, 
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(slimlm.resume, "save_file", full_disk)
+    monkeypatch.setattr(slimlm.runs.resume, "save_file", full_disk)
     code, _, err = cli(capsys, *args)
     assert code == 2 and "no space left on device" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / ".out.partial" / "slimlm.json").exists()
@@ -258,7 +259,7 @@ def test_bad_checkpoint_is_one_line_before_any_work(capsys, tmp_path, src, calib
 
 
 def test_pickled_weights_need_allow_pickle(capsys, tmp_path, src):
-    from slimlm.models import load_model
+    from slimlm.core.models import load_model
 
     folder = tmp_path / "pickled"
     shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
@@ -281,18 +282,18 @@ def test_offload_refuses_what_needs_the_whole_model(capsys, tmp_path, src, calib
 
 
 def test_offload_needs_a_safetensors_folder_and_the_disk_space(capsys, tmp_path, src, calib, monkeypatch):
-    import slimlm.shards
+    import slimlm.runs.offload
 
     code, _, err = cli(capsys, *prune_args("smollm2-135m", tmp_path / "out", calib, "--offload", "disk"))
     assert code == 2 and "local Hugging Face folder of safetensors shards" in err
-    monkeypatch.setattr(slimlm.shards.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(slimlm.runs.offload.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     code, _, err = cli(capsys, *prune_args(src, tmp_path / "out", calib, "--offload", "disk"))
     assert code == 2 and "only 0.0 GB are free" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_in_memory_run_checkpoints_only_with_resume(capsys, tmp_path, src, calib, monkeypatch):
-    from slimlm.resume import Checkpoint
+    from slimlm.runs.resume import Checkpoint
 
     restored = []
     original = Checkpoint.restore

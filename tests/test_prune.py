@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm.engine import LayerStats
+from slimlm.core.stats import LayerStats
 from slimlm.errors import SlimlmError
-from slimlm.prune import (METHODS, PruneSpec, check_sparsity, get_method, nm_mask, nm_permutation,
-                          parse_pattern, retained_nm_score, ria_scores, topk_mask, wanda)
+from slimlm.pruning.masks import nm_mask, nm_permutation, retained_nm_score, topk_mask
+from slimlm.pruning.methods import METHODS, get_method
+from slimlm.pruning.scores import ria_scores, wanda
+from slimlm.pruning.spec import PruneSpec, check_sparsity, parse_pattern
 
 
 def calib_inputs(n=512, width=64, seed=0):

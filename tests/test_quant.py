@@ -6,24 +6,12 @@ import math
 import pytest
 import torch
 
-from slimlm.quant import (
-    QuantGrid,
-    dequantize,
-    fake_quant,
-    gptq,
-    hadamard_matrix,
-    has_hadamard,
-    hessian_inverse_cholesky,
-    pack_int,
-    packed_bytes,
-    quant_params,
-    quantize,
-    quantize_activations,
-    random_hadamard,
-    random_orthogonal,
-    rtn,
-    unpack_int,
-)
+from slimlm.core.linalg import hessian_inverse_cholesky
+from slimlm.quant.gptq import gptq
+from slimlm.quant.grids import QuantGrid, dequantize, fake_quant, quant_params, quantize, quantize_activations
+from slimlm.quant.hadamard import hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
+from slimlm.quant.packing import pack_int, packed_bytes, unpack_int
+from slimlm.quant.rtn import rtn
 
 GRID_CASES = [(b, sym, gs) for b in range(2, 9) for sym in (True, False) for gs in (None, 50, 64)]
 

@@ -196,7 +196,7 @@ def test_chromium_renders_a_nonblank_page(report, tmp_path):
 def test_quantize_records_the_achieved_mean_bits(llama):
     """The report's bits column for mixed precision: the parameter-weighted mean of the per-layer bits."""
     import slimlm
-    from slimlm.models import linear_fqns
+    from slimlm.core.architectures import linear_fqns
 
     manifest = slimlm.quantize(llama, method="rtn", wbits=4, avg_bits=3.5, allocation="alphapruning",
                                progress=False).manifest

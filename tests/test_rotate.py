@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from slimlm import rotate as rot
+from slimlm.quant import rotate as rot
 from slimlm.errors import SlimlmError
-from slimlm.quant import random_hadamard
-from slimlm.rotate import attach_online_down_, fuse_norms_, quantize_activations_, rotate_
+from slimlm.quant.hadamard import random_hadamard
+from slimlm.quant.rotate import attach_online_down_, fuse_norms_, quantize_activations_, rotate_
 from tests.conftest import tiny_llama, tiny_opt
 
 OUTLIERS = [3, 17, 40]  # hidden channels scaled by 20 in the embedding

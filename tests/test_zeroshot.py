@@ -44,7 +44,8 @@ def tasks_dir(tmp_path_factory) -> Path:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     return AutoTokenizer.from_pretrained(gguf_to_folder(builtin_gguf("smollm2-135m")))
 
@@ -74,7 +75,7 @@ def reference_accuracy(model, tokenizer, items) -> tuple[float, float]:
 
 
 def test_local_task_matches_direct_loglikelihoods(tokenizer, tasks_dir):
-    from slimlm.evaluate import zero_shot
+    from slimlm.evaluation.zeroshot import zero_shot
 
     model = tiny_llama(vocab=49152)
     result = zero_shot(model, tokenizer, [TASK], include_path=str(tasks_dir))
@@ -88,7 +89,7 @@ def test_local_task_matches_direct_loglikelihoods(tokenizer, tasks_dir):
 
 
 def test_unknown_task_is_one_line_with_close_names(tokenizer):
-    from slimlm.evaluate import zero_shot
+    from slimlm.evaluation.zeroshot import zero_shot
 
     with pytest.raises(SlimlmError, match=r"unknown lm_eval task 'arc_eazy'.*arc_easy") as e:
         zero_shot(tiny_llama(vocab=49152), tokenizer, ["arc_eazy"])
@@ -96,7 +97,7 @@ def test_unknown_task_is_one_line_with_close_names(tokenizer):
 
 
 def test_missing_harness_names_the_pip_command(monkeypatch):
-    from slimlm.evaluate import zero_shot
+    from slimlm.evaluation.zeroshot import zero_shot
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(SlimlmError, match=r"pip install 'slimlm\[eval\]'"):

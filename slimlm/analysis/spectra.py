@@ -1,8 +1,9 @@
-"""Per-layer metrics that feed budget allocation: weight spectra (HT-SR) and activation outliers (OWL).
+"""Weight spectra (HT-SR): the ESD of every linear, its heavy-tail exponent alpha and WeightWatcher's metrics.
 
-Pure tensor functions; no model loading, hooks or printing. Weights are ``W`` (out, in). The ESD (empirical
-spectral density) of ``W`` is the set of eigenvalues λ of the correlation matrix WᵀW, i.e. the squared singular
-values; only the min(out, in) of them that can be non-zero are returned, in ascending order, in float64.
+Pure tensor functions, plus ``model_weight_metrics`` over a model's block linears. Weights are ``W`` (out, in).
+The ESD (empirical spectral density) of ``W`` is the set of eigenvalues λ of the correlation matrix WᵀW, i.e. the
+squared singular values; only the min(out, in) of them that can be non-zero are returned, in ascending order, in
+float64.
 
 References:
 - Martin & Mahoney, "Implicit Self-Regularization in Deep Neural Networks", JMLR 22 (2021), and the WeightWatcher
@@ -11,8 +12,6 @@ References:
   α = 1 + n / Σ ln(x_i/x_min) (Eq. 3.1, standard error (α−1)/√n, Eq. 3.2) and x_min by minimum KS distance (§3.3).
 - Lu et al., "AlphaPruning: Using Heavy-Tailed Self Regularization Theory for Improved Layer-wise Pruning of Large
   Language Models", NeurIPS 2024: PL_Alpha_Hill with the "xmin_peak" candidate rule (repo lib/esd_utils.py).
-- Yin et al., "Outlier Weighed Layerwise Sparsity (OWL)", ICML 2024: layer-wise outlier distribution (LOD).
-- Sun et al., "A Simple and Effective Pruning Approach for Large Language Models (Wanda)", ICLR 2024, Eq. 1.
 """
 
 import math
@@ -21,21 +20,21 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from slimlm.core.architectures import block_of, linear_fqns
+from slimlm.core.stats import add_lower_gram_
 from slimlm.errors import SlimlmError
+
 
 ESD_DTYPE = torch.float64  # λ = σ² spans many decades; float64 keeps the small end and the log-sums exact
 EIG_RTOL = 1e-12  # λ below EIG_RTOL·λ_max is noise, treated as zero (see _fit_eigs)
 PEAK_BINS = 100  # AlphaPruning's histogram over log10 λ used to locate the ESD peak
 PEAK_FACTOR = 1.5  # AlphaPruning: x_min candidates are the λ ≤ 1.5 × peak
 BATCH_ELEMS = 2**25  # at most ~256 MiB of float64 weights per batched Gram + eigvalsh call
-GRAM_BLOCKS = 4  # Gram matrices (ESD, calibration Hessians) in 4x4 column blocks, lower ones only (add_lower_gram_)
 KS_ELEMS = 2**22  # at most ~32 MiB per (candidates × eigenvalues) KS block
-OWL_M = 5.0  # OWL outlier threshold M: the OWL README's 70% recipe uses 5 (its main.py default --Hyper_m is 3)
 
 
 class PowerLawFit(NamedTuple):
     """A continuous power-law fit p(λ) ∝ λ^-alpha for λ ≥ xmin."""
-
     alpha: float
     xmin: float
     ks: float  # Kolmogorov-Smirnov distance of the fitted tail (the references' one-sided form, see _ks_distances)
@@ -64,26 +63,6 @@ def esd(W: torch.Tensor, device: str | torch.device | None = None) -> torch.Tens
 def _lower_gram(W: torch.Tensor) -> torch.Tensor:
     """The lower triangle of WᵀW for W (..., m, n), upper part zero: all that ``eigvalsh`` (UPLO='L') reads."""
     return add_lower_gram_(W.new_zeros(*W.shape[:-2], W.shape[-1], W.shape[-1]), W)
-
-
-def add_lower_gram_(out: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``out += XᵀX`` on and below the diagonal blocks only (X (..., m, n), out (..., n, n)); returns ``out``.
-
-    GRAM_BLOCKS column-block products X[:, a:]ᵀ·X[:, a:b], each the block column from the diagonal down: 10 of
-    the 16 blocks of the full product, the same dot products. ``symmetrize_lower`` completes the matrix. Used for
-    the ESD Gram matrices and for the calibration Hessians (engine), where XᵀX costs as much as the forward.
-    """
-    n = X.shape[-1]
-    edges = [n * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
-    for a, b in zip(edges, edges[1:]):
-        out[..., a:, a:b] += X[..., a:].mT @ X[..., a:b]
-    return out
-
-
-def symmetrize_lower(A: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose lower triangle (diagonal included) is A's."""
-    lower = A.tril()
-    return lower + lower.tril(-1).mT
 
 
 def _map_single_threaded(fn: Callable, items: Sequence) -> list:
@@ -303,63 +282,9 @@ def weight_metrics_many(named_weights: dict[str, torch.Tensor],
     return dict(zip(named_weights, _map_single_threaded(esd_metrics, eigs)))
 
 
-def wanda_scores(W: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
-    """Wanda importance S_ij = |W_ij|·‖X_j‖₂ (Wanda Eq. 1), in float32.
-
-    W: (out, in); sqnorm: (in,) per-input-channel squared L2 norm of the calibration inputs (any consistent
-    normalisation: the Wanda reference uses the mean over tokens; OWL's ratio is invariant to the scale).
-    """
-    return W.float().abs() * sqnorm.float().sqrt()[None, :]
-
-
-def owl_outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], m: float = OWL_M) -> float:
-    """OWL's layer-wise outlier distribution: the fraction of scores strictly above m × their mean.
-
-    ``scores`` is one tensor of Wanda scores or a sequence of them (OWL concatenates all linears of a block, so the
-    mean is over all their entries together). Returned as a fraction in [0, 1]; the OWL code reports 100× this,
-    which its min-max normalisation cancels. Mean and count are accumulated in float64 / int64 to stay exact on
-    the ~10⁸ entries of a 7B block.
-    """
-    parts = [scores] if isinstance(scores, torch.Tensor) else list(scores)
-    total = sum(p.sum(dtype=torch.float64) for p in parts)
-    count = sum(p.numel() for p in parts)
-    threshold = (m * total / count).item()
-    # compare in at least float32: a bf16/fp16 copy of the threshold would move it by up to 0.4%
-    above = sum((p.to(torch.promote_types(p.dtype, torch.float32)) > threshold).sum().item() for p in parts)
-    return above / count
-
-
-# ---------------------------------------------------------------- model level (weights, then calibration)
-
-ERROR_LEVELS = tuple(round(0.05 * i, 2) for i in range(20))  # sparsity 0 .. 0.95, the error-table grid
-
-
-def pruning_error_table(W: torch.Tensor, sqnorm: torch.Tensor, hessian: torch.Tensor,
-                        levels: Sequence[float] = ERROR_LEVELS) -> dict[float, float]:
-    """Relative output error of this layer alone, Wanda-pruned per row at each sparsity level.
-
-    error(s) = ‖X(W − W_s)ᵀ‖² / ‖XWᵀ‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H ∝ XᵀX, so the calibration
-    inputs need not be kept. Relative (not absolute) error makes layers of different output scale
-    comparable. Wanda's mask is the proxy for every method: it is what the data-aware methods start
-    from, and it costs one sort per layer.
-    """
-    Wf, H = W.float(), hessian.float()
-    order = torch.sort(wanda_scores(Wf, sqnorm), dim=1, stable=True).indices
-    dense = ((Wf @ H) * Wf).sum().clamp_min(torch.finfo(torch.float32).tiny)
-    table = {}
-    for s in levels:
-        k = int(Wf.shape[1] * s)
-        dW = torch.zeros_like(Wf).scatter_(1, order[:, :k], Wf.gather(1, order[:, :k]))
-        table[float(s)] = (((dW @ H) * dW).sum() / dense).item()
-    return table
-
-
 def model_weight_metrics(model, device: str | torch.device | None = None) -> dict[str, dict]:
     """Spectral metrics of every linear inside the decoder blocks, keyed by FQN, with block/kind/shape; spectra
     on ``device`` (default: where each weight is)."""
-    from slimlm.allocate import block_of
-    from slimlm.models import linear_fqns
-
     linears = linear_fqns(model)
     metrics = weight_metrics_many({fqn: lin.weight.detach() for fqn, lin in linears.items()}, device)
     for fqn, lin in linears.items():
@@ -367,167 +292,3 @@ def model_weight_metrics(model, device: str | torch.device | None = None) -> dic
         metrics[fqn] = {"name": fqn, "block": int(block.rsplit(".", 1)[1]), "kind": fqn[len(block) + 1:],
                         "shape": list(lin.weight.shape), "size": lin.weight.numel(), **metrics[fqn]}
     return metrics
-
-
-def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
-                        device="cpu", batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
-    """Activation metrics of every block linear from one dense pass of the engine (weights unchanged).
-
-    Per linear: the mean and max input-channel norm ‖X_j‖₂ (per token, i.e. sqrt of the mean square), the
-    max/median channel-norm ratio, OWL's outlier ratio of the linear alone (``outlier_ratio``) and of its
-    whole block (``owl_lod``, the quantity OWL allocates by), and, when ``error_levels`` is given, the
-    relative output error table of ``pruning_error_table``.
-    """
-    from slimlm.allocate import block_of
-    from slimlm.engine import compress_blocks
-    from slimlm.models import linear_fqns
-
-    linears = linear_fqns(model)
-    records, sqnorms = {}, {}
-
-    def record(group, stats):
-        rms = (stats.sqnorm / stats.ntokens).sqrt()  # the input's norms: one computation for the whole group
-        input_norms = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
-                       "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item()}
-        for fqn, linear in group.items():
-            sqnorms[fqn] = stats.sqnorm
-            records[fqn] = {**input_norms,
-                            "outlier_ratio": owl_outlier_ratio(wanda_scores(linear.weight, stats.sqnorm), owl_m)}
-            if error_levels:
-                records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian,
-                                                             error_levels)
-        return False
-
-    compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
-                    batch_size=batch_size, progress=progress)
-    blocks: dict[str, list[str]] = {}
-    for fqn in linears:
-        blocks.setdefault(block_of(fqn), []).append(fqn)
-    for names in blocks.values():  # OWL: one ratio over the concatenated scores of the block's linears
-        lod = owl_outlier_ratio([wanda_scores(linears[f].weight, sqnorms[f]) for f in names], owl_m)
-        for f in names:
-            records[f]["owl_lod"] = lod
-    return records
-
-
-
-
-# ------------------------------------------- end-to-end sensitivity (the ``fisher`` allocator, slimlm's own)
-
-FISHER_WINDOWS = 16  # calibration windows for the Fisher pass (the first ones; 16 × 512 tokens in the benchmarks)
-
-
-def fisher_diagonal(model, windows: torch.Tensor, progress: bool = True) -> tuple[dict, dict]:
-    """Empirical Fisher diagonal of every block linear's weight, and its inputs' channel norms ‖X_j‖₂².
-
-    F_ij = mean over windows of (∂L_w/∂W_ij)², L_w = the window's mean next-token NLL under the model's own
-    forward (so the gradient carries how every later block and the head amplify a change of W_ij). Per-window
-    rather than per-token gradients scale F by a common factor, which cancels in the allocation. Only the
-    block linears' weights require grad while this runs; the channel norms come from the same forwards.
-    """
-    from tqdm.auto import tqdm
-
-    from slimlm.models import linear_fqns
-
-    linears = linear_fqns(model)
-    fisher = {f: torch.zeros(lin.weight.shape, dtype=torch.float32) for f, lin in linears.items()}
-    sqnorms = {f: torch.zeros(lin.in_features, dtype=torch.float32) for f, lin in linears.items()}
-
-    def hook_for(fqn):
-        def hook(module, args):
-            sqnorms[fqn] += args[0].detach().reshape(-1, args[0].shape[-1]).float().square().sum(0)
-        return hook
-
-    flags = [p.requires_grad for p in model.parameters()]
-    handles = [lin.register_forward_pre_hook(hook_for(f)) for f, lin in linears.items()]
-    try:
-        model.requires_grad_(False)
-        weights = [lin.weight.requires_grad_(True) for lin in linears.values()]
-        for w in tqdm(windows.split(1), desc="fisher", disable=not progress):
-            with torch.enable_grad():
-                loss = model(input_ids=w, labels=w, use_cache=False).loss
-                grads = torch.autograd.grad(loss, weights)
-            for F, g in zip(fisher.values(), grads):
-                F.addcmul_(g.float(), g.float(), value=1.0 / windows.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-    return fisher, sqnorms
-
-
-def fisher_tables(model, fisher: dict, sqnorms: dict, levels: Sequence[float] = ERROR_LEVELS) -> dict[str, dict]:
-    """Per linear: estimated loss increase when it alone is Wanda-pruned per row at each sparsity level.
-
-    Optimal Brain Damage (LeCun et al. 1990, Eq. 5) with the empirical Fisher as the diagonal Hessian: at a
-    trained model the gradient term vanishes and removing w_ij costs ½·F_ij·w_ij². Summed over the weights Wanda
-    would prune (each row's lowest |W_ij|·‖X_j‖₂ first): a cumulative sum along that order gives every level at
-    once, so the tables cost one sort per linear.
-    """
-    from slimlm.models import linear_fqns
-
-    tables = {}
-    for fqn, lin in linear_fqns(model).items():
-        W = lin.weight.detach().float()
-        order = torch.sort(wanda_scores(W, sqnorms[fqn]), dim=1, stable=True).indices
-        cost = (0.5 * fisher[fqn] * W.square()).gather(1, order).sum(0, dtype=torch.float64).cumsum(0)
-        cost = torch.cat([cost.new_zeros(1), cost])  # cost[k]: every row's k lowest-scored weights removed
-        tables[fqn] = {float(s): cost[int(W.shape[1] * s)].item() for s in levels}
-    return tables
-
-
-def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"], levels: Sequence[int]) -> dict:
-    """Per linear: estimated loss increase when it alone is RTN-quantized at each bit-width.
-
-    The same Optimal Brain Damage estimate as ``fisher_tables`` with the rounding error as the change:
-    ½·Σ F_ij·(w_ij − q_ij)², q = ``quant.rtn`` on ``grid_for(bits)`` (a Fisher-weighted form of HAWQ's
-    Hessian sensitivity, Dong et al. 2019). GPTQ lowers every level's error, but the ranking of layers is what
-    the allocation needs.
-    """
-    from slimlm.models import linear_fqns
-    from slimlm.quant import rtn
-
-    tables = {}
-    for fqn, lin in linear_fqns(model).items():
-        W = lin.weight.detach().float()
-        tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
-                       .sum(dtype=torch.float64).item() for b in levels}
-    return tables
-
-
-def fisher_sparsegpt_tables(model, windows: torch.Tensor, fisher: dict, levels: Sequence[float] = ERROR_LEVELS,
-                            progress: bool = True) -> dict[str, dict]:
-    """Per linear: estimated loss increase when it alone is pruned by SparseGPT at each sparsity level.
-
-    ``fisher_tables`` charges each removed weight ½·F_ij·w_ij², which ignores SparseGPT's compensating updates of
-    the kept weights: SparseGPT changes far more weights than it removes, and makes the layer's output error much
-    smaller than the removals alone. Here the change is SparseGPT's own, ΔW = W − sparsegpt(W, H, s), priced
-    with a Kronecker-factored Fisher (K-FAC, Martens & Grosse 2015): F ≈ diag(g) ⊗ H, so the cost is
-    ½·Σ_r g_r·ΔW_r H ΔW_rᵀ, where H is the layer's input Hessian from the calibration windows. g_r, the output
-    row's sensitivity, is fitted to the diagonal Fisher so that removing all of row r costs what Optimal Brain
-    Damage says: g_r = Σ_j F_rj·w_rj² / Σ_j H_jj·w_rj². One dense pass of the engine gives every H; each level
-    runs one SparseGPT per linear (about a minute per level for the built-in model on 2 CPU cores).
-    """
-    from slimlm.engine import compress_blocks
-    from slimlm.models import linear_fqns
-    from slimlm.prune import PruneSpec, sparsegpt
-
-    tables = {}
-
-    def record(group, stats):
-        H = stats.hessian.float()
-        for fqn, linear in group.items():
-            W = linear.weight.detach().float()
-            W2 = W.square()
-            g = (fisher[fqn] * W2).sum(1) / (W2 @ torch.diag(H)).clamp_min(torch.finfo(torch.float32).tiny)
-            table = {}
-            for s in levels:
-                dW = W - sparsegpt(W, stats, float(s), PruneSpec())[0].float() if s > 0 else torch.zeros_like(W)
-                table[float(s)] = (0.5 * g * ((dW @ H) * dW).sum(1)).sum(dtype=torch.float64).item()
-            tables[fqn] = table
-        return False
-
-    compress_blocks(model, windows, record, set(linear_fqns(model)), hessian=True, progress=progress,
-                    device=next(model.parameters()).device, sequential=False)
-    return tables

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimlm import plots
+from slimlm.report import plots
 from slimlm.errors import SlimlmError, read_json
-from slimlm.export import MANIFEST, atomic_dir, check_output, read_manifest, versions, write_manifest
+from slimlm.runs.save import MANIFEST, atomic_dir, check_output, read_manifest, versions, write_manifest
 
 MISSING = "–"
 # (header, row key, decimals; None = text); zero-shot columns are added per task

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.models import decoder_blocks, linear_fqns
-from slimlm.quant import QuantGrid, has_hadamard, quantize_activations, random_hadamard
+from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.quant.grids import QuantGrid, quantize_activations
+from slimlm.quant.hadamard import has_hadamard, random_hadamard
 
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
 ONLINE_ATTR = "_slimlm_online_rotation"  # set on each down_proj that carries the online hook (its handle)

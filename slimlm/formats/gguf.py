@@ -11,8 +11,8 @@ Written from the GGUF spec (ggml docs/gguf.md: metadata keys ``llama.*``, ``toke
 
 A quantized linear maps onto a block type only when that is exact: its groups are whole blocks (group size a
 multiple of 32, or one group per row), its integer codes fit the block's, and d (and m = -zero·d) are float16
-values. Codes and steps are read back from the saved weights with ``formats.recover_grid``; every tensor is then
-decoded with ``gguf.quants.dequantize`` and compared with the run's weights bit for bit. ``quant.float16_scales``
+values. Codes and steps are read back from the saved weights with ``formats.codes.recover_grid``; every tensor is then
+decoded with ``gguf.quants.dequantize`` and compared with the run's weights bit for bit. ``quant.grids.float16_scales``
 (``--scale-dtype float16`` at quantize time) makes the scales float16; without it ``exact=False`` rounds them
 and reports the largest deviation. Unquantized runs (pruned ones too: GGUF has no sparse type) are written as
 float. Norms are always F32, as llama.cpp expects.
@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.export import _umask, atomic_dir
-from slimlm.formats import _check_new, _check_runtime, _grids, _linear_weights, _read_run, recover_grid
-from slimlm.models import BUILTIN_MODELS, builtin_gguf
-from slimlm.quant import QuantGrid
+from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
+from slimlm.formats.codes import recover_grid
+from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
+from slimlm.quant.grids import QuantGrid
+from slimlm.runs.save import atomic_dir, umask
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_flo
     if not quantized:
         raise SlimlmError(f"--gguf-type {gguf_type} needs a quantized run (export writes the run's own grid, it "
                           f"does not requantize); {run} is a '{manifest.get('kind')}' run: use f32, f16 or bf16")
-    grids = _grids(manifest, run)
+    grids = run_grids(manifest, run)
     asked = [b for b in BLOCKS if b.qtype.name.lower() == gguf_type]
     plan = {}
     for name in linears:
@@ -323,12 +324,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     float16 block scales. The metadata key ``slimlm.export`` holds the GGUF type of every tensor, the largest
     absolute deviation from the run's weights, and the run's manifest.
     """
-    out = _check_new(out)
-    run, manifest, tensors, _ = _read_run(run_dir)
+    out = check_new(out)
+    run, manifest, tensors, _ = read_run(run_dir)
     config = json.loads((run / "config.json").read_text())
     _check_llama(config)
-    _check_runtime(manifest, "GGUF")
-    linears = _linear_weights(manifest, tensors)
+    check_runtime(manifest, "GGUF")
+    linears = linear_weights(manifest, tensors)
     run_float = {torch.float16: T.F16, torch.bfloat16: T.BF16}.get(tensors["model.embed_tokens.weight"].dtype, T.F32)
     plan = _plan(manifest, run, linears, gguf_type, run_float)
     if config.get("tie_word_embeddings"):
@@ -390,7 +391,7 @@ def _write_atomic(out: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

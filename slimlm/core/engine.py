@@ -22,36 +22,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimlm.analysis import add_lower_gram_, symmetrize_lower
+from slimlm.core.architectures import adapter_for, block_linears, decoder_blocks
+from slimlm.core.stats import Accumulator, LayerStats
 from slimlm.errors import SlimlmError
-from slimlm.models import adapter_for, block_linears, decoder_blocks
 
 if TYPE_CHECKING:
-    from slimlm.resume import Checkpoint
+    from slimlm.runs.resume import Checkpoint
 
 log = logging.getLogger(__name__)
 
-ACCUM_DTYPE = torch.float32  # statistics and compression math run in float32 (as GPTQ/SparseGPT do)
+
 DEFAULT_BATCH_TOKENS = 2048  # windows per forward = this // seqlen; measured faster and leaner than 8192 on CPU
-
-
-@dataclass
-class LayerStats:
-    """Statistics of one linear's input over all calibration tokens.
-
-    ``sqnorm[j]`` = ‖X_j‖₂², the squared L2 norm of input channel j over every token (Wanda, RIA, OWL).
-    ``hessian`` = (2/n)·Σ_t x_t x_tᵀ, the layer-wise reconstruction Hessian (SparseGPT, GPTQ), or None.
-    """
-
-    ntokens: int
-    sqnorm: torch.Tensor
-    hessian: torch.Tensor | None = None
-
-
-@dataclass
-class BlockTiming:
-    forward_s: float = 0.0  # both block passes (statistics pass and propagation pass)
-    compress_s: float = 0.0
 
 
 @dataclass
@@ -60,33 +41,6 @@ class Captured:
 
     hidden: torch.Tensor
     call_args: list[dict[int, tuple[tuple, dict]]] = field(default_factory=list)
-
-
-class _Accumulator:
-    def __init__(self, width: int, hessian: bool, device):
-        self.ntokens = 0
-        # with a Hessian the channel norms are its Gram's diagonal, so only one of the two is accumulated
-        self.xtx = torch.zeros(width, width, dtype=ACCUM_DTYPE, device=device) if hessian else None
-        self.sqnorm = None if hessian else torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
-        self._stats = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(ACCUM_DTYPE)
-        self.ntokens += x.shape[0]
-        if self.xtx is None:
-            self.sqnorm += x.square().sum(0)
-        else:  # ~40% fewer flops than the full product; completed in stats()
-            add_lower_gram_(self.xtx, x)
-
-    def stats(self) -> LayerStats:
-        """Finalised statistics; computed once, as linears that share an input share this object."""
-        if self._stats is None:
-            if self.xtx is None:
-                self._stats = LayerStats(self.ntokens, self.sqnorm)
-            else:  # Σ_t x_tj² is the Gram's diagonal
-                self._stats = LayerStats(self.ntokens, torch.diagonal(self.xtx).clone(),
-                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens))
-        return self._stats
 
 
 def _to(obj, device):
@@ -152,7 +106,7 @@ def run_block(block: nn.Module, inputs: torch.Tensor, call_args: dict, batch_siz
 def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
     """Hook each linear to accumulate input statistics; linears fed the same tensor (q/k/v,
     gate/up) share one accumulator, so each statistic is computed once per distinct input."""
-    accs: dict[str, _Accumulator] = {}
+    accs: dict[str, Accumulator] = {}
     last = {"x": None, "acc": None}
 
     def hook_for(name):
@@ -162,7 +116,7 @@ def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
                 if last["x"] is x:
                     accs[name] = last["acc"]
                 else:
-                    accs[name] = _Accumulator(x.shape[-1], hessian, x.device)
+                    accs[name] = Accumulator(x.shape[-1], hessian, x.device)
             if last["x"] is not x:
                 accs[name].add(x)
             last["x"], last["acc"] = x, accs[name]
@@ -176,7 +130,7 @@ def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
 CompressFn = Callable[[dict[str, nn.Linear], LayerStats | None], bool]
 
 
-def _by_input(linears: dict[str, nn.Linear], accs: dict[str, _Accumulator]):
+def _by_input(linears: dict[str, nn.Linear], accs: dict[str, Accumulator]):
     """[(statistics, {fqn: linear})] with one entry per distinct input, in the block's order."""
     groups: dict[int, tuple[LayerStats, dict[str, nn.Linear]]] = {}
     for fqn, lin in linears.items():
@@ -185,7 +139,7 @@ def _by_input(linears: dict[str, nn.Linear], accs: dict[str, _Accumulator]):
 
 
 class BlockIO(Protocol):
-    """Where block weights live outside their turn (``--offload disk``: ``slimlm.shards.ShardStream``).
+    """Where block weights live outside their turn (``--offload disk``: ``slimlm.runs.offload.ShardStream``).
 
     ``load(i, block)`` materialises block i just before it is used; ``store(i, block)`` takes it once it is
     compressed (writes it out and frees it), so only one block's weights are in memory at a time.

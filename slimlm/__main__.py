@@ -1,0 +1,6 @@
+"""``python -m slimlm``: the command line."""
+import sys
+
+from slimlm.cli import main
+
+sys.exit(main())

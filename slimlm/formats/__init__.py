@@ -1,0 +1,1 @@
+"""Export: a saved run in the formats engines load (sparse, compressed-tensors for vLLM, GGUF for llama.cpp)."""

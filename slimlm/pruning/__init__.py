@@ -1,0 +1,1 @@
+"""Compress by pruning: masks, score methods (magnitude, Wanda, RIA) and SparseGPT; ``methods.METHODS`` names them."""

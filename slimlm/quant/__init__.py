@@ -1,0 +1,1 @@
+"""Compress by quantization: grids, RTN, GPTQ, Hadamard rotations (QuaRot), packed storage."""

@@ -1,0 +1,1 @@
+"""Report: one HTML/markdown page of many runs, and the PNG plots."""

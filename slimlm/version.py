@@ -1,0 +1,2 @@
+"""slimlm's version (pyproject reads it from here)."""
+__version__ = "0.1.0"
