@@ -18,11 +18,10 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluation.perplexity import perplexity
 from slimlm.pruning.methods import get_method
 from slimlm.pruning.spec import PruneSpec, check_sparsity, parse_pattern
-from slimlm.quant.gptq import gptq
 from slimlm.quant.grids import QuantGrid
+from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import packed_bytes
 from slimlm.quant.rotate import attach_online_down_, quantize_activations_, rotate_
-from slimlm.quant.rtn import rtn
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
 
@@ -256,15 +255,14 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on
     the grid), optionally after a QuaRot rotation and with simulated per-token activation quantization.
 
-    ``method``: 'rtn' (data-free) or 'gptq'. ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
+    ``method``: a name in ``quant.methods.QUANTIZERS`` ('rtn', data-free, or 'gptq'). ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
     (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``. ``scale_dtype='float16'``
     rounds scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and
     ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
     ``sequential=False`` calibrates every block on the dense model's activations in one pass
     (``core.engine.compress_blocks``).
     """
-    if method not in ("rtn", "gptq"):
-        raise SlimlmError(f"unknown quantization method '{method}'; choose rtn or gptq")
+    quantizer = get_quantizer(method)
     if rotate not in (None, "none", "hadamard"):
         raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
     QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)  # validates before any work
@@ -280,7 +278,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     start, timings, calib_info = time.perf_counter(), {}, None
     rotation = rotate_(model, seed=seed) if rotate == "hadamard" else None
     layers = linear_fqns(model)
-    if method == "gptq" or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
+    if quantizer.needs_data or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
     bits = {fqn: wbits for fqn in layers}
@@ -292,22 +290,18 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     grids = {fqn: QuantGrid(b, symmetric, group_size, scale_dtype=scale_dtype) for fqn, b in bits.items()}
     losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
 
+    options = GPTQOptions(blocksize, damp, act_order)
+
     def compress(group, stats):
         for grid, fqns in _by_grid(grids, group).items():
             weights = [group[fqn].weight.data for fqn in fqns]
-            if method == "rtn":
-                for W in weights:
-                    W.copy_(rtn(W, grid))
-                continue
-            # linears reading one input share one GPTQ sweep over their stacked rows (rows are independent)
-            Q, row_loss = gptq(torch.cat(weights), stats.hessian, grid, blocksize, damp, act_order)
-            rows = [W.shape[0] for W in weights]
-            for fqn, W, Q_part, loss in zip(fqns, weights, Q.split(rows), row_loss.split(rows)):
-                W.copy_(Q_part)
-                losses[fqn] = loss.sum().item()
+            for fqn, W, Q, loss in zip(fqns, weights, *quantizer.fn(weights, stats, grid, options)):
+                W.copy_(Q)
+                if loss is not None:
+                    losses[fqn] = loss
         return True
 
-    if method == "gptq":
+    if quantizer.needs_data:
         timings |= compress_blocks(model, calib, compress, set(layers), hessian=True, device=device,
                                    batch_size=batch_size, progress=progress, io=io, checkpoint=checkpoint,
                                    sequential=sequential)
