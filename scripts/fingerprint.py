@@ -97,7 +97,8 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--data-dir", default=DATA)
     args = p.parse_args()
-    from slimlm.models import builtin_gguf, gguf_to_folder
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
 
     work = Path(tempfile.mkdtemp(prefix="slimlm-fingerprint-"))
     folders, result = {}, {}
