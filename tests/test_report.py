@@ -1,17 +1,21 @@
 """`slimlm report` over hand-written run folders: table values equal the manifests', images are real PNGs,
-markdown links resolve, errors are one line, nothing is overwritten without --overwrite; and, where
+markdown links resolve, errors are one line, nothing is overwritten without --overwrite; log axes read as
+plain decimals, a lone run is no line, 50 runs give one table row each and every figure; and, where
 Chromium is installed, the page renders to a non-blank screenshot."""
 import base64
+import importlib.util
 import json
 import re
 import shutil
 import statistics
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from slimlm.cli import main
+from slimlm.report import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = [f"model.layers.{b}.{kind}" for b in range(3) for kind in ("self_attn.q_proj", "mlp.down_proj")]
@@ -59,25 +63,31 @@ def _write_runs(root):
 
 
 class Page(HTMLParser):
-    """Tables as lists of rows of cell texts, and the attributes of every <img>."""
+    """Tables as lists of rows of cell texts, the <h2> headings, the attributes of every <img> and the
+    class of every <figure>."""
 
     def __init__(self):
         super().__init__()
-        self.tables, self.images, self._cell = [], [], None
+        self.tables, self.headings, self.images, self.figures, self._cell = [], [], [], [], None
 
     def handle_starttag(self, tag, attrs):
         if tag == "table":
             self.tables.append([])
         elif tag == "tr":
             self.tables[-1].append([])
-        elif tag in ("td", "th"):
+        elif tag in ("td", "th", "h2"):
             self._cell = []
         elif tag == "img":
             self.images.append(dict(attrs))
+        elif tag == "figure":
+            self.figures.append(dict(attrs).get("class"))
 
     def handle_endtag(self, tag):
         if tag in ("td", "th"):
             self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "h2":
+            self.headings.append("".join(self._cell))
             self._cell = None
 
     def handle_data(self, data):
@@ -100,6 +110,12 @@ def _report(root):
     return runs / "report"
 
 
+def _page(report):
+    page = Page()
+    page.feed((report / "report.html").read_text(encoding="utf-8"))
+    return page
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """One report shared by the tests that only read it."""
@@ -107,23 +123,27 @@ def report(tmp_path_factory):
 
 
 def test_table_values_equal_the_manifests(report):
-    page = Page()
-    page.feed((report / "report.html").read_text(encoding="utf-8"))
-    results, analyses = (_by_run(t) for t in page.tables)
-    assert set(results) == {"wanda50", "wanda70-owl", "rtn-w4", "gptq-mixed", "old/bare"}
-    w = results["wanda50"]
-    assert (w["kind"], w["method"], w["budget"], w["ppl eval"]) == ("prune", "wanda", "0.5", "wikitext2 1×256")
+    page = _page(report)
+    # one table per kind of run, then the analyses
+    assert page.headings[:4] == ["prune runs (2)", "quantize runs (2)", "runs of no recorded kind (1)",
+                                 "analyses (1)"]
+    prune, quantize, bare, analyses = (_by_run(t) for t in page.tables)
+    assert set(prune) == {"wanda50", "wanda70-owl"} and set(quantize) == {"rtn-w4", "gptq-mixed"}
+    w = prune["wanda50"]
+    assert (w["method"], w["budget"], w["ppl eval"]) == ("wanda", "0.5", "wikitext2 1×256")
     assert _close(w["sparsity"], WANDA50["sparsity"], 4) and _close(w["perplexity"], 40.1234, 2)
     assert _close(w["piqa acc"], 0.6123, 4) and _close(w["arc_easy acc_norm"], 0.4567, 4)
-    assert _close(w["seconds"], 12.34, 1) and w["bits"] == "–" and w["bytes/param"] == "–"
-    assert results["wanda70-owl"]["budget"] == "0.7 owl" and _close(results["wanda70-owl"]["perplexity"], 300.5, 2)
-    q = results["rtn-w4"]
+    assert _close(w["seconds"], 12.34, 1)
+    assert "bits" not in w and "bytes/param" not in w  # no prune run records them: columns left out
+    assert prune["wanda70-owl"]["budget"] == "0.7 owl" and _close(prune["wanda70-owl"]["perplexity"], 300.5, 2)
+    assert prune["wanda70-owl"]["piqa acc"] == "–"  # another run of the table records it
+    q = quantize["rtn-w4"]
     assert q["budget"] == "w4 g128" and _close(q["bits"], 4.0, 2) and _close(q["bytes/param"], 1.23456, 3)
-    assert q["sparsity"] == q["seconds"] == q["piqa acc"] == "–" and _close(q["perplexity"], 25.0, 2)
-    g = results["gptq-mixed"]  # mixed precision: the achieved mean bits, not the target or wbits
+    assert q["seconds"] == "–" and "sparsity" not in q and _close(q["perplexity"], 25.0, 2)
+    g = quantize["gptq-mixed"]  # mixed precision: the achieved mean bits, not the target or wbits
     assert g["budget"] == "avg 3.5 bits a4 per-channel rotated alphapruning" and _close(g["bits"], 3.4, 2)
     assert g["ppl eval"] == "wikitext2 2×128" and _close(g["seconds"], 99.96, 1) and g["seconds"] == "100.0"
-    assert set(results["old/bare"].values()) == {"old/bare", "sparsegpt", "–"}
+    assert bare == {"old/bare": {"run": "old/bare", "method": "sparsegpt"}}
     a = analyses["analysis"]
     assert a["layers"] == str(len(ANALYSIS)) and _close(a["alpha median"], statistics.median(ALPHAS), 2)
     assert _close(a["alpha min"], min(ALPHAS), 2) and _close(a["alpha max"], max(ALPHAS), 2)
@@ -134,21 +154,83 @@ def test_table_values_equal_the_manifests(report):
 
 
 def test_images_are_embedded_pngs_and_markdown_links_resolve(report):
-    page = Page()
-    page.feed((report / "report.html").read_text(encoding="utf-8"))
-    # ppl vs sparsity, ppl vs bits, per-layer sparsity (owl) and bits (gptq-mixed), alpha across depth
-    assert len(page.images) == 5
+    page = _page(report)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report / "report.md").read_text(encoding="utf-8"))
+    # every run here is alone in its (method, series): no perplexity plot, the table says it all;
+    # per-layer sparsity (owl), per-layer bits (gptq-mixed) and alpha across depth remain, across the page
+    assert sorted(links) == ["alpha_depth_0.png", "budgets_bits.png", "budgets_sparsity.png"]
+    html = (report / "report.html").read_text(encoding="utf-8")
+    assert "No perplexity-vs-sparsity plot" in html and "No perplexity-vs-bits plot" in html
+    assert len(page.images) == 3 and page.figures == ["wide"] * 3
     for img in page.images:
         prefix = "data:image/png;base64,"
         assert img["src"].startswith(prefix) and img["alt"]
         png = base64.b64decode(img["src"][len(prefix):], validate=True)
         assert png.startswith(PNG_MAGIC) and len(png) > 1000
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report / "report.md").read_text(encoding="utf-8"))
-    assert len(links) == 5
     for link in links:
         assert (report / link).read_bytes().startswith(PNG_MAGIC)
     embedded = {base64.b64decode(img["src"].split(",", 1)[1]) for img in page.images}
     assert embedded == {(report / link).read_bytes() for link in links}
+
+
+PLAIN = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+
+
+@pytest.mark.parametrize("lo, hi", [(24.6, 25.3), (24.6, 31.0), (24.6, 80.0), (24.6, 3300.0), (20.0, 2e5)])
+def test_log_axis_ticks_read_as_plain_decimals(lo, hi):
+    """Matplotlib's own labels on these ranges read "2.46×10¹" or "10²"; ours are plain numbers at the ticks."""
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [lo, (lo * hi) ** 0.5, hi])
+    plots.log_axis(ax, [lo, hi])
+    fig.canvas.draw()
+    labels = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels()]
+    minor = [t.get_text() for t in ax.get_yticklabels(minor=True)]
+    plt.close(fig)
+    assert len(labels) >= 3 and all(PLAIN.match(text) for _, text in labels), labels
+    assert all(float(text) == pytest.approx(y, rel=1e-6) for y, text in labels)
+    assert [y for y, _ in labels] == sorted(y for y, _ in labels) and set(minor) <= {""}
+    bottom, top = ax.get_ylim()
+    assert bottom < lo and top > hi and all(bottom <= y <= top for y, _ in labels)
+
+
+def test_sweep_draws_lone_runs_as_markers():
+    rows = [{"method": "wanda", "allocation": "uniform", "sparsity": s, "perplexity": p}
+            for s, p in ((0.5, 40.0), (0.6, 70.0), (0.7, 300.0))]
+    rows += [{"method": "sparsegpt", "allocation": "2:4", "sparsity": 0.5, "perplexity": 60.0},
+             {"method": "wanda", "allocation": "owl", "sparsity": 0.7, "perplexity": 200.0}]
+    fig = plots.sweep_figure(rows)
+    (ax,) = fig.axes
+    drawn = {(len(line.get_xdata()), line.get_linestyle()) for line in ax.lines}
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    plots._pyplot().close(fig)
+    assert drawn == {(3, "-"), (1, "None")} and len(ax.lines) == 3
+    assert legend == ["method", "sparsegpt", "wanda", "series", "2:4", "owl", "uniform"]
+
+
+def _sample_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "report_sample.py"
+    spec = importlib.util.spec_from_file_location("report_sample", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fifty_runs_one_row_each_and_every_figure(tmp_path):
+    sample = _sample_module()
+    assert sample.write_sample(tmp_path / "runs") == 50
+    assert main(["report", str(tmp_path / "runs")]) == 0
+    page = _page(tmp_path / "runs" / "report")
+    names = [row[0] for table in page.tables for row in table[1:]]
+    expected = sorted([*sample.runs(), "analysis/" + sample.MODEL])
+    assert sorted(names) == expected and len(names) == 50
+    kinds = {h.split(" (")[0]: t for h, t in zip(page.headings, page.tables)}
+    assert {r[0] for r in kinds["prune runs"][1:]} == {n for n, m in sample.runs().items() if m.get("kind") == "prune"}
+    # two sweeps side by side, per-layer sparsity (4 allocations) and bits, alpha across depth across the page
+    assert page.figures == [None, None, "wide", "wide", "wide"]
+    assert [img["alt"].split(" ")[:3] for img in page.images] == [
+        ["Perplexity", "vs", "sparsity"], ["Perplexity", "vs", "bits"], ["Per-layer", "sparsity", "of"],
+        ["Per-layer", "bits", "of"], ["Alpha", "across", "depth:"]]
 
 
 def test_no_runs_is_one_line_error(tmp_path, capsys):
@@ -168,9 +250,8 @@ def test_existing_report_replaced_only_with_overwrite(tmp_path, capsys):
     assert main(["report", str(runs)]) == 2
     assert "already exists" in capsys.readouterr().err and (report / "report.html").read_bytes() == before
     assert main(["report", str(runs), "--overwrite"]) == 0
-    page = Page()
-    page.feed((report / "report.html").read_text(encoding="utf-8"))
-    results = _by_run(page.tables[0])
+    page = _page(report)
+    results = {name: r for t in page.tables for name, r in _by_run(t).items()}
     assert results["wanda50"]["method"] == "sparsegpt" and "report" not in results  # its own manifest skipped
     # --overwrite never replaces a run folder
     assert main(["report", str(runs), "--out", str(runs / "rtn-w4"), "--overwrite"]) == 2
