@@ -1,6 +1,7 @@
 """The Python API: analyze, prune, quantize, evaluate, save over a loaded model; the CLI calls these."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +25,8 @@ from slimlm.quant.packing import packed_bytes
 from slimlm.quant.rotate import attach_online_down_, quantize_activations_, rotate_
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -347,10 +350,21 @@ def _adds_bos(tokenizer) -> bool | None:
 def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, windows: int | None = None,
              data_dir: str | None = None, device: str = "cpu", batch_size: int = 1,
              progress: bool = True) -> dict:
-    """WikiText-2 (or other) test perplexity with non-overlapping windows; returns a JSON-able dict."""
+    """WikiText-2 (or other) test perplexity with non-overlapping windows; returns a JSON-able dict. ``windows``
+    limits it to the first N (default: all, the protocol); with ``progress``, the plan and an estimate of its time
+    are logged first."""
+    if seqlen < 2:
+        raise SlimlmError(f"evaluation windows need at least 2 tokens (--eval-seqlen), got {seqlen}")
+    if windows is not None and windows < 1:
+        raise SlimlmError(f"the number of evaluation windows (--eval-windows) must be at least 1, got {windows}")
     tokens = data_mod.tokenize(data_mod.load_text(source, "test", data_dir), tokenizer)
-    windows = check_tokens(model, data_mod.eval_windows(tokens, seqlen, windows))
-    result = perplexity(model, windows, device, batch_size, progress)
+    ids = check_tokens(model, data_mod.eval_windows(tokens, seqlen, windows))
+    if progress:
+        available = tokens.numel() // seqlen
+        log.info("perplexity on %s: %d windows x %d tokens = %d tokens (%s)", source, len(ids), seqlen, ids.numel(),
+                 f"the first {len(ids)} of {available}" if len(ids) < available
+                 else "every window of the test text; --eval-windows N, or windows=N in Python, evaluates fewer")
+    result = perplexity(model, ids, device, batch_size, progress)
     return {"dataset": source, "perplexity": result.perplexity, "nll": result.nll, "windows": result.windows,
             "seqlen": result.seqlen, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
             "bos_added": _adds_bos(tokenizer)}

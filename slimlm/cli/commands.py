@@ -77,10 +77,11 @@ def _finish(model, tokenizer, out, result, args, stream=None) -> None:
     print(json.dumps({"out": str(out), **summary}))
 
 
-def _eval(model, tokenizer, args) -> dict:
+def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:
+    """Test perplexity; unless --quiet, the plan (windows, tokens) and a time estimate go to stderr first."""
     import slimlm
     return slimlm.evaluate(model, tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows,
-                           args.data_dir, args.device, progress=not args.quiet)
+                           args.data_dir, args.device, batch_size, progress=not args.quiet)
 
 
 def cmd_prune(args) -> None:
@@ -202,9 +203,37 @@ def cmd_allocate(args) -> None:
         Path(args.out).write_text(json.dumps(budgets, indent=1) + "\n")
         plots.budgets({args.allocation: budgets}, Path(args.out).with_suffix(".png"), unit)
     sizes = {n: metrics[n]["size"] for n in budgets}
-    mean = sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes.values())
-    print(json.dumps({"allocation": args.allocation, unit: mean, "min": min(budgets.values()),
-                      "max": max(budgets.values()), "budgets": budgets}))
+    mean, low, high = _weighted_mean(budgets, sizes), min(budgets.values()), max(budgets.values())
+    if args.json:
+        print(json.dumps({"allocation": args.allocation, unit: mean, "min": low, "max": high, "budgets": budgets}))
+        return
+    print(f"{args.allocation} allocation, target {unit}={target:g}: parameter-weighted mean {mean:.4f} over "
+          f"{len(budgets)} linears, min {low:.3f}, max {high:.3f}")
+    print("\n".join(_budget_table(budgets, metrics)))
+    if args.out:
+        print(f"budget map written to {args.out} (plot: {Path(args.out).with_suffix('.png')})")
+
+
+def _weighted_mean(budgets: dict[str, float], sizes: dict[str, int]) -> float:
+    return sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes[n] for n in budgets)
+
+
+def _budget_table(budgets: dict[str, float], metrics: dict[str, dict]) -> list[str]:
+    """One row per block: the parameter-weighted mean budget of its linears, then each linear's by kind."""
+    kinds = list(dict.fromkeys(metrics[n]["kind"] for n in budgets))
+    names = [k.rsplit(".", 1)[-1] for k in kinds]  # q_proj rather than self_attn.q_proj, where that is unique
+    if len(set(names)) < len(kinds):
+        names = kinds
+    widths = [max(len(name), 5) for name in names]
+    blocks: dict[int, dict[str, str]] = {}
+    for fqn in budgets:
+        blocks.setdefault(metrics[fqn]["block"], {})[metrics[fqn]["kind"]] = fqn
+    lines = ["block   mean  " + "  ".join(f"{name:>{w}}" for name, w in zip(names, widths))]
+    for block, fqns in sorted(blocks.items()):
+        mean = _weighted_mean({f: budgets[f] for f in fqns.values()}, {f: metrics[f]["size"] for f in fqns.values()})
+        cells = [f"{budgets[fqns[k]]:>{w}.3f}" if k in fqns else " " * w for k, w in zip(kinds, widths)]
+        lines.append(f"{block:>5}  {mean:.3f}  " + "  ".join(cells))
+    return lines
 
 
 def cmd_export(args) -> None:
@@ -242,13 +271,15 @@ def cmd_eval(args) -> None:
         raise SlimlmError("--tasks needs at least one task name (e.g. --tasks piqa,arc_easy)")
     if args.limit is not None and args.limit < 1:
         raise SlimlmError("--limit must be a positive number of documents")
+    if args.batch_size < 1:
+        raise SlimlmError("--batch-size must be at least 1")
     if tasks:
         check_tasks(tasks, args.tasks_dir)  # fail fast on unknown names, before loading the model
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
     slimlm.apply_runtime(model, read_manifest(args.model) if Path(args.model).is_dir() else {})
     metrics = {}
     if not tasks or args.ppl:
-        metrics["perplexity"] = _eval(model, tokenizer, args)
+        metrics["perplexity"] = _eval(model, tokenizer, args, args.batch_size)
     if tasks:
         metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
                                          args.tasks_dir, args.num_fewshot)

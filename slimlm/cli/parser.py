@@ -4,43 +4,122 @@ from __future__ import annotations
 import argparse
 
 from slimlm.cli.commands import cmd_allocate, cmd_analyze, cmd_eval, cmd_export, cmd_prune, cmd_quantize, cmd_report
+from slimlm.version import __version__
+
+DESCRIPTION = ("Prune and quantize Hugging Face causal LMs block by block on calibration data, evaluate them and "
+               "export them.")
+EPILOG = "slimlm COMMAND --help lists a command's options and their defaults."
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends an option's default to its help, where it has one worth saying (not None or False) and the
+    help does not already explain it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        # "is False", not "in": a default of 0 is worth saying, an off switch is not
+        unset = action.default in (None, argparse.SUPPRESS) or action.default is False
+        if unset or not action.option_strings or "default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+EVAL_OPTIONS = ("--eval-dataset", "--eval-seqlen", "--eval-windows")
+CALIB_OPTIONS = ("--calib", "--nsamples", "--seqlen", "--calib-sampling", "--seed", "--batch-size", "--owl-m")
+
+# Options that take effect only together with another choice: (commands, options, in effect?, what they need).
+# One set away from its default where it would change nothing is refused rather than silently ignored.
+ONLY_WITH = [
+    (("prune", "quantize"), EVAL_OPTIONS, lambda a: a.eval, "--eval"),
+    (("eval",), EVAL_OPTIONS, lambda a: not a.tasks or a.ppl, "perplexity (no --tasks, or --tasks with --ppl)"),
+    (("eval",), ("--ppl", "--limit", "--tasks-dir", "--num-fewshot"), lambda a: a.tasks, "--tasks"),
+    (("prune",), ("--ria-alpha",), lambda a: a.method == "ria", "--method ria"),
+    (("prune",), ("--permute",), lambda a: a.pattern != "unstructured" and a.method != "sparsegpt",
+     "an N:M --pattern and --method magnitude, wanda or ria"),
+    (("prune",), ("--group",), lambda a: a.pattern == "unstructured", "--pattern unstructured"),
+    (("prune",), ("--group-size", "--asym", "--scale-dtype"), lambda a: a.wbits is not None, "--wbits"),
+    (("prune",), ("--owl-m",), lambda a: a.allocation == "owl", "--allocation owl"),
+    (("quantize",), ("--owl-m",), lambda a: False, "prune or analyze (quantize's owl allocation keeps M at 5)"),
+    (("prune", "quantize", "allocate"), ("--owl-lambda",), lambda a: a.allocation == "owl", "--allocation owl"),
+    (("prune", "quantize", "allocate"), ("--alpha-epsilon",), lambda a: a.allocation == "alphapruning",
+     "--allocation alphapruning"),
+    (("quantize",), ("--allocation",), lambda a: a.avg_bits is not None, "--avg-bits"),
+    (("quantize",), ("--act-order", "--one-pass"), lambda a: a.method == "gptq", "--method gptq"),
+    (("quantize",), ("--act-clip",), lambda a: a.abits is not None, "--abits"),
+    (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
+    (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
+     "the fisher tables (not with --no-calib or --no-fisher)"),
+    (("export",), ("--gguf-type",), lambda a: a.format == "gguf", "--format gguf"),
+    (("export",), ("--inexact",), lambda a: a.format != "sparse", "--format compressed-tensors or gguf"),
+]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its --help shows the defaults, and it refuses options that would have no effect."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        command = self.prog.rpartition(" ")[2]  # add_parser names it "slimlm <command>"
+        for commands, options, in_effect, needs in ONLY_WITH:
+            if command not in commands or in_effect(namespace):
+                continue
+            given = [o for o in options if self._given(namespace, o)]
+            if given:
+                self.exit(2, f"slimlm: error: {given[0]} only applies with {needs}\n")
+        return namespace, extras
+
+    def _given(self, namespace, option: str) -> bool:
+        dest = option[2:].replace("-", "_")
+        return getattr(namespace, dest) != self.get_default(dest)
 
 
 def _add_model_args(p):
     p.add_argument("model", help="built-in alias (smollm2-135m), HF folder, .gguf file, or hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights while computing and in the saved run")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1); the model "
                    "stays on the CPU and each block visits the device in turn")
     p.add_argument("--data-dir", help="offline data folder (wikitext2/test.raw, wikitext2/valid.tokens); "
                    "default: $SLIMLM_DATA_DIR, else the datasets library")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
 
 
 def _add_eval_args(p):
     p.add_argument("--eval-dataset", default="wikitext2", help="wikitext2, c4, or a text file")
-    p.add_argument("--eval-seqlen", type=int, default=2048)
-    p.add_argument("--eval-windows", type=int, help="limit to the first N windows")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
+    p.add_argument("--eval-windows", type=int, metavar="N", help="evaluate the first N windows only (default: "
+                   "every window of the test text, as the protocol asks: 147 windows of 2048 tokens for "
+                   "WikiText-2 with the built-in model, minutes to hours on a CPU)")
 
 
 def _add_calib_args(p, nsamples=128, seqlen=2048):
-    p.add_argument("--calib", default="wikitext2", help="wikitext2, c4, or a text file")
-    p.add_argument("--nsamples", type=int, default=nsamples)
-    p.add_argument("--seqlen", type=int, default=seqlen)
-    p.add_argument("--calib-sampling", default="random", choices=["random", "first"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default 2048 tokens)")
-    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M (x layer mean)")
+    p.add_argument("--calib", default="wikitext2", help="calibration text: wikitext2, c4, or a text file")
+    p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration window")
+    p.add_argument("--calib-sampling", default="random", choices=["random", "first"],
+                   help="random: windows at seeded random offsets; first: the first non-overlapping windows")
+    p.add_argument("--seed", type=int, default=0, help="random seed (calibration windows; quantize: also the "
+                   "Hadamard rotation)")
+    p.add_argument("--batch-size", type=int, help="calibration windows per forward (default: as many as "
+                   "make 2048 tokens)")
+    p.add_argument("--owl-m", type=float, default=5.0, metavar="M", help="OWL outlier threshold: a weight is an "
+                   "outlier when its Wanda score exceeds M times its layer's mean")
 
 
 def _add_allocation_args(p):
-    p.add_argument("--allocation", default="uniform", help="uniform, owl, alphapruning, errortable, fisher (ours)")
+    p.add_argument("--allocation", default="uniform", help="how the target is spread over the layers: uniform, "
+                   "owl, alphapruning, errortable, or fisher (slimlm's own)")
     p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: budgets span target +- lambda")
     p.add_argument("--alpha-epsilon", type=float, default=0.2, help="AlphaPruning: ratios span 1 +- epsilon")
 
 
 def _add_grid_args(p):
-    p.add_argument("--group-size", type=int, default=128, help="quantization group (-1: per output channel)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per quantization scale along a row "
+                   "(-1: one scale per output channel)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (default symmetric)")
     p.add_argument("--scale-dtype", choices=["float16"], help="round scales to float16 (exact GGUF Q4_0/Q4_1/Q8_0 "
                    "export; default float32)")
@@ -55,21 +134,25 @@ def _add_run_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="slimlm", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     p = sub.add_parser("prune", help="prune a model block by block on calibration data")
     _add_model_args(p)
     p.add_argument("--method", default="wanda", help="magnitude, wanda, sparsegpt, ria")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of zeros per layer, in [0, 1)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M (keep N of every M)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M to keep N of every M "
+                   "consecutive input weights, e.g. 2:4")
     p.add_argument("--group", choices=["row", "matrix"], help="comparison group (default: the paper's)")
     p.add_argument("--permute", action="store_true", help="channel permutation before N:M (RIA)")
-    p.add_argument("--ria-alpha", type=float, default=0.5, help="RIA activation exponent")
+    p.add_argument("--ria-alpha", type=float, default=0.5, help="RIA: exponent of the input-channel norms")
     _add_calib_args(p)
     _add_allocation_args(p)
-    p.add_argument("--budgets", help="JSON file FQN -> sparsity (from `slimlm allocate --out`)")
-    p.add_argument("--wbits", type=int, help="also quantize the kept weights (joint sparse + quantized)")
+    p.add_argument("--budgets", help="JSON file FQN -> sparsity, as written by slimlm allocate --out")
+    p.add_argument("--wbits", type=int, help="also quantize the kept weights to this many bits "
+                   "(joint sparse + quantized)")
     _add_grid_args(p)
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -80,20 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ), optionally rotated and W4A4")
     _add_model_args(p)
-    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
-    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest (no data); gptq: error-correcting, on calibration data")
+    p.add_argument("--wbits", type=int, default=4, help="bits per weight, 2 to 8")
     _add_grid_args(p)
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--one-pass", action="store_true",
                    help="GPTQ: calibrate every block on the dense model's activations (one pass, ~half the time)")
     p.add_argument("--abits", type=int, help="simulated per-token activation quantization (e.g. 4 for W4A4)")
-    p.add_argument("--act-clip", type=float, default=1.0, help="activation clipping ratio")
-    p.add_argument("--rotate", default="none", choices=["none", "hadamard"], help="QuaRot rotation first")
+    p.add_argument("--act-clip", type=float, default=1.0, help="with --abits: activation clipping ratio "
+                   "(1: no clipping)")
+    p.add_argument("--rotate", default="none", choices=["none", "hadamard"],
+                   help="hadamard: QuaRot's rotation before quantizing")
     p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
     _add_calib_args(p)
     _add_allocation_args(p)
     p.add_argument("--out", help="output folder (default runs/<model>-<method>-w<bits>)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_run_args(p)
     p.add_argument("--eval", action="store_true", help="measure test perplexity after quantizing")
     _add_eval_args(p)
@@ -107,21 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher-for", choices=("wanda", "sparsegpt"), default="wanda",
                    help="price the fisher tables for this method's changes (sparsegpt: slower, ~1 min per level)")
     p.add_argument("--esd-layer", help="FQN of the layer whose ESD is plotted (default: the first)")
-    p.add_argument("--target", default="sparsity=0.7", help="budget plotted for each allocator")
+    p.add_argument("--target", default="sparsity=0.7", help="global budget whose per-layer maps are plotted: "
+                   "sparsity=0.7, bits=3.5 or rank=0.5")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("allocate", help="per-layer budget map from an analysis folder")
-    p.add_argument("analysis", help="folder written by `slimlm analyze`")
-    p.add_argument("--target", default="sparsity=0.7", help="sparsity=0.7, bits=3.5 or rank=0.5")
+    p.add_argument("analysis", help="folder written by slimlm analyze")
+    p.add_argument("--target", default="sparsity=0.7", help="global budget: sparsity=0.7, bits=3.5 or "
+                   "rank=0.5 (the parameter-weighted mean of the map)")
     _add_allocation_args(p)
     p.add_argument("--out", help="write the budget map to this JSON file (and a PNG beside it)")
+    p.add_argument("--json", action="store_true", help="print the map as one JSON line instead of the table")
     p.set_defaults(func=cmd_allocate, quiet=True)
 
     p = sub.add_parser("export", help="write a saved run in an engine's format")
-    p.add_argument("run", help="folder written by `slimlm prune` or `slimlm quantize`")
-    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse", "gguf"])
+    p.add_argument("run", help="folder written by slimlm prune or slimlm quantize")
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse", "gguf"],
+                   help="compressed-tensors (vLLM), sparse (slimlm's masks and kept values), gguf (llama.cpp)")
     p.add_argument("--out", required=True, help="output folder, or for gguf a .gguf file (never overwritten)")
     p.add_argument("--inexact", action="store_true", help="compressed-tensors: allow scales within an ulp "
                    "(bf16/fp16 runs); gguf: round block scales to float16 and report the deviation")
@@ -135,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness task names (piqa,arc_easy,hellaswag): "
                    "zero-shot accuracy instead of perplexity; needs pip install 'slimlm[eval]'")
     p.add_argument("--ppl", action="store_true", help="with --tasks: measure perplexity as well")
-    p.add_argument("--limit", type=int, help="zero-shot: only the first N documents of each task")
+    p.add_argument("--limit", type=int, metavar="N", help="zero-shot: only the first N documents of each task")
     p.add_argument("--tasks-dir", help="zero-shot: folder of extra task YAMLs (their data_files paths are "
                    "resolved from the current directory)")
     p.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt")
-    p.add_argument("--batch-size", type=int, default=1, help="zero-shot: requests per forward")
+    p.add_argument("--batch-size", type=int, default=1, help="windows (perplexity) or requests (zero-shot) "
+                   "per forward")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
@@ -147,4 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <first folder>/report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=cmd_report, quiet=True)
+    _describe_commands(sub)
     return parser
+
+
+def _describe_commands(sub) -> None:
+    """Each command's line in the command list also heads its own --help."""
+    for choice in sub._choices_actions:  # argparse keeps the add_parser(help=...) lines only here
+        command = sub.choices[choice.dest]
+        command.description = command.description or choice.help
