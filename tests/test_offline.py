@@ -191,7 +191,8 @@ def logits(model) -> torch.Tensor:
         return model(torch.arange(16).view(1, 16)).logits
 
 
-def test_gguf_copy_is_announced_listed_and_cleared(capsys, cache, tiny_gguf):
+def test_gguf_copy_is_announced_listed_and_cleared(capsys, monkeypatch, cache, tiny_gguf):
+    from slimlm.core import models
     from slimlm.core.models import load_model
 
     model, _ = load_model(str(tiny_gguf))
@@ -201,7 +202,7 @@ def test_gguf_copy_is_announced_listed_and_cleared(capsys, cache, tiny_gguf):
     assert f"kept a float32 copy of tiny.gguf in {entry} ({size / 1e6:.1f} MB;" in err
     os.utime(entry / "slimlm-cache.json", (0, 0))
     again, _ = load_model(str(tiny_gguf))
-    assert capsys.readouterr().err == ""  # announced once, when made
+    assert "kept a float32 copy" not in capsys.readouterr().err  # announced once, when made
     assert (entry / "slimlm-cache.json").stat().st_mtime > 0  # last use moved
     assert torch.equal(logits(model), logits(again))
 
@@ -211,13 +212,21 @@ def test_gguf_copy_is_announced_listed_and_cleared(capsys, cache, tiny_gguf):
     head, used, source = row.split("  ")[:2], row.split("  ")[2], row.split("  ")[3]
     assert code == 0 and head == [str(entry), f"{size / 1e6:.1f} MB"] and source == f"from {tiny_gguf.resolve()}"
     assert abs(datetime.strptime(used, "last used %Y-%m-%d %H:%M") - datetime.now()) < timedelta(minutes=2)
-    assert total == f"1 entries, {size / 1e6:.1f} MB in {cache}"
+    assert total == f"1 entry, {size / 1e6:.1f} MB in {cache}"
 
     code, _, err = run(capsys, "cache", "clear", "nope")
     assert code == 2 and "no cache entry 'nope'" in err and entry.is_dir()
     code, _, err = run(capsys, "cache", "clear")
     assert code == 2 and "--all" in err and entry.is_dir()
     code, out, _ = run(capsys, "cache", "clear", tiny_gguf)  # by source file
+    assert code == 0 and f"removed {entry}" in out and not entry.exists()
+    load_model(str(tiny_gguf))
+    (entry / "slimlm-cache.json").unlink()  # as an older slimlm left its copies
+    code, out, _ = run(capsys, "cache", "list")
+    assert "from a GGUF file not recorded" in out
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-alias", None)
+    monkeypatch.setattr(models, "builtin_gguf", lambda alias: tiny_gguf)
+    code, out, _ = run(capsys, "cache", "clear", "tiny-alias")  # by built-in alias
     assert code == 0 and f"removed {entry}" in out and not entry.exists()
     load_model(str(tiny_gguf))
     (cache / ".tmp-killed").mkdir()

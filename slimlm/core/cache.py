@@ -36,11 +36,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
 
 
-def gguf_to_folder(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a cached float32 HF folder and return the folder."""
+def entry_name(gguf: Path) -> str:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / f"{gguf.stem}-{key}"
+    return f"{gguf.stem}-{key}"
+
+
+def gguf_to_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached float32 HF folder and return the folder."""
+    folder = cache_dir() / entry_name(gguf)
     if (folder / "config.json").is_file():
         with contextlib.suppress(OSError):  # "last used" for `slimlm cache list`; a read-only cache still loads
             os.utime(_used_marker(folder))
@@ -117,15 +121,17 @@ def cache_entries() -> list[CacheEntry]:
 
 
 def clear_cache(names: list[str], everything: bool = False) -> list[CacheEntry]:
-    """Remove the entries named (by folder name, or by the path of their GGUF file), or all of them;
-    return what was removed. Nothing is removed when a name matches no entry."""
+    """Remove the entries named (by folder name, or by their GGUF file: each copy recorded as made from that
+    path, and the one of its current version), or all of them; return what was removed. Nothing is removed
+    when a name matches no entry."""
     if everything == bool(names):
         raise SlimlmError("name the entries to remove (see `slimlm cache list`) or pass --all, not both")
     entries = cache_entries()
-    chosen = entries if everything else []
+    chosen = list(entries) if everything else []
     for name in names:
-        source = str(Path(name).resolve())
-        found = [e for e in entries if name == e.path.name or source == e.source]
+        path = Path(name)
+        folders = {name, entry_name(path) if path.is_file() else name}
+        found = [e for e in entries if e.path.name in folders or e.source == str(path.resolve())]
         if not found:
             raise SlimlmError(f"no cache entry '{name}' in {cache_dir()}; `slimlm cache list` shows them")
         chosen += [e for e in found if e not in chosen]
