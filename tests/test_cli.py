@@ -71,7 +71,7 @@ def test_prune_save_eval_and_overwrite(capsys, tmp_path, tiny_folder, data_dir):
     assert code == 2 and "already exists" in err
     assert (out / "model.safetensors").read_bytes() == before
     code, stdout, _ = run(capsys, "eval", str(out), "--data-dir", data_dir, "--eval-seqlen", "64",
-                          "--eval-windows", "2", "--quiet")
+                          "--eval-windows", "2", "--record", "--quiet")
     assert code == 0
     ppl = json.loads(stdout)["perplexity"]
     assert json.loads((out / "slimlm.json").read_text())["metrics"]["perplexity"]["perplexity"] == ppl

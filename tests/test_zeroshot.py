@@ -96,6 +96,18 @@ def test_unknown_task_is_one_line_with_close_names(tokenizer):
     assert len(str(e.value).splitlines()) == 1
 
 
+def test_harness_tasks_need_the_hub_and_local_ones_do_not(monkeypatch, tasks_dir):
+    from slimlm.core import hub
+    from slimlm.evaluation.zeroshot import check_tasks
+
+    for name in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(hub, "can_connect", lambda host, port: False)
+    check_tasks([TASK], str(tasks_dir))  # its data_files are local: no hub needed
+    with pytest.raises(SlimlmError, match=r"lm_eval task data \(arc_easy\) needs the Hugging Face hub.*--tasks-dir"):
+        check_tasks(["arc_easy"])
+
+
 def test_missing_harness_names_the_pip_command(monkeypatch):
     from slimlm.evaluation.zeroshot import zero_shot
 
@@ -112,7 +124,8 @@ def test_cli_writes_zero_shot_into_the_run_manifest(capsys, tmp_path, tokenizer,
     tokenizer.save_pretrained(run)
     manifest = {"method": "magnitude", "metrics": {"perplexity": {"perplexity": 9.0}}}
     (run / "slimlm.json").write_text(json.dumps(manifest))
-    code = main(["eval", str(run), "--tasks", TASK, "--tasks-dir", str(tasks_dir), "--limit", "4", "--quiet"])
+    code = main(["eval", str(run), "--tasks", TASK, "--tasks-dir", str(tasks_dir), "--limit", "4", "--record",
+                 "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
     manifest = json.loads((run / "slimlm.json").read_text())

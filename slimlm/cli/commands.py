@@ -25,8 +25,8 @@ def _default_out(args, budget: str) -> Path:
 
 
 # options that do not change the computed weights: a resumed run may differ from the first in these
-_NOT_SETTINGS = {"func", "out", "overwrite", "resume", "quiet", "allow_pickle", "eval", "eval_dataset",
-                 "eval_seqlen", "eval_windows"}
+_NOT_SETTINGS = {"func", "out", "overwrite", "resume", "quiet", "allow_pickle", "no_cache", "eval",
+                 "eval_dataset", "eval_seqlen", "eval_windows"}
 
 
 def _open_run(args, out: Path, calibrated: bool, budgets: dict | None = None):
@@ -45,7 +45,7 @@ def _open_run(args, out: Path, calibrated: bool, budgets: dict | None = None):
     if folder.exists():
         read_progress(folder, settings)  # a run with other settings is refused before any work
     if args.offload is None:
-        model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+        model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
         return model, tokenizer, None, Checkpoint(folder, settings) if calibrated and args.resume else None
     if args.eval:
         raise SlimlmError("--eval needs the whole model in memory; evaluate the saved run with `slimlm eval`")
@@ -147,7 +147,7 @@ def cmd_analyze(args) -> None:
 
     check_output(args.out, args.overwrite), check_source(args.calib)
     unit, target = parse_target(args.target)
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
     calib = None if args.no_calib else slimlm.calibration(
         tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_sampling, args.seed, args.data_dir)
     metrics = slimlm.analyze(model, calib, args.owl_m, device=args.device, batch_size=args.batch_size,
@@ -260,9 +260,11 @@ def _gguf_deviation(path: Path) -> float:
 
 
 def cmd_eval(args) -> None:
-    """Perplexity by default; with --tasks zero-shot accuracy (plus perplexity with --ppl). A run folder's
-    manifest gets each result under metrics.perplexity / metrics.zero_shot, the other key kept."""
+    """Perplexity by default; with --tasks zero-shot accuracy (plus perplexity with --ppl). With --record, a
+    run folder's manifest gets each result under metrics.perplexity / metrics.zero_shot, the other key kept."""
     import slimlm
+    from slimlm.core.data import check_data
+    from slimlm.core.models import model_source
     from slimlm.evaluation.zeroshot import check_tasks, zero_shot
     from slimlm.runs.save import MANIFEST, read_manifest, write_manifest
 
@@ -273,9 +275,15 @@ def cmd_eval(args) -> None:
         raise SlimlmError("--limit must be a positive number of documents")
     if args.batch_size < 1:
         raise SlimlmError("--batch-size must be at least 1")
+    folder = Path(args.model)
+    if args.record and not (folder / MANIFEST).is_file():
+        raise SlimlmError(f"--record writes into a run folder's {MANIFEST}; {args.model} has none")
+    model_source(args.model, args.allow_pickle)  # fail fast on bad names and unreachable data, before loading
     if tasks:
-        check_tasks(tasks, args.tasks_dir)  # fail fast on unknown names, before loading the model
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle)
+        check_tasks(tasks, args.tasks_dir)
+    if not tasks or args.ppl:
+        check_data(args.eval_dataset, args.data_dir)
+    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
     slimlm.apply_runtime(model, read_manifest(args.model) if Path(args.model).is_dir() else {})
     metrics = {}
     if not tasks or args.ppl:
@@ -283,8 +291,7 @@ def cmd_eval(args) -> None:
     if tasks:
         metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
                                          args.tasks_dir, args.num_fewshot)
-    folder = Path(args.model)
-    if (folder / MANIFEST).is_file():  # a slimlm run: record the results in its manifest
+    if args.record:
         manifest = read_manifest(folder)
         manifest.setdefault("metrics", {}).update(metrics)
         write_manifest(folder, manifest)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from slimlm.cli.cache import add_cache_parser
 from slimlm.cli.commands import cmd_allocate, cmd_analyze, cmd_eval, cmd_export, cmd_prune, cmd_quantize, cmd_report
+from slimlm.core.models import BUILTIN_MODELS
 from slimlm.version import __version__
 
 DESCRIPTION = ("Prune and quantize Hugging Face causal LMs block by block on calibration data, evaluate them and "
@@ -49,6 +51,8 @@ ONLY_WITH = [
     (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
     (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
      "the fisher tables (not with --no-calib or --no-fisher)"),
+    (("prune", "quantize", "analyze", "eval"), ("--no-cache",),
+     lambda a: a.model.endswith(".gguf") or a.model in BUILTIN_MODELS, "a .gguf model or the built-in one"),
     (("export",), ("--gguf-type",), lambda a: a.format == "gguf", "--format gguf"),
     (("export",), ("--inexact",), lambda a: a.format != "sparse", "--format compressed-tensors or gguf"),
 ]
@@ -85,6 +89,8 @@ def _add_model_args(p):
     p.add_argument("--data-dir", help="offline data folder (wikitext2/test.raw, wikitext2/valid.tokens); "
                    "default: $SLIMLM_DATA_DIR, else the datasets library")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
+    p.add_argument("--no-cache", action="store_true", help="a .gguf model (or the built-in one) is dequantized in "
+                   "memory (~30 s each time) instead of being kept as a float32 copy in $SLIMLM_CACHE")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
 
 
@@ -231,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=0, help="zero-shot: examples in each prompt")
     p.add_argument("--batch-size", type=int, default=1, help="windows (perplexity) or requests (zero-shot) "
                    "per forward")
+    p.add_argument("--record", action="store_true", help="write the results into the run folder's slimlm.json "
+                   "(under metrics, atomically); without it the run folder is never modified")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
@@ -238,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <first folder>/report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=cmd_report, quiet=True)
+    add_cache_parser(sub)
     _describe_commands(sub)
     return parser
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from slimlm.core.hub import require_hub
 from slimlm.errors import SlimlmError
 
 # source -> split -> file inside the offline data folder
@@ -25,6 +26,12 @@ HF_WIKITEXT = {"test": ("wikitext-2-raw-v1", "test"), "calib": ("wikitext-2-v1",
 C4_FILES = {"calib": ("train", "en/c4-train.00000-of-01024.json.gz"),
             "test": ("validation", "en/c4-validation.00000-of-00008.json.gz")}
 C4_EVAL_DOCS = 1100  # the papers join the first 1100 validation documents for C4 perplexity
+
+
+# named sources read through the datasets library -> what to do instead offline
+HUB_SOURCES = {"wikitext2": "pass --data-dir DIR or set SLIMLM_DATA_DIR (a folder with wikitext2/test.raw and "
+                            "wikitext2/valid.tokens)",
+               "c4": "use wikitext2 with --data-dir DIR, or a local text file"}
 
 
 def data_dir(explicit: str | None = None) -> Path | None:
@@ -38,14 +45,23 @@ def data_dir(explicit: str | None = None) -> Path | None:
 
 
 def check_source(source: str) -> None:
-    if source not in ("wikitext2", "c4") and not Path(source).is_file():
+    if source not in HUB_SOURCES and not Path(source).is_file():
         raise SlimlmError(f"unknown data source '{source}': not wikitext2, c4, or a readable text file")
+
+
+def check_data(source: str, data_folder: str | None = None) -> None:
+    """Fail in about a second, before a model is loaded, when ``source`` cannot be read: an unknown name,
+    a missing data folder, or a hub source when the hub cannot be reached."""
+    check_source(source)
+    folder = data_dir(data_folder)
+    if source in HUB_SOURCES and (folder is None or source not in OFFLINE_FILES):
+        require_hub(f"dataset {source}", HUB_SOURCES[source])
 
 
 def load_text(source: str, split: str, data_folder: str | None = None) -> str:
     """Raw text of ``source`` for ``split`` ('calib' or 'test')."""
     check_source(source)
-    if source not in ("wikitext2", "c4"):
+    if source not in HUB_SOURCES:
         path = Path(source)
         try:
             return path.read_text(encoding="utf-8")
@@ -60,25 +76,27 @@ def load_text(source: str, split: str, data_folder: str | None = None) -> str:
     if source == "c4":
         return " ".join(_c4_documents(split)[:C4_EVAL_DOCS])
     name, hf_split = HF_WIKITEXT[split]
-    return "\n\n".join(_hf_dataset("wikitext", name, split=hf_split)["text"])
+    return "\n\n".join(_hf_dataset("wikitext2", "wikitext", name, split=hf_split)["text"])
 
 
-def _hf_dataset(*args, **kwargs):
+def _hf_dataset(source: str, *args, **kwargs):
+    """``datasets.load_dataset(*args, **kwargs)`` for the named ``source``, after the hub check."""
+    require_hub(f"dataset {source}", HUB_SOURCES[source])
     try:
         import datasets
     except ImportError as e:
-        raise SlimlmError("the datasets package is needed online: `pip install datasets`, "
-                          "or pass --data-dir / set SLIMLM_DATA_DIR") from e
+        raise SlimlmError(f"dataset {source} needs the datasets package: `pip install datasets`; or "
+                          f"{HUB_SOURCES[source]}") from e
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # network and hub errors come in many types
-        raise SlimlmError(f"cannot load dataset {args[0]} ({type(e).__name__}); offline, "
-                          "pass --data-dir or set SLIMLM_DATA_DIR") from e
+        raise SlimlmError(f"cannot load dataset {source} ({type(e).__name__}); offline, "
+                          f"{HUB_SOURCES[source]}") from e
 
 
 def _c4_documents(split: str) -> list[str]:
     hf_split, shard = C4_FILES[split]
-    return _hf_dataset("allenai/c4", data_files={hf_split: shard}, split=hf_split)["text"]
+    return _hf_dataset("c4", "allenai/c4", data_files={hf_split: shard}, split=hf_split)["text"]
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -9,13 +9,15 @@ Sources a user can name:
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
 import torch
 
 from slimlm.core.architectures import adapter_for
-from slimlm.core.cache import gguf_to_folder
+from slimlm.core.cache import dequantize_gguf, gguf_to_folder
+from slimlm.core.hub import require_hub
 from slimlm.core.shards import check_folder
 from slimlm.errors import SlimlmError
 
@@ -40,33 +42,55 @@ def builtin_gguf(alias: str) -> Path:
     return path
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False):
+def builtin_near_miss(name: str) -> str | None:
+    """The built-in alias ``name`` is probably a typo of: caught before a hub lookup spends a minute
+    on a name that does not exist there."""
+    close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def model_source(name: str, allow_pickle: bool = False) -> tuple[str, Path | str]:
+    """Where ``name`` loads from, checked without loading anything: ``("gguf", file)``, ``("folder", path)``
+    or ``("hub", id)``. A typo of a built-in alias, or a hub id while the hub cannot be reached, fails here."""
+    path = Path(name)
+    if name in BUILTIN_MODELS:
+        return "gguf", builtin_gguf(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimlmError(f"model file not found: {path}")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
+        check_folder(path, allow_pickle)
+        return "folder", path
+    if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
+        raise SlimlmError(f"cannot read model '{name}': not a model folder, .gguf file or hub id")
+    if alias := builtin_near_miss(name):
+        raise SlimlmError(f"unknown model '{name}': did you mean {alias}? (models are a built-in alias, "
+                          "a local folder, a .gguf file or a hub id)")
+    require_hub(f"model '{name}' (not a local folder or file)",
+                f"pass a local model folder, a .gguf file or the built-in {DEFAULT_MODEL}")
+    return "hub", name  # transformers downloads it
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False,
+               cache: bool = True):
     """Load ``(model, tokenizer)`` on the CPU in ``dtype``; see the module docstring for sources.
 
     A GGUF model is converted once into ``$SLIMLM_CACHE`` (default ``~/.cache/slimlm``) as a float32
     safetensors folder: transformers marks GGUF-loaded models as quantized and refuses to save them,
-    and dequantizing takes ~30 s, so later runs load the cached folder in about a second.
-    Pickled weights (``*.bin``) are only read when ``allow_pickle`` is set.
+    and dequantizing takes ~30 s, so later runs load the cached folder in about a second. With
+    ``cache=False`` it is dequantized in memory every time and nothing is read from or written to the
+    cache (other sources never are). Pickled weights (``*.bin``) are only read when ``allow_pickle`` is set.
     """
     if dtype not in DTYPES:
         raise SlimlmError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    path = Path(name)
-    if name in BUILTIN_MODELS:
-        folder = gguf_to_folder(builtin_gguf(name))
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise SlimlmError(f"model file not found: {path}")
-        folder = gguf_to_folder(path)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SlimlmError(f"{path} is not a Hugging Face model folder (no config.json)")
-        check_folder(path, allow_pickle)
-        folder = path
-    elif path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
-        raise SlimlmError(f"cannot read model '{name}': not a model folder, .gguf file or hub id")
-    else:
-        folder = name  # a hub id: transformers downloads it (needs network)
-    return _from_pretrained(folder, DTYPES[dtype], allow_pickle)
+    kind, source = model_source(name, allow_pickle)
+    if kind == "gguf" and not cache:
+        model, tokenizer = dequantize_gguf(source)
+        return _ready(model.to(DTYPES[dtype])), tokenizer
+    return _from_pretrained(gguf_to_folder(source) if kind == "gguf" else source, DTYPES[dtype], allow_pickle)
 
 
 def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):
@@ -80,6 +104,10 @@ def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimlmError(f"cannot load model '{folder}': {first}") from e
+    return _ready(model), tokenizer
+
+
+def _ready(model):
     model.eval()
     adapter_for(model)  # unknown architectures fail here, before any long work
-    return model, tokenizer
+    return model

@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from slimlm.core.hub import require_hub
 from slimlm.errors import SlimlmError
 
 
@@ -51,8 +52,8 @@ def _import_lm_eval():
 
 
 def check_tasks(tasks: list[str], include_path: str | None = None):
-    """A TaskManager that knows every name in ``tasks``, or a one-line error suggesting close names
-    (callers run it before loading a model, to fail fast).
+    """A TaskManager that knows every name in ``tasks``, or a one-line error suggesting close names or
+    saying that their data cannot be downloaded (callers run it before loading a model, to fail fast).
 
     Indexing the harness's ~15k built-in task YAMLs takes seconds, so a run that asks only for tasks
     in ``include_path`` uses an index of that folder alone (tests and private tasks start fast).
@@ -72,6 +73,9 @@ def check_tasks(tasks: list[str], include_path: str | None = None):
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=5, cutoff=0.6)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise SlimlmError(f"unknown lm_eval task '{unknown[0]}'{hint} (all names: `lm_eval ls tasks`)")
+    # the harness's own tasks read their documents from the hub
+    require_hub(f"lm_eval task data ({', '.join(tasks)})",
+                "use --tasks-dir with task YAMLs whose data_files are local")
     return manager
 
 

@@ -39,7 +39,7 @@ from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
 from slimlm.quant.grids import QuantGrid
-from slimlm.runs.save import atomic_dir, umask
+from slimlm.runs.save import atomic_dir, follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def _write_atomic(out: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask())
+        follow_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -42,14 +42,12 @@ def versions() -> dict:
 def atomic_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it vanishes.
 
-    The folder gets the usual permissions (mkdtemp makes it private) and, with ``overwrite``, the old
-    ``out`` is swapped aside first and deleted only after the new one is in place.
+    With ``overwrite``, the old ``out`` is swapped aside first and deleted only after the new one is in place.
     """
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         replace_dir(tmp, out)
     except BaseException:
@@ -58,9 +56,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
 
 
 def replace_dir(tmp: str | Path, out: str | Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is swapped aside first and deleted
-    only once the new one is in place."""
+    """Rename the finished folder ``tmp`` to ``out`` (its modes made to follow the umask); an existing ``out``
+    is swapped aside first and deleted only once the new one is in place."""
     tmp, out = Path(tmp), Path(out)
+    follow_umask(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
@@ -74,6 +73,15 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` and everything under it the modes a plain ``open``/``mkdir`` would: mkdtemp makes
+    folders 0700, and safetensors (0.8) writes every file 0600, whatever the umask."""
+    path, mask = Path(path), umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
