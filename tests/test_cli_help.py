@@ -82,6 +82,7 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["allocate", "a", "--alpha-epsilon", "0.3"], "--alpha-epsilon only applies with --allocation alphapruning"),
     (["export", "r", "--format", "sparse", "--out", "o", "--gguf-type", "f16"], "--gguf-type only applies"),
     (["eval", "m", "--limit", "5"], "--limit only applies with --tasks"),
+    (["eval", "./folder", "--no-cache"], "--no-cache only applies with a .gguf model or the built-in one"),
     (["eval", "m", "--tasks", "piqa", "--eval-windows", "4"], "--eval-windows only applies with perplexity"),
 ])
 def test_options_without_effect_are_refused(capsys, argv, message):
@@ -99,6 +100,8 @@ def test_options_without_effect_are_refused(capsys, argv, message):
      "--act-clip", "0.9"],
     ["eval", "m", "--tasks", "piqa", "--ppl", "--eval-windows", "4", "--limit", "5"],
     ["export", "r", "--format", "gguf", "--out", "o", "--gguf-type", "f16", "--inexact"],
+    ["eval", "q4.gguf", "--no-cache"],
+    ["prune", "smollm2-135m", "--no-cache"],
 ])
 def test_options_with_effect_are_accepted(argv):
     from slimlm.cli.parser import build_parser
