@@ -1,0 +1,92 @@
+"""Every command the README shows runs as written, on the built-in model, from a fresh folder beside ../shared.
+
+Each ```bash block is one shell session, its commands in order (a later command may use an earlier one's output), in
+a temporary folder laid out like a checkout: ``REPO/`` (the working directory, with this repository's
+``scripts``, ``recipes`` and ``bench`` linked in) next to ``shared`` (linked to the real ``../shared``). ``slimlm``
+there is this checkout's. Two lines of the README's first block are not run again here: ``bash scripts/install.sh``
+(CI runs it before the tests) and the test command itself. Blocks marked ``<!-- readme-test: bench -->`` on the
+line above them take longer than the suite should (a full-size calibration or evaluation); they are run by
+``python -m pytest -m readme_bench tests/test_readme.py`` instead of the default suite.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NOT_RERUN = ("bash scripts/install.sh && ", "SLIMLM_DATA_DIR=../shared/data python3 -m pytest")
+BENCH_MARK = "<!-- readme-test: bench -->"
+
+
+def readme_blocks(text: str) -> list[tuple[int, list[str], bool]]:
+    """``(line number, commands, bench)`` of every bash block: comments dropped, continuations joined."""
+    blocks = []
+    for match in re.finditer(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        line = text[: match.start()].count("\n") + 1
+        before = text[: match.start()].rstrip().rsplit("\n", 1)[-1]
+        commands = []
+        for raw in match.group(1).replace("\\\n", " ").splitlines():
+            command = re.sub(r"\s+#.*$", "", raw).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+        blocks.append((line, commands, before.strip() == BENCH_MARK))
+    return blocks
+
+
+def test_blocks_are_read_as_the_shell_would():
+    text = "x\n```bash\nslimlm a --b 1   # note\n# only a comment\nslimlm c \\\n  --d 2\n```\n" \
+           f"{BENCH_MARK}\n```bash\nslimlm e\n```\n"
+    assert readme_blocks(text) == [(2, ["slimlm a --b 1", "slimlm c    --d 2"], False), (9, ["slimlm e"], True)]
+
+
+def _params(bench: bool):
+    blocks = readme_blocks((REPO / "README.md").read_text())
+    marks = [pytest.mark.readme_bench] if bench else []
+    return [pytest.param(commands, id=f"line{line}", marks=marks) for line, commands, is_bench in blocks
+            if is_bench == bench]
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A folder laid out like a checkout beside ../shared, with a `slimlm` that runs this repository's code."""
+    if not (SHARED / "data").is_dir():
+        pytest.fail(f"{SHARED / 'data'} is missing: the README's commands read ../shared/data")
+    (tmp_path / "shared").symlink_to(SHARED)
+    work = tmp_path / "REPO"
+    work.mkdir()
+    for name in ("scripts", "recipes", "bench"):
+        if (REPO / name).exists():
+            (work / name).symlink_to(REPO / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "slimlm").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m slimlm "$@"\n')
+    (bin_dir / "slimlm").chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    env.pop("SLIMLM_DATA_DIR", None)  # as on a new user's machine: the commands name their data themselves
+    return work, env
+
+
+def run_block(commands: list[str], work: Path, env: dict) -> None:
+    for command in commands:
+        for prefix in NOT_RERUN:
+            if command.startswith(prefix):
+                command = command[len(prefix):] if prefix.endswith("&& ") else ""
+        if not command:
+            continue
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"`{command}` failed ({done.returncode}):\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("commands", _params(bench=False))
+def test_readme_block_runs_as_written(commands, checkout):
+    run_block(commands, *checkout)
+
+
+@pytest.mark.parametrize("commands", _params(bench=True))
+def test_readme_bench_block_runs_as_written(commands, checkout):
+    run_block(commands, *checkout)
