@@ -27,10 +27,10 @@ BLOCKS = 4
 # (block's shard written, progress not yet).
 STOPPER = """
 import os, signal, sys
-from slimlm import resume, shards
+from slimlm.runs import offload, resume
 from slimlm.cli import main
 method, after = sys.argv[1], int(sys.argv[2])
-cls = resume.Checkpoint if method == "save" else shards.ShardStream
+cls = resume.Checkpoint if method == "save" else offload.ShardStream
 original = getattr(cls, method)
 def stop_after(self, i, *args):
     original(self, i, *args)
