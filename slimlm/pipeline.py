@@ -109,7 +109,7 @@ def _rotate(model, ns) -> dict:
     from slimlm.runs.save import versions
 
     start = time.perf_counter()
-    rotation = rotate_(model, seed=ns.seed)
+    rotation = rotate_(model, seed=ns.seed, online_down=not ns.no_online_down)
     return {"kind": "rotate", "method": "quarot", "seed": ns.seed, "rotation": rotation,
             "timings": {"total": time.perf_counter() - start}, "versions": versions()}
 

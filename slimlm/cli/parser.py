@@ -125,6 +125,9 @@ def add_analyze_settings(p):
 
 def add_rotate_settings(p):
     p.add_argument("--seed", type=int, default=0, help="seed of QuaRot's randomized Hadamard rotations")
+    p.add_argument("--no-online-down", action="store_true", help="leave down_proj's input unrotated: no Hadamard "
+                   "hook at inference, so the run exports to GGUF and compressed-tensors (weights are rotated "
+                   "offline only; activation outliers before down_proj stay)")
 
 
 def add_export_settings(p):
