@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
-from slimlm.recipe import (Recipe, RunOptions, allocation_options, budgets_map, check, dumps, grid_group,
+from slimlm.recipe import (COMPRESSION, Recipe, RunOptions, allocation_options, budgets_map, check, dumps, grid_group,
                            override_map, relocated)
 from slimlm.runs.save import RECIPE
 
@@ -247,26 +247,15 @@ def _summary(out: Path, manifest: dict) -> dict:
     return summary
 
 
-def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
-    """Run ``recipe`` (see the module docstring), printing one JSON line per folder written or evaluation;
-    ``name_steps``: see ``recipe.check``."""
-    from slimlm.runs.offload import check_free_space, save_streamed
-    from slimlm.runs.resume import partial_dir
-    from slimlm.runs.save import check_output, save_run
-
-    check(recipe, options, name_steps)
-    model, tokenizer, stream = _open(recipe, options)
-    progress, out, checkpoint = not options.quiet, None, None
-    if recipe.compression():
-        out = Path(recipe.run.out or default_out(recipe, model))
-        recipe = relocated(recipe, str(out))
-        check_output(out, options.overwrite)
-        if stream is not None:
-            stream = replace(stream, folder=partial_dir(out))
-            check_free_space(model, stream)
-        checkpoint = _checkpoint(recipe, options, out, stream)
-    text, manifests, tensors = dumps(recipe), [], {}
+def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("analyze", *COMPRESSION, "eval"),
+              stream=None, checkpoint=None, text: str | None = None) -> tuple[list[dict], dict]:
+    """Run the recipe's steps of ``kinds`` in order on the loaded model (never its exports, which read a saved run);
+    returns the compression steps' manifests, each with the perplexity of an eval step after it, and the tensors
+    to save beside the model. ``text``: the recipe written into analysis folders (default ``dumps(recipe)``)."""
+    progress, manifests, tensors = not options.quiet, [], {}
     for kind, ns in recipe.steps:
+        if kind not in kinds:
+            continue
         if kind == "rotate":
             manifests.append(_rotate(model, ns))
         elif kind in ("prune", "quantize"):
@@ -281,7 +270,31 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
             else:
                 print(json.dumps({"model": recipe.run.model, **perplexity}))
         elif kind == "analyze":
-            _analyze(model, tokenizer, recipe.run, ns, options, Path(ns.out or recipe.run.out), text)
+            _analyze(model, tokenizer, recipe.run, ns, options, Path(ns.out or recipe.run.out),
+                     text or dumps(recipe))
+    return manifests, tensors
+
+
+def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
+    """Run ``recipe`` (see the module docstring), printing one JSON line per folder written or evaluation;
+    ``name_steps``: see ``recipe.check``."""
+    from slimlm.runs.offload import check_free_space, save_streamed
+    from slimlm.runs.resume import partial_dir
+    from slimlm.runs.save import check_output, save_run
+
+    check(recipe, options, name_steps)
+    model, tokenizer, stream = _open(recipe, options)
+    out, checkpoint = None, None
+    if recipe.compression():
+        out = Path(recipe.run.out or default_out(recipe, model))
+        recipe = relocated(recipe, str(out))
+        check_output(out, options.overwrite)
+        if stream is not None:
+            stream = replace(stream, folder=partial_dir(out))
+            check_free_space(model, stream)
+        checkpoint = _checkpoint(recipe, options, out, stream)
+    text = dumps(recipe)
+    manifests, tensors = run_steps(recipe, model, tokenizer, options, stream=stream, checkpoint=checkpoint, text=text)
     if out is None:
         return
     manifest = _run_manifest(recipe, manifests)
