@@ -178,6 +178,8 @@ def test_export_command_adds_its_step_to_the_runs_recipe(capsys, tmp_path, tiny_
 
 
 def test_overrides_first_matching_regex_wins():
+    from slimlm.report.page import Run, row
+
     model = tiny_llama()
     layers = linear_fqns(model)
     result = slimlm.prune(model, method="magnitude", sparsity=0.5, progress=False,
@@ -191,6 +193,7 @@ def test_overrides_first_matching_regex_wins():
     mean = sum(expected[f] * sizes[f] for f in layers) / sum(sizes.values())
     assert result.manifest["sparsity_target"] == pytest.approx(mean, abs=1e-12)
     assert result.manifest["allocation"]["overrides"] == {r"layers\.0\.mlp": 0.1, "mlp": 0.8, r"q_proj": 0.0}
+    assert row(Run("r", Path("r"), result.manifest, None))["budget"] == f"{mean:g} override"
     with pytest.raises(SlimlmError, match="override 'up_prj' matches no layer"):
         slimlm.prune(tiny_llama(), method="magnitude", overrides={"up_proj": 0.2, "up_prj": 0.3}, progress=False)
     result = slimlm.quantize(tiny_llama(), method="rtn", wbits=4, overrides={"down_proj": 8}, progress=False)
@@ -236,3 +239,15 @@ def test_budgets_map_run_says_what_was_done(capsys, tmp_path, tiny_folder, calib
         code, _, err = cli(capsys, "prune", tiny_folder, "--budgets", "budgets.json", *extra, "--out", "other",
                            *calib_args(calib))
         assert code == 2 and message in err and not Path("other").exists()
+
+
+def test_every_recipe_of_the_readme_tables_reads():
+    from tests.conftest import REPO
+
+    paths = sorted((REPO / "recipes").glob("*/*.yaml"))
+    assert len(paths) > 50
+    for path in paths:
+        recipe = read_recipe(path)
+        assert recipe.run.model == "smollm2-135m" and recipe.run.data_dir == "../shared/data", path
+        if path.parent.name != "examples":  # a table row: its evaluation protocol is part of it
+            assert [kind for kind, _ in recipe.steps][-1] == "eval", path

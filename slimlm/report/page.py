@@ -110,6 +110,8 @@ def _budget(m: dict) -> str | None:
     allocation = _get(m, "allocation", "name")
     if allocation not in (None, "uniform"):
         parts.append(str(allocation))
+    if _get(m, "allocation", "overrides"):  # per-layer values set by --override
+        parts.append("override")
     return " ".join(parts) or None
 
 
