@@ -44,6 +44,8 @@ COMPRESSION = ("rotate", "prune", "quantize")  # the steps that change the weigh
 
 @dataclass
 class Recipe:
+    """A validated recipe: the run-level settings and the steps, each as its parser's namespace."""
+
     run: argparse.Namespace  # model, dtype, device, data_dir, out
     steps: list[tuple[str, argparse.Namespace]]  # (kind, its settings by argparse dest) in order
 
