@@ -2,10 +2,12 @@
 
 Calibration: the whole text of wikitext2/valid.tokens tokenized as one string (tokenizer defaults),
 first 32 non-overlapping windows of 512 tokens. Evaluation: the whole text of wikitext2/test.raw the
-same way, first 32 non-overlapping windows of 2048 tokens.
+same way, first 32 non-overlapping windows of 2048 tokens (8 for some tables).
 
-Each row runs in its own subprocess (``run_rows``) so its peak RSS is its own; all rows of a script run in
-one invocation, side by side, so their timings are comparable.
+Each row of a table is a recipe, ``recipes/<table>/<row>.yaml``, which says all of it (calibration, steps, the
+evaluation windows), so the table and ``slimlm run recipes/<table>/<row>.yaml`` cannot drift apart. Each row runs
+in its own subprocess (``run_rows``) so its peak RSS is its own; all rows of a script run in one invocation,
+side by side, so their timings are comparable.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
@@ -32,28 +35,36 @@ def protocol_windows(tokenizer, data_dir: str, calib_windows: int = 32, eval_win
     return calib, test
 
 
-def compress_and_eval(kwargs: dict | None, data_dir: str, calib_windows: int, eval_windows: int,
-                      kind: str = "prune") -> dict:
-    """Load the built-in model, compress it with ``slimlm.<kind>(**kwargs)`` (None: dense), evaluate."""
-    import torch
+def recipe_rows(folder: str | Path) -> dict[str, Path]:
+    """Row name -> recipe file of one table: ``<folder>/<row>.yaml`` (e.g. recipes/prune/wanda-50.yaml)."""
+    return {path.stem: path for path in sorted(Path(folder).glob("*.yaml"))}
 
+
+def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None) -> dict:
+    """Run the recipe's compression steps on its model in memory (nothing is saved), then measure perplexity as
+    its eval step says (``eval_windows``, when given, instead of its window count). ``data_dir`` replaces the
+    recipe's, a location only."""
     import slimlm
-    from slimlm.evaluation.perplexity import perplexity
+    from slimlm.pipeline import run_steps
+    from slimlm.recipe import COMPRESSION, RunOptions, read_recipe
 
-    torch.manual_seed(0)
-    model, tokenizer = slimlm.load_model("smollm2-135m")
-    calib, test = protocol_windows(tokenizer, data_dir, calib_windows, eval_windows)
-    row = {"model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-           "activation_bytes": calib.numel() * model.config.hidden_size * 4}
-    if kwargs is not None:
-        result = getattr(slimlm, kind)(model, tokenizer, calib=calib, progress=False, **kwargs)
-        row.update(seconds=result.manifest["timings"]["total"], timings=result.manifest["timings"])
-        for key in ("sparsity", "storage"):
-            if key in result.manifest:
-                row[key] = result.manifest[key]
+    recipe = read_recipe(path)
+    recipe.run.data_dir = data_dir
+    model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
+    row = {"recipe": str(path),
+           "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
+    if manifests:
+        last = manifests[-1]
+        row.update(seconds=sum(m["timings"]["total"] for m in manifests), timings=last["timings"])
+        row.update({key: last[key] for key in ("sparsity", "storage") if key in last})
+        if last.get("calibration"):
+            row["activation_bytes"] = last["calibration"]["tokens"] * model.config.hidden_size * 4
     row["peak_rss_mb"] = peak_rss_mb()  # peak while loading + compressing, before evaluation
-    ppl = perplexity(model, test, progress=False)
-    row.update(perplexity=ppl.perplexity, eval_tokens_per_s=ppl.tokens_per_s, eval_windows=ppl.windows)
+    (ns,) = [ns for kind, ns in recipe.steps if kind == "eval"]  # the table's evaluation protocol
+    ppl = slimlm.evaluate(model, tokenizer, ns.eval_dataset, ns.eval_seqlen, eval_windows or ns.eval_windows,
+                          data_dir, recipe.run.device, progress=False)
+    row.update(perplexity=ppl["perplexity"], eval_tokens_per_s=ppl["tokens_per_s"], eval_windows=ppl["windows"])
     return row
 
 
@@ -75,25 +86,27 @@ def write_json(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def table_main(script: str, doc: str, rows: list[str], run_row, markdown, default_out: str) -> None:
-    """The command line of a row-table benchmark: ``--rows`` runs each row in its own process
-    (``run_row(name, args) -> dict`` there), then writes the JSON and ``markdown(rows)`` beside it."""
+def table_main(script: str, doc: str, recipes: Path, run_row, markdown, default_out: str, extra_rows=()) -> None:
+    """The command line of a row-table benchmark: one row per recipe in ``--recipes`` (default ``recipes``) plus
+    ``extra_rows`` (measurements that are no recipe), or the ``--rows`` named; each runs in its own process
+    (``run_row(name, args) -> dict`` there), then the JSON and ``markdown(rows)`` are written beside it."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA)
-    p.add_argument("--rows", default=",".join(rows))
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--recipes", default=str(recipes), help="folder of the rows' recipes (row = file name, no .yaml)")
+    p.add_argument("--rows", help="comma-separated rows (default: every row)")
+    p.add_argument("--eval-windows", type=int, help="evaluation windows instead of the recipes' (timing runs)")
     p.add_argument("--out", default=default_out)
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     if args.row:
         print(json.dumps({"row": args.row, **run_row(args.row, args)}))
         return
-    done = run_rows(script, args.rows.split(","), ["--data-dir", args.data_dir, "--calib-windows",
-                                                    str(args.calib_windows), "--eval-windows", str(args.eval_windows)])
+    extra = ["--data-dir", args.data_dir, "--recipes", args.recipes]
+    extra += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    names = args.rows.split(",") if args.rows else [*extra_rows, *recipe_rows(args.recipes)]
+    done = run_rows(script, names, extra)
     out = write_json(args.out, done)
     out.with_suffix(".md").write_text(markdown(done) + "\n")
     print(markdown(done))
-

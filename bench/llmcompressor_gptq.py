@@ -1,9 +1,11 @@
 """GPTQ W4 against llm-compressor's GPTQModifier on the built-in model (issue #4), float32, CPU.
 
-Both tools get the same calibration windows (slimlm's "first" windows of wikitext2 valid.tokens, saved
-once as token ids; llm-compressor receives them as a pre-tokenized dataset) and the same float32 model
-folder. Each compression runs in its own fresh process, one after the other in one invocation, and is
-timed from process start to the saved model (imports, model load, calibration, GPTQ, save). llm-compressor
+Our rows are the recipes recipes/llmcompressor/ours-*.yaml, run as `slimlm run` runs them (their eval step
+left out: the parent evaluates every saved model the same way). Both tools get the same calibration windows
+(the recipes' "first" windows of wikitext2 valid.tokens; llm-compressor receives them as a pre-tokenized
+dataset, slimlm tokenizes the text in its run) and the same float32 model folder. Each compression runs in its
+own fresh process, one after the other in one invocation, and is timed from process start to the saved model
+(imports, model load, calibration, GPTQ, save). llm-compressor
 runs in its own virtual environment (``--llmc-python``) through its public API only (``oneshot`` with a
 ``GPTQModifier``; its ``propagate_error=False`` is its one-pass mode, like our ``sequential=False``); its model
 is saved uncompressed (fake-quantized float weights). Every saved model is then checked to lie on a 4-bit grid
@@ -11,7 +13,7 @@ is saved uncompressed (fake-quantized float weights). Every saved model is then 
 protocol (bench/common.py).
 
     python bench/llmcompressor_gptq.py --llmc-python /work/venvs/llmc/bin/python      # -> bench/results/
-    python bench/llmcompressor_gptq.py --llmc-python ... --nsamples 4 --seqlen 128 --eval-windows 1 --out /tmp/t.json
+    python bench/llmcompressor_gptq.py --llmc-python ... --rows llmc-sym-g64,ours-sym-g64 --out /tmp/t.json
 
 llm-compressor's environment: python3 -m venv /work/venvs/llmc; pip install --find-links /opt/wheels
 torch==2.13.0; pip install llmcompressor (0.14.0.1, which pins transformers <= 5.17). It refuses group 128
@@ -29,21 +31,49 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "llmcompressor"
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")
-BITS, DAMP, BLOCKSIZE = 4, 0.01, 128
+BITS, DAMP, BLOCKSIZE = 4, 0.01, 128  # llm-compressor's; slimlm's GPTQ defaults are the same damp and block size
 
-# name -> (tool, settings); "llmc-*" rows run in llm-compressor's environment
-ROWS = {
-    "llmc-sym-g64": ("llmc", dict(group_size=64, symmetric=True, actorder=None)),
+# llm-compressor's rows: name -> settings (run in llm-compressor's environment)
+LLMC = {
+    "llmc-sym-g64": dict(group_size=64, symmetric=True, actorder=None),
     # llm-compressor's own one-pass mode: every layer calibrated on the unquantized model's activations
-    "llmc-sym-g64-onepass": ("llmc", dict(group_size=64, symmetric=True, actorder=None, propagate_error=False)),
-    "ours-sym-g64": ("ours", dict(group_size=64, symmetric=True, act_order=False)),
-    "ours-sym-g64-onepass": ("ours", dict(group_size=64, symmetric=True, act_order=False, sequential=False)),
-    "llmc-sym-g64-actorder": ("llmc", dict(group_size=64, symmetric=True, actorder="weight")),
-    "ours-sym-g64-actorder": ("ours", dict(group_size=64, symmetric=True, act_order=True)),
-    "ours-asym-g64-actorder": ("ours", dict(group_size=64, symmetric=False, act_order=True)),
-    "ours-asym-g32-actorder": ("ours", dict(group_size=32, symmetric=False, act_order=True)),
+    "llmc-sym-g64-onepass": dict(group_size=64, symmetric=True, actorder=None, propagate_error=False),
+    "llmc-sym-g64-actorder": dict(group_size=64, symmetric=True, actorder="weight"),
 }
+
+
+def ours_step(name: str, kind: str = "quantize"):
+    """The quantize (or eval) step of our row ``name`` (recipes/llmcompressor/<name>.yaml)."""
+    from slimlm.recipe import read_recipe
+
+    (ns,) = [ns for k, ns in read_recipe(RECIPES / f"{name}.yaml").steps if k == kind]
+    return ns
+
+
+def protocol(names: list[str]):
+    """(quantize step, eval step) of our rows, which must share calibration and evaluation: llm-compressor gets
+    the same windows."""
+    ours = [n for n in names if n not in LLMC] or row_names()[len(LLMC):]
+    keys = ("calib", "nsamples", "seqlen", "calib_sampling", "seed")
+    calibrations = {tuple(getattr(ours_step(n), k) for k in keys) for n in ours}
+    evaluations = {tuple(vars(ours_step(n, "eval")).values()) for n in ours}
+    if len(calibrations) != 1 or len(evaluations) != 1:
+        raise SystemExit(f"our recipes {ours} differ in calibration or evaluation; the comparison needs one")
+    return ours_step(ours[0]), ours_step(ours[0], "eval")
+
+
+def settings(name: str) -> dict:
+    """A row's grid and mode, in the table's terms."""
+    if name in LLMC:
+        return LLMC[name]
+    ns = ours_step(name)
+    return dict(group_size=ns.group_size, symmetric=not ns.asym, act_order=ns.act_order, sequential=not ns.one_pass)
+
+
+def row_names() -> list[str]:
+    return [*LLMC, *sorted(p.stem for p in RECIPES.glob("*.yaml"))]
 BASELINE = [("ours-sym-g64", "llmc-sym-g64"),  # the issue's pair (both tools' defaults): ours / theirs
             ("ours-sym-g64-onepass", "llmc-sym-g64"),
             ("ours-sym-g64-onepass", "llmc-sym-g64-onepass"),  # both in one-pass mode
@@ -86,28 +116,23 @@ def run_llmc(folder: str, calib_file: str, out: str, settings: dict) -> dict:
             "versions": child_versions("llmcompressor", "compressed-tensors", "transformers", "torch", "datasets")}
 
 
-def run_ours(calib_file: str, out: str, settings: dict) -> dict:
-    """slimlm's Python API with the same windows: load, GPTQ (1% damp, 128-column blocks), save."""
-    from safetensors.torch import load_file
+def run_ours(name: str, data_dir: str, out: str) -> dict:
+    """Our row's recipe as `slimlm run` runs it, writing the run to ``out``, without its eval step."""
+    from slimlm.pipeline import execute
+    from slimlm.recipe import Recipe, RunOptions, read_recipe, relocated
 
-    import slimlm
-
-    model, tokenizer = slimlm.load_model("smollm2-135m")
-    calib = load_file(calib_file)["input_ids"]
-    result = slimlm.quantize(model, tokenizer, method="gptq", wbits=BITS, group_size=settings["group_size"],
-                             symmetric=settings["symmetric"], act_order=settings["act_order"], calib=calib,
-                             sampling="first", blocksize=BLOCKSIZE, damp=DAMP, progress=False,
-                             sequential=settings.get("sequential", True))
-    slimlm.save(model, tokenizer, out, result)
-    return {"compress_seconds": result.manifest["timings"]["total"],
+    recipe = read_recipe(RECIPES / f"{name}.yaml")
+    recipe.run.data_dir = data_dir  # a location, not a setting
+    execute(relocated(Recipe(recipe.run, [s for s in recipe.steps if s[0] != "eval"]), out), RunOptions(quiet=True))
+    manifest = json.loads((Path(out) / "slimlm.json").read_text())
+    return {"compress_seconds": manifest["timings"]["total"],
             "versions": child_versions("slimlm", "transformers", "torch")}
 
 
 def child_main(args) -> None:
-    tool, settings = ROWS[args.child]
     t0 = time.perf_counter()
-    row = (run_llmc(args.folder, args.calib_file, args.child_out, settings) if tool == "llmc" else
-           run_ours(args.calib_file, args.child_out, settings))
+    row = (run_llmc(args.folder, args.calib_file, args.child_out, LLMC[args.child]) if args.child in LLMC else
+           run_ours(args.child, args.data_dir, args.child_out))
     row.update(in_process_seconds=time.perf_counter() - t0,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(row))
@@ -122,7 +147,7 @@ def load_average() -> str:
 def timed_child(python: str, name: str, args, workdir: Path) -> dict:
     """Run one row in a fresh process; wall seconds from process start to saved model."""
     out = workdir / name
-    cmd = [python, __file__, "--child", name, "--folder", args.folder,
+    cmd = [python, __file__, "--child", name, "--folder", args.folder, "--data-dir", args.data_dir,
            "--calib-file", str(workdir / "calib.safetensors"), "--child-out", str(out)]
     load_before = load_average()
     start = time.perf_counter()
@@ -131,7 +156,7 @@ def timed_child(python: str, name: str, args, workdir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"row": name, "tool": ROWS[name][0], "settings": ROWS[name][1], "seconds": wall,
+    return {"row": name, "tool": "llmc" if name in LLMC else "ours", "settings": settings(name), "seconds": wall,
             "load_before": load_before, "load_after": load_average(), **row, "out": str(out)}
 
 
@@ -206,10 +231,8 @@ def main() -> None:
     p.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python",
                    help="python of the virtual environment where llmcompressor is installed")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
-    p.add_argument("--rows", default=",".join(ROWS))
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--rows", help="comma-separated rows (default: llm-compressor's and every recipe of ours)")
+    p.add_argument("--eval-windows", type=int, help="evaluation windows instead of the recipes'")
     p.add_argument("--out", default=str(RESULTS / "llmcompressor_gptq.json"))
     for hidden in ("--child", "--folder", "--calib-file", "--child-out"):  # internal: one row in this process
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -224,23 +247,27 @@ def main() -> None:
     from slimlm.core.cache import gguf_to_folder
     from slimlm.core.models import builtin_gguf
 
+    names = args.rows.split(",") if args.rows else row_names()
+    step, evaluation = protocol(names)
+    args.eval_windows = args.eval_windows or evaluation.eval_windows
     args.folder = str(gguf_to_folder(builtin_gguf("smollm2-135m")))
     _, tokenizer = slimlm.load_model("smollm2-135m")
-    calib = slimlm.calibration(tokenizer, "wikitext2", args.nsamples, args.seqlen, "first", data_dir=args.data_dir)
+    calib = slimlm.calibration(tokenizer, step.calib, step.nsamples, step.seqlen, step.calib_sampling, step.seed,
+                               args.data_dir)
     _, test = protocol_windows(tokenizer, args.data_dir, 1, args.eval_windows)
     rows, load_start = [], load_average()
     with tempfile.TemporaryDirectory(prefix="llmc-gptq-") as tmp:
         workdir = Path(tmp)
         save_file({"input_ids": calib.contiguous()}, workdir / "calib.safetensors")
-        for name in args.rows.split(","):  # compress all first, back to back, so timings share conditions
-            python = args.llmc_python if ROWS[name][0] == "llmc" else sys.executable
+        for name in names:  # compress all first, back to back, so timings share conditions
+            python = args.llmc_python if name in LLMC else sys.executable
             rows.append(timed_child(python, name, args, workdir))
             print(json.dumps(rows[-1]), flush=True)
         for row in rows:
             row.update(evaluate_row(row, args.folder, test))
             print(json.dumps({k: row[k] for k in ("row", "perplexity", "max_distinct_per_group")}), flush=True)
     versions = {r["tool"]: r.pop("versions") for r in rows}
-    meta = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
+    meta = {"nsamples": step.nsamples, "seqlen": step.seqlen, "eval_windows": args.eval_windows,
             "bits": BITS, "damp": DAMP, "blocksize": BLOCKSIZE, "versions": versions,
             "load_average_start_end": [load_start, load_average()]}
     for r in rows:

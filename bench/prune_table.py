@@ -1,42 +1,31 @@
 """Pruning benchmark on the built-in model (float32, CPU), the protocol of issue #2 (bench/common.py).
 
-``floor`` times the two block-forward passes over the calibration set that the sequential algorithm
-needs, with nothing else (no statistics, no pruning); the table reports pruning time as a multiple of it.
-``wanda-50-b16`` repeats wanda-50 with 16 calibration windows per forward instead of the default 4.
+Rows: recipes/prune/<row>.yaml (the README table: 32 evaluation windows, 16 calibration windows per forward as
+the default was then), or with ``--recipes recipes/prune-timing`` the quiet timing re-run (default batch, one
+evaluation window; ``wanda-50-b16`` repeats wanda-50 with 16 calibration windows per forward). ``floor``, no
+recipe, times the two block-forward passes over the calibration set that the sequential algorithm needs, with
+nothing else (no statistics, no pruning); the table reports pruning time as a multiple of it.
 
     python bench/prune_table.py                                       # all rows -> bench/results/
-    python bench/prune_table.py --rows floor,wanda-50 --eval-windows 1 --out /tmp/t.json   # timing only
+    python bench/prune_table.py --recipes recipes/prune-timing --out bench/results/prune_timing.json
 """
 from __future__ import annotations
 
 import time
 
-from common import RESULTS, compress_and_eval, peak_rss_mb, protocol_windows, table_main
-
-ROWS = {  # name -> prune() keyword arguments (None: dense, no pruning)
-    "dense": None,
-    "magnitude-50": dict(method="magnitude", sparsity=0.5),
-    "wanda-50": dict(method="wanda", sparsity=0.5),
-    "sparsegpt-50": dict(method="sparsegpt", sparsity=0.5),
-    "ria-50": dict(method="ria", sparsity=0.5),
-    "wanda-2:4": dict(method="wanda", pattern="2:4"),
-    "sparsegpt-2:4": dict(method="sparsegpt", pattern="2:4"),
-    "ria-2:4": dict(method="ria", pattern="2:4"),
-    "ria-2:4-perm": dict(method="ria", pattern="2:4", permute=True),
-    "wanda-70": dict(method="wanda", sparsity=0.7),
-    "sparsegpt-70": dict(method="sparsegpt", sparsity=0.7),
-    "wanda-50-b16": dict(method="wanda", sparsity=0.5, batch_size=16),
-}
+from common import RECIPES, RESULTS, compress_and_eval, peak_rss_mb, recipe_rows, table_main
 
 
-def floor_row(data_dir: str, calib_windows: int) -> dict:
-    """Two plain block passes per block over the calibration windows: the sequential lower bound."""
+def floor_row(data_dir: str, recipe) -> dict:
+    """Two plain block passes per block over a recipe's calibration windows: the sequential lower bound."""
     import slimlm
-    from slimlm.core.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
     from slimlm.core.architectures import decoder_blocks
+    from slimlm.core.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
+    from slimlm.recipe import read_recipe
 
+    (ns,) = [ns for kind, ns in read_recipe(recipe).steps if kind == "prune"]
     model, tokenizer = slimlm.load_model("smollm2-135m")
-    calib, _ = protocol_windows(tokenizer, data_dir, calib_windows, 1)
+    calib = slimlm.calibration(tokenizer, ns.calib, ns.nsamples, ns.seqlen, ns.calib_sampling, ns.seed, data_dir)
     batch = max(1, DEFAULT_BATCH_TOKENS // calib.shape[1])
     start = time.perf_counter()
     captured = capture_inputs(model, calib, batch, "cpu")
@@ -64,10 +53,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run_row(name: str, args) -> dict:
-    if name == "floor":
-        return floor_row(args.data_dir, args.calib_windows)
-    return compress_and_eval(ROWS[name], args.data_dir, args.calib_windows, args.eval_windows)
+    rows = recipe_rows(args.recipes)
+    if name == "floor":  # calibrated like the table's Wanda row
+        return floor_row(args.data_dir, rows["wanda-50"])
+    return compress_and_eval(rows[name], args.data_dir, args.eval_windows)
 
 
 if __name__ == "__main__":
-    table_main(__file__, __doc__, ["floor", *ROWS], run_row, markdown, str(RESULTS / "prune_table.json"))
+    table_main(__file__, __doc__, RECIPES / "prune", run_row, markdown, str(RESULTS / "prune_table.json"),
+               extra_rows=["floor"])

@@ -10,31 +10,14 @@ The built-in model's weights were dequantized from a Q4_1 GGUF (asymmetric 4-bit
 asymmetric 4-bit grid with groups of 32 would reproduce them almost exactly; these rows use symmetric grids
 with groups of 64/128 and lower bit-widths, where that accident does not help.
 
-    python bench/quant_table.py --eval-windows 8                       # all rows -> bench/results/
+Rows: recipes/quant/<row>.yaml (8 evaluation windows).
+
+    python bench/quant_table.py                                        # all rows -> bench/results/
     python bench/quant_table.py --rows dense,rtn-w4g128 --eval-windows 1 --out /tmp/q.json
 """
 from __future__ import annotations
 
-from common import RESULTS, compress_and_eval, table_main
-
-W4A4 = dict(wbits=4, abits=4)
-ROWS = {  # name -> (slimlm function, keyword arguments); None: dense
-    "dense": None,
-    "rtn-w4g128": ("quantize", dict(method="rtn", wbits=4, group_size=128)),
-    "gptq-w4g128": ("quantize", dict(method="gptq", wbits=4, group_size=128)),
-    "rtn-w3g128": ("quantize", dict(method="rtn", wbits=3, group_size=128)),
-    "gptq-w3g128": ("quantize", dict(method="gptq", wbits=3, group_size=128)),
-    "rtn-w2g64": ("quantize", dict(method="rtn", wbits=2, group_size=64)),
-    "gptq-w2g64": ("quantize", dict(method="gptq", wbits=2, group_size=64)),
-    "w4a4-rtn": ("quantize", dict(method="rtn", **W4A4)),
-    "w4a4-rtn-hadamard": ("quantize", dict(method="rtn", rotate="hadamard", **W4A4)),
-    "w4a4-gptq-hadamard": ("quantize", dict(method="gptq", rotate="hadamard", **W4A4)),
-    "mixed-3.5-uniform": ("quantize", dict(method="gptq", avg_bits=3.5, allocation="uniform")),
-    "mixed-3.5-alphapruning": ("quantize", dict(method="gptq", avg_bits=3.5, allocation="alphapruning")),
-    "mixed-3.5-fisher": ("quantize", dict(method="gptq", avg_bits=3.5, allocation="fisher")),
-    "wanda-50-w4": ("prune", dict(method="wanda", sparsity=0.5, wbits=4)),
-    "sparsegpt-50-w4": ("prune", dict(method="sparsegpt", sparsity=0.5, wbits=4)),
-}
+from common import RECIPES, RESULTS, compress_and_eval, recipe_rows, table_main
 
 
 def markdown(rows: list[dict]) -> str:
@@ -49,10 +32,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run_row(name: str, args) -> dict:
-    spec = ROWS[name]
-    return compress_and_eval(spec and spec[1], args.data_dir, args.calib_windows, args.eval_windows,
-                             kind=spec[0] if spec else "prune")
+    return compress_and_eval(recipe_rows(args.recipes)[name], args.data_dir, args.eval_windows)
 
 
 if __name__ == "__main__":
-    table_main(__file__, __doc__, list(ROWS), run_row, markdown, str(RESULTS / "quant_table.json"))
+    table_main(__file__, __doc__, RECIPES / "quant", run_row, markdown, str(RESULTS / "quant_table.json"))

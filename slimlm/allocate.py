@@ -19,12 +19,13 @@ References:
 """
 
 import math
+import re
 from typing import Sequence
 
 import torch
 
 from slimlm.core.architectures import BLOCK_PATTERN, block_of
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, unknown
 
 SPARSITY_BOUNDS = (0.0, 0.99)  # never prune a whole layer: 100% would cut the residual branch entirely
 TARGET_RTOL = 1e-3  # the allocation contract: weighted mean within 0.1% of the target
@@ -334,7 +335,7 @@ def allocate_from_metrics(metrics: dict[str, dict], allocation: str, target: flo
     ``options`` go to the allocator (``lamda`` for owl, ``epsilon`` for alphapruning).
     """
     if allocation not in ALLOCATORS:
-        raise SlimlmError(f"unknown allocation '{allocation}'; choose one of {', '.join(ALLOCATORS)}")
+        raise unknown("allocation", allocation, ALLOCATORS)
     key = ALLOCATOR_METRIC[allocation]
     if key == "fisher" and unit != "sparsity":
         if unit != "bits":
@@ -377,3 +378,32 @@ def round_bits(budgets: dict[str, float], sizes: dict[str, int], choices=BIT_LEV
             spent += (higher[0] - bits[n]) * sizes[n]
             bits[n] = higher[0]
     return bits
+
+
+def apply_overrides(budgets: dict, overrides: dict | None) -> dict:
+    """``budgets`` with every layer whose FQN matches a regex of ``overrides`` (``re.search``) set to its value;
+    the first matching regex, in the order given, wins. A regex that matches no layer is an error: it is a typo
+    or meant for another model, and ignoring it would give a run that contradicts its recipe."""
+    overrides = overrides or {}
+    unused = [r for r in overrides if not any(re.search(r, fqn) for fqn in budgets)]
+    if unused:
+        raise SlimlmError(f"override '{unused[0]}' matches no layer (names look like {next(iter(budgets), '-')})")
+    out = dict(budgets)
+    for fqn in budgets:
+        first = next((r for r in overrides if re.search(r, fqn)), None)
+        if first is not None:
+            out[fqn] = overrides[first]
+    return out
+
+
+def layer_budgets(layers, default: float, budgets: dict | None, overrides: dict | None) -> dict:
+    """Each of ``layers`` (FQNs) -> its budget: ``budgets``' value, else ``default``; then ``overrides``."""
+    strangers = set(budgets or {}) - set(layers)
+    if strangers:
+        raise SlimlmError(f"budgets name layers the model does not have: {sorted(strangers)[:3]}")
+    return apply_overrides({fqn: default for fqn in layers} | (budgets or {}), overrides)
+
+
+def size_weighted_mean(budgets: dict[str, float], sizes: dict[str, int]) -> float:
+    """Σ nᵢ bᵢ / Σ nᵢ over the layers of ``budgets``: the global budget a per-layer map amounts to."""
+    return sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes[n] for n in budgets)

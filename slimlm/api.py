@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm.allocate import ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, round_bits
+from slimlm.allocate import (ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, apply_overrides,
+                             layer_budgets, round_bits, size_weighted_mean)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
 from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
                                          fisher_sparsegpt_tables, fisher_tables)
@@ -15,10 +16,10 @@ from slimlm.analysis.spectra import model_weight_metrics
 from slimlm.core import data as data_mod
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, unknown
 from slimlm.evaluation.perplexity import perplexity
 from slimlm.pruning.methods import get_method
-from slimlm.pruning.spec import PruneSpec, check_sparsity, parse_pattern
+from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity, parse_pattern
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import packed_bytes
@@ -31,10 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Result:
-    """What a compression run produced: a JSON-able manifest and tensors to save beside the model."""
+    """What a compression run produced: a JSON-able manifest, and tensors (by safetensors file name) and text files
+    (by file name, e.g. recipe.yaml) to save beside the model."""
 
     manifest: dict
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def check_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -129,9 +132,13 @@ def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bo
     return records
 
 
-def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, pattern: str | None = None,
+DEFAULT_SPARSITY = 0.5
+
+
+def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
           group: str | None = None, permute: bool = False, budgets: dict[str, float] | None = None,
-          allocation: str = "uniform", allocation_options: dict | None = None, owl_m: float = OWL_M,
+          overrides: dict[str, float] | None = None, allocation: str = "uniform",
+          allocation_options: dict | None = None, owl_m: float = OWL_M,
           calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
           seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
           device: str = "cpu", batch_size: int | None = None, ria_alpha: float = 0.5,
@@ -140,9 +147,12 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
           io: BlockIO | None = None, checkpoint: Checkpoint | None = None) -> Result:
     """Prune every linear inside the decoder blocks of ``model`` in place.
 
-    ``sparsity`` is the global target: every layer gets it with ``allocation='uniform'``; other allocators
-    (owl, alphapruning, errortable) spread it non-uniformly with the same parameter-weighted mean.
-    ``budgets`` (FQN -> sparsity) overrides the allocator; ``pattern`` 'N:M' overrides both.
+    ``sparsity`` is the global target (default 0.5): every layer gets it with ``allocation='uniform'``; other
+    allocators (owl, alphapruning, errortable, fisher) spread it non-uniformly with the same parameter-weighted mean.
+    ``budgets`` (FQN -> sparsity; layers it leaves out get ``sparsity``) replaces the allocator; ``overrides``
+    (regex -> sparsity, ``allocate.apply_overrides``) then set the layers they match. ``pattern`` 'N:M' fixes
+    every layer at 1 - N/M and takes none of these. The manifest's ``sparsity_target`` is the requested target,
+    with budgets or overrides the parameter-weighted mean of the per-layer targets applied.
     ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
     weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved;
     ``scale_dtype='float16'`` rounds its scales to float16 (exact GGUF export, see quant.grids.float16_scales).
@@ -154,11 +164,17 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
     grid = None if wbits is None else QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)
     spec = PruneSpec(nm=parse_pattern(pattern), group=group, permute=permute, ria_alpha=ria_alpha,
                      blocksize=blocksize, damp=damp, grid=grid)
-    check_sparsity(sparsity)
+    layers = linear_fqns(model)
+    check_budget_options(pattern, spec.nm, sparsity, allocation, budgets, overrides, layers)
+    user_map = budgets is not None  # the per-layer targets come from the caller, not from an allocator
+    sparsity = check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
+    if spec.nm is not None:
+        sparsity = 1 - spec.nm[0] / spec.nm[1]
+    if allocation not in ALLOCATORS:
+        raise unknown("allocation", allocation, ALLOCATORS)
     if io is not None and budgets is None and allocation != "uniform" and spec.nm is None:
         raise SlimlmError(f"allocation '{allocation}' needs the whole model in memory; with --offload disk use "
                           "--allocation uniform or a --budgets map")
-    layers = linear_fqns(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
     calib_info, timings = None, {}
@@ -172,10 +188,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         budgets = plan_budgets(model, allocation, sparsity, calib, owl_m, device, batch_size, progress, method,
                                **(allocation_options or {}))
         timings["allocation"] = time.perf_counter() - t
-    budgets = {fqn: sparsity for fqn in layers} | (budgets or {})
-    unknown = set(budgets) - set(layers)
-    if unknown:
-        raise SlimlmError(f"budgets name layers the model does not have: {sorted(unknown)[:3]}")
+    budgets = layer_budgets(layers, sparsity, budgets, overrides)
     for value in budgets.values():
         check_sparsity(value)
     # per-layer results; a checkpoint saves them with each block and refills them on resume
@@ -185,8 +198,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
         for fqn, linear in group.items():
             new, mask, perm = m.fn(linear.weight.data, stats, budgets[fqn], spec)
             linear.weight.data.copy_(new)
-            achieved[fqn] = {"target": budgets[fqn] if spec.nm is None else 1 - spec.nm[0] / spec.nm[1],
-                             "sparsity": (new == 0).float().mean().item()}
+            achieved[fqn] = {"target": budgets[fqn], "sparsity": (new == 0).float().mean().item()}
             if perm is not None:
                 perms[fqn] = perm.cpu()
         return True
@@ -200,10 +212,14 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float = 0.5, p
     timings["total"] = time.perf_counter() - start
     total = sum(layers[f].weight.numel() for f in achieved)
     zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
+    sizes = {f: lin.weight.numel() for f, lin in layers.items()}
+    allocation_record = {"name": "budgets" if user_map else allocation, "owl_m": owl_m,
+                         **(allocation_options or {}), **({"overrides": overrides} if overrides else {})}
     manifest = {
         "kind": "prune", "method": method, "pattern": pattern or "unstructured",
-        "group": group or m.default_group, "permute": permute, "sparsity_target": sparsity,
-        "sparsity": zeros / total, "allocation": {"name": allocation, "owl_m": owl_m, **(allocation_options or {})},
+        "group": group or m.default_group, "permute": permute,
+        "sparsity_target": size_weighted_mean(budgets, sizes) if user_map or overrides else sparsity,
+        "sparsity": zeros / total, "allocation": allocation_record,
         "options": {"ria_alpha": ria_alpha, "blocksize": blocksize, "damp": damp},
         "calibration": calib_info, "device": str(device), "seed": seed, "timings": timings,
         "versions": versions(), "layers": achieved,
@@ -250,7 +266,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
              symmetric: bool = True, scale_dtype: str | None = None, act_order: bool = False,
              abits: int | None = None, act_clip: float = 1.0, rotate: str | None = None,
              avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
-             calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
+             overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
+             calib_source: str = "wikitext2", nsamples: int = 128,
              seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
              device: str = "cpu", batch_size: int | None = None, blocksize: int = 128, damp: float = 0.01,
              progress: bool = True, io: BlockIO | None = None, checkpoint: Checkpoint | None = None,
@@ -258,8 +275,10 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on
     the grid), optionally after a QuaRot rotation and with simulated per-token activation quantization.
 
-    ``method``: a name in ``quant.methods.QUANTIZERS`` ('rtn', data-free, or 'gptq'). ``avg_bits`` with an ``allocation`` gives per-layer bit-widths
-    (integers from 2..8) whose parameter-weighted mean stays at or under ``avg_bits``. ``scale_dtype='float16'``
+    ``method``: a name in ``quant.methods.QUANTIZERS`` ('rtn', data-free, or 'gptq'). ``avg_bits`` with an
+    ``allocation`` gives per-layer bit-widths (integers from 2..8) whose parameter-weighted mean stays at or under
+    ``avg_bits``; ``overrides`` (regex -> bits, ``allocate.apply_overrides``) then set the layers they match.
+    ``scale_dtype='float16'``
     rounds scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and
     ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
     ``sequential=False`` calibrates every block on the dense model's activations in one pass
@@ -270,7 +289,10 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
     QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)  # validates before any work
     if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
-        raise SlimlmError(f"unknown allocation '{allocation}'; choose one of {', '.join(ALLOCATORS)}")
+        raise unknown("allocation", allocation, ALLOCATORS)
+    apply_overrides(dict.fromkeys(linear_fqns(model)), overrides)  # a regex that matches no layer fails here
+    for bits in (overrides or {}).values():
+        QuantGrid(bits, symmetric, group_size, scale_dtype=scale_dtype)
     if abits is not None:
         QuantGrid(abits, True, None, act_clip)
     if io is not None and (rotate == "hadamard" or abits is not None or (avg_bits is not None
@@ -290,6 +312,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                                      grid=QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype))
         continuous = allocate_from_metrics(metrics, allocation, avg_bits, "bits", **(allocation_options or {}))
         bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
+    bits = apply_overrides(bits, overrides)
     grids = {fqn: QuantGrid(b, symmetric, group_size, scale_dtype=scale_dtype) for fqn, b in bits.items()}
     losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
 
@@ -320,7 +343,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         # achieved parameter-weighted mean bit-width (mixed precision stays at or under avg_bits)
         "bits": sum(bits[f] * layers[f].weight.numel() for f in layers)
         / sum(lin.weight.numel() for lin in layers.values()),
-        "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {})},
+        "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {}),
+                       **({"overrides": overrides} if overrides else {})},
         "options": {"blocksize": blocksize, "damp": damp, "sequential": sequential}, "calibration": calib_info,
         "device": str(device),
         "seed": seed, "timings": timings, "versions": versions(),
@@ -371,5 +395,5 @@ def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, wi
 
 
 def save(model, tokenizer, out, result: Result, overwrite: bool = False):
-    """Write ``out`` atomically: safetensors model, tokenizer, ``slimlm.json`` and extra tensors."""
-    return save_run(model, tokenizer, out, result.manifest, overwrite, result.tensors)
+    """Write ``out`` atomically: safetensors model, tokenizer, ``slimlm.json``, extra tensors and text files."""
+    return save_run(model, tokenizer, out, result.manifest, overwrite, result.tensors, result.files)

@@ -13,3 +13,17 @@ def read_json(path: str | Path, advice: str = ""):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SlimlmError(f"cannot read JSON file {path}: {e}{advice}") from e
+
+
+def closest(value, choices) -> str:
+    """' (did you mean 'X'?)' for the valid choice nearest to ``value`` (difflib), or '' when none is near."""
+    import difflib
+
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def unknown(what: str, value, choices) -> SlimlmError:
+    """The error for a name that is not one of ``choices``, naming the closest valid one."""
+    return SlimlmError(f"unknown {what} '{value}'{closest(value, choices)}; choose one of "
+                       f"{', '.join(map(str, choices))}")

@@ -45,6 +45,28 @@ def data_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved with a real (built-in model's) tokenizer: a model folder the CLI can load."""
+    from transformers import AutoTokenizer
+
+    from slimlm.core.cache import gguf_to_folder
+    from slimlm.core.models import builtin_gguf
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf_to_folder(builtin_gguf("smollm2-135m"))).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory, data_dir):
+    """A short calibration text (tokenizing all of WikiText-2 would dominate these tiny runs)."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text((Path(data_dir) / "wikitext2" / "test.raw").read_text()[:20000])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def builtin_folder():
     """The built-in model converted once to a float32 folder (cached in $SLIMLM_CACHE)."""
     from slimlm.core.cache import gguf_to_folder

@@ -5,22 +5,6 @@ import pytest
 import torch
 
 from slimlm.cli import main
-from tests.conftest import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random Llama saved with a real (built-in model's) tokenizer."""
-    from transformers import AutoTokenizer
-
-    from slimlm.core.cache import gguf_to_folder
-    from slimlm.core.models import builtin_gguf
-
-    folder = tmp_path_factory.mktemp("tiny")
-    model = tiny_llama(vocab=49152)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gguf_to_folder(builtin_gguf("smollm2-135m"))).save_pretrained(folder)
-    return folder
 
 
 def run(capsys, *argv):
@@ -82,7 +66,8 @@ def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_fo
     code, stdout, err = run(capsys, "analyze", str(tiny_folder), "--out", str(out), "--data-dir", data_dir,
                             "--nsamples", "4", "--seqlen", "32", "--target", "sparsity=0.6", "--quiet")
     assert code == 0, err
-    for name in ("metrics.json", "metrics.csv", "alpha_depth.png", "esd.png", "budgets.png", "slimlm.json"):
+    for name in ("metrics.json", "metrics.csv", "alpha_depth.png", "esd.png", "budgets.png", "slimlm.json",
+                 "recipe.yaml"):
         assert (out / name).is_file(), name
     records = json.loads((out / "metrics.json").read_text())
     assert {"name", "block", "kind", "shape", "alpha", "alpha_hat", "xmin", "stable_rank", "spectral_norm",

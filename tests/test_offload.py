@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -79,14 +78,6 @@ def assert_same_weights(a, b):
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])][:3]
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory, data_dir):
-    """A short calibration text (tokenizing all of WikiText-2 would dominate these tiny runs)."""
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text((Path(data_dir) / "wikitext2" / "test.raw").read_text()[:20000])
-    return str(path)
 
 
 def prune_args(src, out, calib, *extra):

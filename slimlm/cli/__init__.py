@@ -7,6 +7,7 @@ import sys
 
 from safetensors import SafetensorError
 
+from slimlm.cli import commands
 from slimlm.cli.parser import build_parser
 from slimlm.errors import SlimlmError
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     try:
-        args.func(args)
+        getattr(commands, f"cmd_{args.command}")(args)
     except SlimlmError as e:
         print(f"slimlm: error: {e}", file=sys.stderr)
         return 2

@@ -6,12 +6,12 @@ def add_cache_parser(sub) -> None:
     p = sub.add_parser("cache", help="list or clear the float32 copies of .gguf models kept in $SLIMLM_CACHE")
     actions = p.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="path, size, last use and source file of every cached copy")
-    listing.set_defaults(func=cmd_cache_list, quiet=True)
+    listing.set_defaults(quiet=True)
     clear = actions.add_parser("clear", help="remove cached copies (the next load converts again, ~30 s)")
     clear.add_argument("names", nargs="*", help="entry folder names (from `slimlm cache list`), .gguf files, "
                        "or built-in aliases (smollm2-135m)")
     clear.add_argument("--all", action="store_true", help="remove every entry")
-    clear.set_defaults(func=cmd_cache_clear, quiet=True)
+    clear.set_defaults(quiet=True)
 
 
 def _mb(n: int) -> str:

@@ -2,208 +2,54 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from pathlib import Path
 
 from slimlm.errors import SlimlmError, read_json
 
 
-def _allocation_options(args) -> dict:
-    return {"owl": {"lamda": args.owl_lambda}, "alphapruning": {"epsilon": args.alpha_epsilon}}.get(
-        args.allocation, {})
+def _execute(kind: str, args) -> None:
+    """A ``prune``/``quantize``/``analyze`` command line is a one-step recipe (plus ``eval`` for --eval): the
+    command and ``slimlm run`` of the recipe it writes share one code path."""
+    from slimlm.pipeline import execute
+    from slimlm.recipe import RunOptions, from_args
 
-
-def _group(args) -> int | None:
-    return None if args.group_size in (-1, 0) else args.group_size
-
-
-def _default_out(args, budget: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf")
-                  else Path(args.model).name or args.model)
-    return Path("runs") / f"{name}-{args.method}-{budget}"
-
-
-# options that do not change the computed weights: a resumed run may differ from the first in these
-_NOT_SETTINGS = {"func", "out", "overwrite", "resume", "quiet", "allow_pickle", "no_cache", "eval",
-                 "eval_dataset", "eval_seqlen", "eval_windows"}
-
-
-def _open_run(args, out: Path, calibrated: bool, budgets: dict | None = None):
-    """``(model, tokenizer, stream, checkpoint)``: the model (a meta skeleton whose blocks stream from disk
-    with --offload disk) and the per-block checkpoint kept in the hidden partial folder beside ``out`` (see
-    slimlm.runs.resume): for calibrated runs with --resume, and for every --offload disk run (its output shards
-    are streamed into that folder anyway, so only the small activations are extra)."""
-    import slimlm
-    from slimlm.runs.offload import check_free_space, load_streamed
-    from slimlm.runs.resume import Checkpoint, partial_dir, read_progress
-
-    folder = partial_dir(out)
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS} | {"budgets_map": budgets}
-    if folder.exists() and not args.resume:
-        raise SlimlmError(f"{folder} holds an interrupted run of {out}; pass --resume to continue it, or delete it")
-    if folder.exists():
-        read_progress(folder, settings)  # a run with other settings is refused before any work
-    if args.offload is None:
-        model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
-        return model, tokenizer, None, Checkpoint(folder, settings) if calibrated and args.resume else None
-    if args.eval:
-        raise SlimlmError("--eval needs the whole model in memory; evaluate the saved run with `slimlm eval`")
-    model, tokenizer, stream = load_streamed(args.model, args.dtype, folder)
-    check_free_space(model, stream)
-    return model, tokenizer, stream, Checkpoint(folder, settings, weights=False)
-
-
-def _finish(model, tokenizer, out, result, args, stream=None) -> None:
-    """Optional evaluation, the atomic save, and a one-line JSON summary."""
-    import slimlm
-    from slimlm.runs.offload import save_streamed
-    from slimlm.runs.resume import partial_dir
-
-    result.manifest["model"] = args.model
-    result.manifest["dtype"] = args.dtype
-    if args.eval:
-        result.manifest["metrics"] = {"perplexity": _eval(model, tokenizer, args)}
-    if stream is not None:  # the partial folder holds the output shards: complete it and rename it
-        save_streamed(model, tokenizer, stream, out, result.manifest, result.tensors, args.overwrite)
-    else:
-        slimlm.save(model.to("cpu"), tokenizer, out, result, args.overwrite)
-        shutil.rmtree(partial_dir(out), ignore_errors=True)  # the finished run's checkpoint
-    keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage")
-    summary = {k: result.manifest[k] for k in keys if k in result.manifest}
-    summary["seconds"] = round(result.manifest["timings"]["total"], 2)
-    if args.eval:
-        summary["perplexity"] = result.manifest["metrics"]["perplexity"]["perplexity"]
-    print(json.dumps({"out": str(out), **summary}))
-
-
-def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:
-    """Test perplexity; unless --quiet, the plan (windows, tokens) and a time estimate go to stderr first."""
-    import slimlm
-    return slimlm.evaluate(model, tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows,
-                           args.data_dir, args.device, batch_size, progress=not args.quiet)
+    execute(from_args(kind, args), RunOptions.from_args(args), name_steps=False)
 
 
 def cmd_prune(args) -> None:
-    import slimlm
-    from slimlm.allocate import ALLOCATORS
-    from slimlm.core.data import check_source, data_dir
-    from slimlm.pruning.methods import get_method
-    from slimlm.pruning.spec import check_sparsity, parse_pattern
-    from slimlm.runs.save import check_output
-
-    get_method(args.method), parse_pattern(args.pattern), check_sparsity(args.sparsity)  # fail fast
-    check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
-    budgets = read_json(args.budgets) if args.budgets else None
-    if args.allocation not in ALLOCATORS:
-        raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
-    budget = args.pattern.replace(":", "of") if args.pattern != "unstructured" else f"{args.sparsity:g}"
-    out = check_output(args.out or _default_out(args, budget), args.overwrite)
-    model, tokenizer, stream, checkpoint = _open_run(args, out, get_method(args.method).needs_data, budgets)
-    result = slimlm.prune(
-        model, tokenizer, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        group=args.group, permute=args.permute, calib_source=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
-        device=args.device, batch_size=args.batch_size, ria_alpha=args.ria_alpha,
-        allocation=args.allocation, allocation_options=_allocation_options(args), owl_m=args.owl_m,
-        budgets=budgets, wbits=args.wbits, group_size=_group(args), symmetric=not args.asym,
-        scale_dtype=args.scale_dtype,
-        progress=not args.quiet, io=stream, checkpoint=checkpoint)
-    _finish(model, tokenizer, out, result, args, stream)
+    _execute("prune", args)
 
 
 def cmd_quantize(args) -> None:
-    import slimlm
-    from slimlm.allocate import ALLOCATORS
-    from slimlm.core.data import check_source, data_dir
-    from slimlm.quant.grids import QuantGrid
-    from slimlm.runs.save import check_output
-
-    QuantGrid(args.wbits, not args.asym, _group(args), scale_dtype=args.scale_dtype)  # fail fast on bad grids
-    if args.abits is not None:
-        QuantGrid(args.abits, True, None, args.act_clip)
-    check_source(args.calib), check_source(args.eval_dataset), data_dir(args.data_dir)
-    if args.allocation not in ALLOCATORS:
-        raise SlimlmError(f"unknown allocation '{args.allocation}'; choose one of {', '.join(ALLOCATORS)}")
-    budget = f"w{args.avg_bits:g}" if args.avg_bits else f"w{args.wbits}" + (f"a{args.abits}" if args.abits else "")
-    out = check_output(args.out or _default_out(args, budget), args.overwrite)
-    model, tokenizer, stream, checkpoint = _open_run(args, out, args.method == "gptq")
-    result = slimlm.quantize(
-        model, tokenizer, method=args.method, wbits=args.wbits, group_size=_group(args),
-        symmetric=not args.asym, scale_dtype=args.scale_dtype, act_order=args.act_order, abits=args.abits,
-        act_clip=args.act_clip, rotate=args.rotate, avg_bits=args.avg_bits, allocation=args.allocation,
-        allocation_options=_allocation_options(args), calib_source=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed, data_dir=args.data_dir,
-        device=args.device, batch_size=args.batch_size, progress=not args.quiet, io=stream,
-        checkpoint=checkpoint, sequential=not args.one_pass)
-    _finish(model, tokenizer, out, result, args, stream)
+    _execute("quantize", args)
 
 
 def cmd_analyze(args) -> None:
-    import slimlm
-    from slimlm.allocate import parse_target
-    from slimlm.core.data import check_source
-    from slimlm.runs.save import atomic_dir, check_output, versions, write_manifest
-
-    check_output(args.out, args.overwrite), check_source(args.calib)
-    unit, target = parse_target(args.target)
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
-    calib = None if args.no_calib else slimlm.calibration(
-        tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_sampling, args.seed, args.data_dir)
-    metrics = slimlm.analyze(model, calib, args.owl_m, device=args.device, batch_size=args.batch_size,
-                             progress=not args.quiet, fisher=not args.no_fisher, fisher_method=args.fisher_for)
-    with atomic_dir(args.out, args.overwrite) as tmp:
-        write_analysis(model, metrics, tmp, unit, target, args.esd_layer)
-        write_manifest(tmp, {"kind": "analysis", "model": args.model, "owl_m": args.owl_m, "versions": versions(),
-                             "fisher_for": None if calib is None or args.no_fisher else args.fisher_for,
-                             "calibration": None if calib is None else {
-                                 "source": args.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                                 "sampling": args.calib_sampling, "seed": args.seed}})
-    print(json.dumps({"out": args.out, "layers": len(metrics)}))
+    _execute("analyze", args)
 
 
-def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float, esd_layer=None) -> None:
-    """metrics.json / metrics.csv, and the alpha-depth, ESD and budget plots."""
-    import csv
+def cmd_run(args) -> None:
+    from slimlm.pipeline import execute
+    from slimlm.recipe import RunOptions, read_recipe, relocated
 
-    from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics
-    from slimlm.analysis.spectra import esd
-    from slimlm.core.architectures import linear_fqns
-    from slimlm.report import plots
-
-    records = list(metrics.values())
-    (folder / "metrics.json").write_text(json.dumps(records, indent=1) + "\n")
-    columns = [k for k in records[0] if k not in ("errors", "fisher")]  # tables stay in metrics.json
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    plots.alpha_depth(metrics, folder / "alpha_depth.png")
-    name = esd_layer or records[0]["name"]
-    if name not in metrics:
-        raise SlimlmError(f"--esd-layer {name} is not a linear inside the decoder blocks")
-    plots.esd(esd(linear_fqns(model)[name].weight.detach()), metrics[name]["alpha"], metrics[name]["xmin"],
-              name, folder / "esd.png")
-    usable = [a for a, key in ALLOCATOR_METRIC.items() if key is None or key in records[0]]
-    if unit != "sparsity":
-        usable = [a for a in usable if a not in ("errortable", "fisher")]
-    plots.budgets({a: allocate_from_metrics(metrics, a, target, unit) for a in usable},
-                  folder / "budgets.png", unit)
+    recipe = read_recipe(args.recipe)
+    execute(relocated(recipe, args.out) if args.out else recipe, RunOptions.from_args(args))
 
 
 def cmd_allocate(args) -> None:
-    from slimlm.allocate import allocate_from_metrics, parse_target
+    from slimlm.allocate import allocate_from_metrics, parse_target, size_weighted_mean
+    from slimlm.recipe import allocation_options
     from slimlm.report import plots
 
     unit, target = parse_target(args.target)
     records = read_json(Path(args.analysis) / "metrics.json")
     metrics = {r["name"]: r for r in records}
-    budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **_allocation_options(args))
+    budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **allocation_options(args))
     if args.out:
         Path(args.out).write_text(json.dumps(budgets, indent=1) + "\n")
         plots.budgets({args.allocation: budgets}, Path(args.out).with_suffix(".png"), unit)
     sizes = {n: metrics[n]["size"] for n in budgets}
-    mean, low, high = _weighted_mean(budgets, sizes), min(budgets.values()), max(budgets.values())
+    mean, low, high = size_weighted_mean(budgets, sizes), min(budgets.values()), max(budgets.values())
     if args.json:
         print(json.dumps({"allocation": args.allocation, unit: mean, "min": low, "max": high, "budgets": budgets}))
         return
@@ -214,12 +60,10 @@ def cmd_allocate(args) -> None:
         print(f"budget map written to {args.out} (plot: {Path(args.out).with_suffix('.png')})")
 
 
-def _weighted_mean(budgets: dict[str, float], sizes: dict[str, int]) -> float:
-    return sum(budgets[n] * sizes[n] for n in budgets) / sum(sizes[n] for n in budgets)
-
-
 def _budget_table(budgets: dict[str, float], metrics: dict[str, dict]) -> list[str]:
     """One row per block: the parameter-weighted mean budget of its linears, then each linear's by kind."""
+    from slimlm.allocate import size_weighted_mean
+
     kinds = list(dict.fromkeys(metrics[n]["kind"] for n in budgets))
     names = [k.rsplit(".", 1)[-1] for k in kinds]  # q_proj rather than self_attn.q_proj, where that is unique
     if len(set(names)) < len(kinds):
@@ -230,33 +74,25 @@ def _budget_table(budgets: dict[str, float], metrics: dict[str, dict]) -> list[s
         blocks.setdefault(metrics[fqn]["block"], {})[metrics[fqn]["kind"]] = fqn
     lines = ["block   mean  " + "  ".join(f"{name:>{w}}" for name, w in zip(names, widths))]
     for block, fqns in sorted(blocks.items()):
-        mean = _weighted_mean({f: budgets[f] for f in fqns.values()}, {f: metrics[f]["size"] for f in fqns.values()})
+        names_here = fqns.values()
+        mean = size_weighted_mean({f: budgets[f] for f in names_here}, {f: metrics[f]["size"] for f in names_here})
         cells = [f"{budgets[fqns[k]]:>{w}.3f}" if k in fqns else " " * w for k, w in zip(kinds, widths)]
         lines.append(f"{block:>5}  {mean:.3f}  " + "  ".join(cells))
     return lines
 
 
 def cmd_export(args) -> None:
-    from slimlm.formats.compressed_tensors import export_compressed_tensors
-    from slimlm.formats.gguf import export_gguf
-    from slimlm.formats.sparse import export_sparse
+    """Export a saved run; the export carries the run's recipe with this export step added (runs saved before
+    recipes existed have none to carry)."""
+    from slimlm.pipeline import export
+    from slimlm.recipe import Recipe, dumps, read_recipe, settings_from
+    from slimlm.runs.save import RECIPE
 
-    extra = {}
-    if args.format == "sparse":
-        export_sparse(args.run, args.out)
-    elif args.format == "gguf":
-        written = export_gguf(args.run, args.out, args.gguf_type, exact=not args.inexact)
-        extra = {"file": str(written), "max_abs_deviation": _gguf_deviation(written)}
-    else:
-        export_compressed_tensors(args.run, args.out, exact=not args.inexact)
-    out = Path(args.out)
-    size = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(json.dumps({"out": args.out, "format": args.format, "bytes": size, **extra}))
-
-
-def _gguf_deviation(path: Path) -> float:
-    import gguf
-    return json.loads(gguf.GGUFReader(path).fields["slimlm.export"].contents())["max_abs_deviation"]
+    step, text = settings_from("export", args), None
+    if (Path(args.run) / RECIPE).is_file():
+        recipe = read_recipe(Path(args.run) / RECIPE)
+        text = dumps(Recipe(recipe.run, [*recipe.steps, ("export", step)]))
+    print(json.dumps(export(args.run, step, text)))
 
 
 def cmd_eval(args) -> None:
@@ -299,8 +135,21 @@ def cmd_eval(args) -> None:
                       **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
 
 
+def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:
+    """Test perplexity; unless --quiet, the plan (windows, tokens) and a time estimate go to stderr first."""
+    import slimlm
+    return slimlm.evaluate(model, tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows,
+                           args.data_dir, args.device, batch_size, progress=not args.quiet)
+
+
 def cmd_report(args) -> None:
     from slimlm.report.page import write_report
 
     out, runs = write_report(args.folders, args.out, args.overwrite)
     print(json.dumps({"out": str(out), "runs": len(runs), "html": str(out / "report.html")}))
+
+
+def cmd_cache(args) -> None:
+    from slimlm.cli.cache import cmd_cache_clear, cmd_cache_list
+
+    (cmd_cache_list if args.action == "list" else cmd_cache_clear)(args)

@@ -1,11 +1,16 @@
-"""The ``slimlm`` argument parser: one subcommand per pipeline stage, each calling its ``cli.commands`` function."""
+"""The ``slimlm`` argument parser: one subcommand per pipeline stage.
+
+The settings of each pipeline step (``STEP_SETTINGS``) are also the schema of a recipe: a recipe step's keys are
+that step's flag names without ``--``, validated by a parser built from the same function (``slimlm.recipe``).
+Every subcommand's --help shows its defaults, and an option that would change nothing with the other options
+given is refused (``ONLY_WITH``) rather than silently ignored.
+"""
 from __future__ import annotations
 
 import argparse
+import re
 
 from slimlm.cli.cache import add_cache_parser
-from slimlm.cli.commands import cmd_allocate, cmd_analyze, cmd_eval, cmd_export, cmd_prune, cmd_quantize, cmd_report
-from slimlm.core.models import BUILTIN_MODELS
 from slimlm.version import __version__
 
 DESCRIPTION = ("Prune and quantize Hugging Face causal LMs block by block on calibration data, evaluate them and "
@@ -52,10 +57,33 @@ ONLY_WITH = [
     (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
      "the fisher tables (not with --no-calib or --no-fisher)"),
     (("prune", "quantize", "analyze", "eval"), ("--no-cache",),
-     lambda a: a.model.endswith(".gguf") or a.model in BUILTIN_MODELS, "a .gguf model or the built-in one"),
+     lambda a: a.model.endswith(".gguf") or _builtin(a.model), "a .gguf model or the built-in one"),
     (("export",), ("--gguf-type",), lambda a: a.format == "gguf", "--format gguf"),
     (("export",), ("--inexact",), lambda a: a.format != "sparse", "--format compressed-tensors or gguf"),
 ]
+
+
+def _builtin(name: str) -> bool:
+    from slimlm.core.models import BUILTIN_MODELS  # here, so that building the parser imports no torch
+
+    return name in BUILTIN_MODELS
+
+
+def ineffective_option(command: str, namespace: argparse.Namespace, default) -> str | None:
+    """The first option of ``namespace`` (a ``command``'s settings) set away from its ``default(dest)`` where the
+    other settings make it do nothing, as "--opt only applies with ...", or None. Rules that read a setting the
+    namespace lacks (a recipe step holds only its own settings) are skipped."""
+    for commands, options, in_effect, needs in ONLY_WITH:
+        try:
+            if command not in commands or in_effect(namespace):
+                continue
+        except AttributeError:
+            continue
+        for option in options:
+            dest = option[2:].replace("-", "_")
+            if hasattr(namespace, dest) and getattr(namespace, dest) != default(dest):
+                return f"{option} only applies with {needs}"
+    return None
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -67,34 +95,37 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         command = self.prog.rpartition(" ")[2]  # add_parser names it "slimlm <command>"
-        for commands, options, in_effect, needs in ONLY_WITH:
-            if command not in commands or in_effect(namespace):
-                continue
-            given = [o for o in options if self._given(namespace, o)]
-            if given:
-                self.exit(2, f"slimlm: error: {given[0]} only applies with {needs}\n")
+        problem = ineffective_option(command, namespace, self.get_default)
+        if problem:
+            self.exit(2, f"slimlm: error: {problem}\n")
         return namespace, extras
 
-    def _given(self, namespace, option: str) -> bool:
-        dest = option[2:].replace("-", "_")
-        return getattr(namespace, dest) != self.get_default(dest)
 
-
-def _add_model_args(p):
-    p.add_argument("model", help="built-in alias (smollm2-135m), HF folder, .gguf file, or hub id")
+def add_load_settings(p):
+    """How the model is loaded and where its blocks compute: the run-level settings of a recipe."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the weights while computing and in the saved run")
     p.add_argument("--device", default="cpu", help="compute device (cpu, cuda, cuda:1); the model "
                    "stays on the CPU and each block visits the device in turn")
     p.add_argument("--data-dir", help="offline data folder (wikitext2/test.raw, wikitext2/valid.tokens); "
                    "default: $SLIMLM_DATA_DIR, else the datasets library")
+
+
+def _add_model_args(p):
+    p.add_argument("model", help="built-in alias (smollm2-135m), HF folder, .gguf file, or hub id")
+    add_load_settings(p)
+    _add_display_args(p)
+
+
+def _add_display_args(p):
+    """Options that change how a run goes, never what it computes (not part of a recipe)."""
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
     p.add_argument("--no-cache", action="store_true", help="a .gguf model (or the built-in one) is dequantized in "
                    "memory (~30 s each time) instead of being kept as a float32 copy in $SLIMLM_CACHE")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
 
 
-def _add_eval_args(p):
+def add_eval_settings(p):
     p.add_argument("--eval-dataset", default="wikitext2", help="wikitext2, c4, or a text file")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
     p.add_argument("--eval-windows", type=int, metavar="N", help="evaluate the first N windows only (default: "
@@ -123,6 +154,29 @@ def _add_allocation_args(p):
     p.add_argument("--alpha-epsilon", type=float, default=0.2, help="AlphaPruning: ratios span 1 +- epsilon")
 
 
+def _override(value_type):
+    """argparse type of ``--override REGEX=VALUE``: (regex, value); the regex must compile."""
+    def parse(text: str):
+        regex, sep, value = text.rpartition("=")
+        if not sep or not regex:
+            raise argparse.ArgumentTypeError(f"expected REGEX=VALUE, got '{text}'")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise argparse.ArgumentTypeError(f"bad regular expression '{regex}': {e}") from None
+        try:
+            return regex, value_type(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {value_type.__name__} value '{value}' in '{text}'") from None
+    return parse
+
+
+def _add_override_arg(p, unit: str, value_type):
+    p.add_argument("--override", action="append", type=_override(value_type), metavar="REGEX=VALUE",
+                   help=f"per-layer {unit} for the linears whose name matches REGEX (re.search), applied after the "
+                   "allocation or budgets map; repeatable, the first matching REGEX wins")
+
+
 def _add_grid_args(p):
     p.add_argument("--group-size", type=int, default=128, help="weights per quantization scale along a row "
                    "(-1: one scale per output channel)")
@@ -131,24 +185,10 @@ def _add_grid_args(p):
                    "export; default float32)")
 
 
-def _add_run_args(p):
-    p.add_argument("--offload", choices=["disk"], help="disk: keep the model on disk and stream one block at a "
-                   "time from its safetensors shards into the output shards (memory about one block, any size)")
-    p.add_argument("--resume", action="store_true", help="checkpoint every block in .OUT.partial beside --out "
-                   "(always done with --offload disk) and continue an interrupted run from its last finished "
-                   "block (same weights as an uninterrupted run)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimlm", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
-
-    p = sub.add_parser("prune", help="prune a model block by block on calibration data")
-    _add_model_args(p)
+def add_prune_settings(p):
     p.add_argument("--method", default="wanda", help="magnitude, wanda, sparsegpt, ria")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of zeros per layer, in [0, 1)")
+    p.add_argument("--sparsity", type=float, help="fraction of zeros per layer, in [0, 1) (default 0.5; not with "
+                   "an N:M pattern, which fixes it)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, or N:M to keep N of every M "
                    "consecutive input weights, e.g. 2:4")
     p.add_argument("--group", choices=["row", "matrix"], help="comparison group (default: the paper's)")
@@ -157,18 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(p)
     _add_allocation_args(p)
     p.add_argument("--budgets", help="JSON file FQN -> sparsity, as written by slimlm allocate --out")
+    _add_override_arg(p, "sparsity", float)
     p.add_argument("--wbits", type=int, help="also quantize the kept weights to this many bits "
                    "(joint sparse + quantized)")
     _add_grid_args(p)
-    p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_run_args(p)
-    p.add_argument("--eval", action="store_true", help="measure test perplexity after pruning")
-    _add_eval_args(p)
-    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ), optionally rotated and W4A4")
-    _add_model_args(p)
+
+def add_quantize_settings(p):
     p.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
                    help="rtn: round to nearest (no data); gptq: error-correcting, on calibration data")
     p.add_argument("--wbits", type=int, default=4, help="bits per weight, 2 to 8")
@@ -184,15 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
     _add_calib_args(p)
     _add_allocation_args(p)
-    p.add_argument("--out", help="output folder (default runs/<model>-<method>-w<bits>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_run_args(p)
-    p.add_argument("--eval", action="store_true", help="measure test perplexity after quantizing")
-    _add_eval_args(p)
-    p.set_defaults(func=cmd_quantize)
+    _add_override_arg(p, "bit-width", int)
 
-    p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
-    _add_model_args(p)
+
+def add_analyze_settings(p):
     _add_calib_args(p, nsamples=32, seqlen=512)
     p.add_argument("--no-calib", action="store_true", help="weight metrics only (no calibration pass)")
     p.add_argument("--no-fisher", action="store_true", help="skip the gradient pass behind --allocation fisher")
@@ -201,9 +231,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--esd-layer", help="FQN of the layer whose ESD is plotted (default: the first)")
     p.add_argument("--target", default="sparsity=0.7", help="global budget whose per-layer maps are plotted: "
                    "sparsity=0.7, bits=3.5 or rank=0.5")
+
+
+def add_rotate_settings(p):
+    p.add_argument("--seed", type=int, default=0, help="seed of QuaRot's randomized Hadamard rotations")
+    p.add_argument("--no-online-down", action="store_true", help="leave down_proj's input unrotated: no Hadamard "
+                   "hook at inference, so the run exports to GGUF and compressed-tensors (weights are rotated "
+                   "offline only; activation outliers before down_proj stay)")
+
+
+def add_export_settings(p):
+    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse", "gguf"],
+                   help="compressed-tensors (vLLM), sparse (slimlm's masks and kept values), gguf (llama.cpp)")
+    p.add_argument("--out", required=True, help="output folder, or for gguf a .gguf file (never overwritten)")
+    p.add_argument("--inexact", action="store_true", help="compressed-tensors: allow scales within an ulp "
+                   "(bf16/fp16 runs); gguf: round block scales to float16 and report the deviation")
+    p.add_argument("--gguf-type", default="auto", help="gguf: auto (the run's grid where a block type holds it "
+                   "exactly, else the run's float dtype), f32, f16, bf16, q8_0, q4_0, q4_1")
+
+
+# recipe step kind -> the function adding its settings (the CLI subcommands use the same functions)
+STEP_SETTINGS = {"analyze": add_analyze_settings, "rotate": add_rotate_settings, "prune": add_prune_settings,
+                 "quantize": add_quantize_settings, "eval": add_eval_settings, "export": add_export_settings}
+
+
+def _add_run_args(p):
+    p.add_argument("--offload", choices=["disk"], help="disk: keep the model on disk and stream one block at a "
+                   "time from its safetensors shards into the output shards (memory about one block, any size)")
+    p.add_argument("--resume", action="store_true", help="checkpoint every block in .OUT.partial beside --out "
+                   "(always done with --offload disk) and continue an interrupted run from its last finished "
+                   "block (same weights as an uninterrupted run)")
+
+
+def _add_compress_command(sub, name: str, help_text: str, settings, out_help: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    _add_model_args(p)
+    settings(p)
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_run_args(p)
+    p.add_argument("--eval", action="store_true", help="measure test perplexity afterwards")
+    add_eval_settings(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Each subcommand's ``command`` names its function in ``slimlm.cli.commands`` (``cmd_<command>``)."""
+    parser = argparse.ArgumentParser(prog="slimlm", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
+    _add_compress_command(sub, "prune", "prune a model block by block on calibration data", add_prune_settings,
+                          "output folder (default runs/<model>-<method>-<budget>)")
+    _add_compress_command(sub, "quantize", "quantize weights (RTN, GPTQ), optionally rotated and W4A4",
+                          add_quantize_settings, "output folder (default runs/<model>-<method>-w<bits>)")
+
+    p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
+    _add_model_args(p)
+    add_analyze_settings(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("run", help="replay a recipe (the recipe.yaml of any run, or one of recipes/)")
+    p.add_argument("recipe", help="YAML file: model, settings and steps (see README, Recipes)")
+    p.add_argument("--out", help="run folder instead of the recipe's out (exports under it move along)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder (never an export)")
+    _add_run_args(p)
+    _add_display_args(p)
 
     p = sub.add_parser("allocate", help="per-layer budget map from an analysis folder")
     p.add_argument("analysis", help="folder written by slimlm analyze")
@@ -212,22 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allocation_args(p)
     p.add_argument("--out", help="write the budget map to this JSON file (and a PNG beside it)")
     p.add_argument("--json", action="store_true", help="print the map as one JSON line instead of the table")
-    p.set_defaults(func=cmd_allocate, quiet=True)
+    p.set_defaults(quiet=True)
 
     p = sub.add_parser("export", help="write a saved run in an engine's format")
     p.add_argument("run", help="folder written by slimlm prune or slimlm quantize")
-    p.add_argument("--format", required=True, choices=["compressed-tensors", "sparse", "gguf"],
-                   help="compressed-tensors (vLLM), sparse (slimlm's masks and kept values), gguf (llama.cpp)")
-    p.add_argument("--out", required=True, help="output folder, or for gguf a .gguf file (never overwritten)")
-    p.add_argument("--inexact", action="store_true", help="compressed-tensors: allow scales within an ulp "
-                   "(bf16/fp16 runs); gguf: round block scales to float16 and report the deviation")
-    p.add_argument("--gguf-type", default="auto", help="gguf: auto (the run's grid where a block type holds it "
-                   "exactly, else the run's float dtype), f32, f16, bf16, q8_0, q4_0, q4_1")
-    p.set_defaults(func=cmd_export, quiet=True)
+    add_export_settings(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy of a saved run or any model")
     _add_model_args(p)
-    _add_eval_args(p)
+    add_eval_settings(p)
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness task names (piqa,arc_easy,hellaswag): "
                    "zero-shot accuracy instead of perplexity; needs pip install 'slimlm[eval]'")
     p.add_argument("--ppl", action="store_true", help="with --tasks: measure perplexity as well")
@@ -239,13 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "per forward")
     p.add_argument("--record", action="store_true", help="write the results into the run folder's slimlm.json "
                    "(under metrics, atomically); without it the run folder is never modified")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
     p.add_argument("folders", nargs="+", help="folders searched for runs (slimlm.json) and analyses")
     p.add_argument("--out", help="output folder (default <first folder>/report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.set_defaults(func=cmd_report, quiet=True)
+    p.set_defaults(quiet=True)
     add_cache_parser(sub)
     _describe_commands(sub)
     return parser

@@ -59,7 +59,8 @@ def _warn_unfused(schemes: dict[str, dict]) -> None:
                            mixed[0], "/".join(fused))
 
 
-def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: bool = True) -> Path:
+def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: bool = True,
+                              recipe: str | None = None) -> Path:
     """Write a quantized run in compressed-tensors' ``pack-quantized`` format; returns ``out_dir``.
 
     Per quantized linear ``<fqn>`` with weight (out, in) on a b-bit grid, replacing ``<fqn>.weight``:
@@ -76,8 +77,8 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
     several schemes (per-layer bits), one group per scheme listing its module names.
     Codes come from ``formats.codes.recover_grid`` (see its module docstring) and every layer is checked to decompress to
     its saved weights exactly; ``exact=False`` (needed for most bf16/fp16 runs) allows SCALE_ULPS ulps and
-    records the largest relative error in slimlm_export.json. Load with ``load_compressed_tensors`` or any
-    compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights only, and q/k/v (gate/up) must
+    records the largest relative error in slimlm_export.json; ``recipe`` is written as recipe.yaml. Load with
+    ``load_compressed_tensors`` or any compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights only, and q/k/v (gate/up) must
     share a scheme since vLLM fuses them (both are warned about).
     """
     out = check_new(out_dir)
@@ -113,7 +114,8 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
     config["quantization_config"] = _quantization_config(schemes, _linear_names(run))
     record = {"format": "compressed-tensors/pack-quantized", "source": str(run), "exact": max_error == 0,
               "max_relative_error": max_error, "manifest": manifest}
-    return write_export(run, weight_files | {MANIFEST}, out, tensors, {"config.json": config, EXPORT_RECORD: record})
+    return write_export(run, weight_files | {MANIFEST}, out, tensors, {"config.json": config, EXPORT_RECORD: record},
+                        recipe)
 
 
 def _atol(W: torch.Tensor, relative: float) -> float:

@@ -312,7 +312,8 @@ def _add_tokenizer(writer: gguf.GGUFWriter, run: Path, manifest: dict, vocab_siz
 
 # ---------------------------------------------------------------- export
 
-def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", exact: bool = True) -> Path:
+def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", exact: bool = True,
+                recipe: str | None = None) -> Path:
     """Write a llama-architecture run as GGUF; returns the file written.
 
     ``out`` ending in ``.gguf`` is the file; otherwise a new folder holding ``model.gguf``. Never overwrites;
@@ -322,7 +323,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     dequantized). Embeddings and the output matrix keep the run's float dtype unless a float type is asked;
     norms are F32. ``exact=False`` accepts the nearest
     float16 block scales. The metadata key ``slimlm.export`` holds the GGUF type of every tensor, the largest
-    absolute deviation from the run's weights, and the run's manifest.
+    absolute deviation from the run's weights, and the run's manifest; ``slimlm.recipe`` the ``recipe`` text.
     """
     out = check_new(out)
     run, manifest, tensors, _ = read_run(run_dir)
@@ -367,6 +368,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
         _add_llama_config(writer, config, tensors["model.embed_tokens.weight"].shape[0])
         _add_tokenizer(writer, run, manifest, tensors["model.embed_tokens.weight"].shape[0])
         writer.add_string("slimlm.export", json.dumps(record))
+        if recipe is not None:
+            writer.add_string("slimlm.recipe", recipe)
         for gguf_name, data, qtype in writer_args:
             writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
         writer.write_header_to_file()

@@ -12,7 +12,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid
-from slimlm.runs.save import MANIFEST, atomic_dir, read_manifest
+from slimlm.runs.save import MANIFEST, RECIPE, atomic_dir, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,18 @@ def check_new(out: str | Path) -> Path:
     return out
 
 
-def write_export(run: Path, skip: set[str], out: Path, tensors: dict, json_files: dict[str, dict]) -> Path:
-    """Atomically write ``tensors`` as one safetensors file, the JSON files, and copy the run's other files."""
+def write_export(run: Path, skip: set[str], out: Path, tensors: dict, json_files: dict[str, dict],
+                 recipe: str | None = None) -> Path:
+    """Atomically write ``tensors`` as one safetensors file, the JSON files, the ``recipe`` text (the pipeline
+    including this export; the run's own recipe.yaml lacks it, so it is never copied), and copy the run's other
+    files."""
     from safetensors.torch import save_file
 
     with atomic_dir(out) as tmp:
+        if recipe is not None:
+            (tmp / RECIPE).write_text(recipe)
         for src in run.iterdir():
-            if src.name in skip or src.name in json_files:
+            if src.name in skip or src.name in json_files or src.name == RECIPE:
                 continue
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / src.name)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS, metadata=SAFETENSORS_METADATA)

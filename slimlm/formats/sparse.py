@@ -59,7 +59,7 @@ def _nm_layout(W: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Ten
     return values.reshape(out, -1), pack_int(keep.reshape(out, -1), _index_bits(m))
 
 
-def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_sparse(run_dir: str | Path, out_dir: str | Path, recipe: str | None = None) -> Path:
     """Write a pruned run in compact sparse storage; returns ``out_dir``.
 
     Per block linear ``<fqn>.weight`` of shape (out, in), model dtype, one of two layouts:
@@ -70,7 +70,8 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
       in-group position (0..M-1) of each value as a b = ceil(log2 M)-bit code packed by ``quant.packing.pack_int``
       (2 bits for 2:4: 1 bit per parameter, as compact as the bitmask, with fixed-width rows).
     Both store ``<fqn>.weight.shape`` (int64 [out, in]). Every other tensor is copied unchanged, as are the
-    run's other files; ``sparse_config.json`` records the layout per tensor. Load with ``load_sparse``.
+    run's other files; ``sparse_config.json`` records the layout per tensor; ``recipe`` is written as recipe.yaml.
+    Load with ``load_sparse``.
     At 50% unstructured this is 0.5·(value bytes) + 1/8 byte per parameter, e.g. 1.125 B/param in fp16.
     """
     out = check_new(out_dir)
@@ -100,7 +101,8 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
     config = {"format": "slimlm-sparse", "version": 1, "bitorder": "big", "layers": layers,
               "linear_dense_bytes": dense_bytes, "linear_sparse_bytes": sparse_bytes}
     record = {"format": "slimlm-sparse", "source": str(run), "manifest": manifest}
-    return write_export(run, weight_files | {MANIFEST}, out, tensors, {SPARSE_CONFIG: config, EXPORT_RECORD: record})
+    return write_export(run, weight_files | {MANIFEST}, out, tensors, {SPARSE_CONFIG: config, EXPORT_RECORD: record},
+                        recipe)
 
 
 def load_sparse(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from slimlm.allocate import apply_overrides
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid
 
@@ -60,3 +61,23 @@ def check_sparsity(sparsity: float) -> float:
     if not 0.0 <= sparsity < 1.0:
         raise SlimlmError(f"sparsity must be in [0, 1), got {sparsity}")
     return float(sparsity)
+
+
+def check_budget_options(pattern, nm, sparsity, allocation, budgets, overrides, layers=None) -> None:
+    """Options that would contradict each other are errors, never silently dropped (the manifest and the recipe
+    must say what was done). Without the model's ``layers`` (FQNs), only what does not depend on them."""
+    if nm is not None:
+        given = [name for name, on in (("sparsity", sparsity is not None), ("allocation", allocation != "uniform"),
+                                       ("budgets", budgets is not None), ("override", bool(overrides))) if on]
+        if given:
+            raise SlimlmError(f"pattern {pattern} fixes every layer's sparsity at {1 - nm[0] / nm[1]:g}; "
+                              f"drop {', '.join(given)}")
+    if budgets is not None and allocation != "uniform":
+        raise SlimlmError(f"a budgets map replaces the allocator; drop allocation '{allocation}' or the budgets")
+    for value in (overrides or {}).values():
+        check_sparsity(value)
+    if layers is None:
+        return
+    if budgets is not None and sparsity is not None and set(layers) <= set(budgets):
+        raise SlimlmError("the budgets map sets every layer, so sparsity would be ignored; drop sparsity")
+    apply_overrides(dict.fromkeys(layers), overrides)  # a regex that matches no layer fails before any work

@@ -79,6 +79,8 @@ def _budget(m: dict) -> str | None:
     allocation = get(m, "allocation", "name")
     if allocation not in (None, "uniform"):
         parts.append(str(allocation))
+    if get(m, "allocation", "overrides"):  # per-layer values set by --override
+        parts.append("override")
     return " ".join(parts) or None
 
 

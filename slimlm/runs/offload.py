@@ -101,9 +101,10 @@ def check_free_space(model: nn.Module, stream: ShardStream) -> None:
 
 
 def save_streamed(model: nn.Module, tokenizer, stream: ShardStream, out: Path, manifest: dict,
-                  tensors: dict[str, dict[str, torch.Tensor]] | None = None, overwrite: bool = False) -> Path:
+                  tensors: dict[str, dict[str, torch.Tensor]] | None = None, overwrite: bool = False,
+                  files: dict[str, str] | None = None) -> Path:
     """Complete the partial folder (outside tensors' shard, shard index, config, tokenizer, extra tensor
-    files, then the manifest) and rename it to ``out``."""
+    and text files, then the manifest) and rename it to ``out``."""
     folder, prefix = stream.folder, stream.prefix + "."
     names = expected_tensors(model)
     outside = {n: t for n, t in names.items() if not n.startswith(prefix)}
@@ -119,6 +120,8 @@ def save_streamed(model: nn.Module, tokenizer, stream: ShardStream, out: Path, m
         tokenizer.save_pretrained(folder)
     for file_name, group in (tensors or {}).items():
         write_tensors(group, folder / file_name)
+    for file_name, text in (files or {}).items():
+        (folder / file_name).write_text(text)
     clear_checkpoint(folder)
     write_manifest(folder, manifest)
     replace_dir(folder, out)

@@ -18,6 +18,7 @@ import torch
 from slimlm.errors import SlimlmError, read_json
 
 MANIFEST = "slimlm.json"
+RECIPE = "recipe.yaml"  # the pipeline that made the run (slimlm.recipe), replayed by `slimlm run`
 
 
 def check_output(out: str | Path, overwrite: bool = False) -> Path:
@@ -85,8 +86,8 @@ def follow_umask(path: str | Path) -> None:
 
 
 def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
-             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Save model, tokenizer, manifest (and extra safetensors files, by file name) atomically."""
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None, files: dict[str, str] | None = None) -> Path:
+    """Save model, tokenizer, manifest (and extra safetensors and text files, by file name) atomically."""
     from safetensors.torch import save_file
 
     with atomic_dir(out, overwrite) as tmp:
@@ -95,6 +96,8 @@ def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool 
             tokenizer.save_pretrained(tmp)
         for name, group in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in group.items()}, tmp / name)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         write_manifest(tmp, manifest)
     return Path(out)
 
