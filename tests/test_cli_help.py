@@ -76,7 +76,6 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["prune", "m", "--asym"], "--asym only applies with --wbits"),
     (["prune", "m", "--owl-lambda", "0.1"], "--owl-lambda only applies with --allocation owl"),
     (["quantize", "m", "--method", "rtn", "--act-order"], "--act-order only applies with --method gptq"),
-    (["quantize", "m", "--allocation", "owl"], "--allocation only applies with --avg-bits"),
     (["quantize", "m", "--act-clip", "0.9"], "--act-clip only applies with --abits"),
     (["analyze", "m", "--out", "o", "--no-calib", "--nsamples", "8"], "--nsamples only applies with a calib"),
     (["allocate", "a", "--alpha-epsilon", "0.3"], "--alpha-epsilon only applies with --allocation alphapruning"),

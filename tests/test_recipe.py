@@ -177,7 +177,7 @@ def test_export_command_adds_its_step_to_the_runs_recipe(capsys, tmp_path, tiny_
 
 
 def test_overrides_first_matching_regex_wins():
-    from slimlm.report.page import Run, row
+    from slimlm.report.tables import Run, row
 
     model = tiny_llama()
     layers = linear_fqns(model)
@@ -214,7 +214,7 @@ def test_pattern_with_a_sparsity_option_is_an_error(capsys, tmp_path, tiny_folde
 
 
 def test_budgets_map_run_says_what_was_done(capsys, tmp_path, tiny_folder, calib, data_dir, monkeypatch):
-    from slimlm.report.page import Run, row
+    from slimlm.report.tables import Run, row
 
     model = tiny_llama()
     sizes = {f: lin.weight.numel() for f, lin in linear_fqns(model).items()}

@@ -50,7 +50,6 @@ ONLY_WITH = [
     (("prune", "quantize", "allocate"), ("--owl-lambda",), lambda a: a.allocation == "owl", "--allocation owl"),
     (("prune", "quantize", "allocate"), ("--alpha-epsilon",), lambda a: a.allocation == "alphapruning",
      "--allocation alphapruning"),
-    (("quantize",), ("--allocation",), lambda a: a.avg_bits is not None, "--avg-bits"),
     (("quantize",), ("--act-order", "--one-pass"), lambda a: a.method == "gptq", "--method gptq"),
     (("quantize",), ("--act-clip",), lambda a: a.abits is not None, "--abits"),
     (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
