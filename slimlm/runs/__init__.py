@@ -1,0 +1,1 @@
+"""Run folders: atomic saving with manifests, resumable checkpoints, and streaming blocks from and to disk."""
