@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bf16/fp16 runs); gguf: round block scales to float16 and report the deviation")
     p.add_argument("--gguf-type", default="auto", help="gguf: auto (the run's grid where a block type holds it "
                    "exactly, else the run's float dtype), f32, f16, bf16, q8_0, q4_0, q4_1")
-    p.set_defaults(func=cmd_export, quiet=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy of a saved run or any model")
     _add_model_args(p)

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
@@ -59,7 +60,8 @@ def _warn_unfused(schemes: dict[str, dict]) -> None:
                            mixed[0], "/".join(fused))
 
 
-def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: bool = True) -> Path:
+def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: bool = True,
+                              progress: bool = True) -> Path:
     """Write a quantized run in compressed-tensors' ``pack-quantized`` format; returns ``out_dir``.
 
     Per quantized linear ``<fqn>`` with weight (out, in) on a b-bit grid, replacing ``<fqn>.weight``:
@@ -78,7 +80,7 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
     its saved weights exactly; ``exact=False`` (needed for most bf16/fp16 runs) allows SCALE_ULPS ulps and
     records the largest relative error in slimlm_export.json. Load with ``load_compressed_tensors`` or any
     compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights only, and q/k/v (gate/up) must
-    share a scheme since vLLM fuses them (both are warned about).
+    share a scheme since vLLM fuses them (both are warned about). ``progress`` shows a bar over the linears.
     """
     out = check_new(out_dir)
     run, manifest, tensors, weight_files = read_run(run_dir)
@@ -94,7 +96,7 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
         logger.warning("%s-bit layers: transformers/compressed-tensors can load them, vLLM's kernels cannot "
                        "(4 and 8 bits only)", odd)
     max_error = 0.0
-    for name in names:
+    for name in tqdm(names, desc="compressed-tensors", disable=not progress):
         fqn = name.removesuffix(".weight")
         W, grid = tensors.pop(name), grids[fqn]
         if schemes[fqn]["strategy"] == "channel":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, dtype_name, linear_weights, read_run,
@@ -59,7 +60,7 @@ def _nm_layout(W: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Ten
     return values.reshape(out, -1), pack_int(keep.reshape(out, -1), _index_bits(m))
 
 
-def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_sparse(run_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """Write a pruned run in compact sparse storage; returns ``out_dir``.
 
     Per block linear ``<fqn>.weight`` of shape (out, in), model dtype, one of two layouts:
@@ -72,6 +73,7 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
     Both store ``<fqn>.weight.shape`` (int64 [out, in]). Every other tensor is copied unchanged, as are the
     run's other files; ``sparse_config.json`` records the layout per tensor. Load with ``load_sparse``.
     At 50% unstructured this is 0.5·(value bytes) + 1/8 byte per parameter, e.g. 1.125 B/param in fp16.
+    ``progress`` shows a bar over the linears.
     """
     out = check_new(out_dir)
     run, manifest, tensors, weight_files = read_run(run_dir)
@@ -80,7 +82,7 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path) -> Path:
     pattern = manifest.get("pattern", "unstructured")
     nm = tuple(int(x) for x in pattern.split(":")) if ":" in pattern else None
     layers, dense_bytes, sparse_bytes = {}, 0, 0
-    for name in linear_weights(manifest, tensors):
+    for name in tqdm(linear_weights(manifest, tensors), desc="sparse", disable=not progress):
         W = tensors.pop(name)
         packed = _nm_layout(W, *nm) if nm else None
         if packed is not None:
