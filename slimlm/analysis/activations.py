@@ -13,6 +13,7 @@ import torch
 from slimlm.analysis.sensitivity import ERROR_LEVELS, pruning_error_table
 from slimlm.core.architectures import block_of, linear_fqns
 from slimlm.core.engine import compress_blocks
+from slimlm.core.linalg import small_op_threads
 from slimlm.core.timing import timed
 from slimlm.pruning.scores import wanda_scores
 
@@ -53,7 +54,7 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
     records, sqnorms, parts = {}, {}, {}
 
     def record(group, stats):
-        with timed(parts, "owl"):
+        with timed(parts, "owl"), small_op_threads(max(lin.weight.numel() for lin in group.values())):
             rms = (stats.sqnorm / stats.ntokens).sqrt()  # the input's norms: one computation for the whole group
             input_norms = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
                            "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item()}

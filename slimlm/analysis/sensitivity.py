@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
+from slimlm.core.linalg import small_op_threads
 from slimlm.pruning.scores import wanda_scores
 from slimlm.pruning.sparsegpt import sparsegpt
 from slimlm.pruning.spec import PruneSpec
@@ -39,19 +40,20 @@ def pruning_error_table(W: torch.Tensor, sqnorm: torch.Tensor, hessian: torch.Te
     running sum rounds differently, by ~1e-7 relative).
     """
     Wf, H = W.float(), hessian.float()
-    order = torch.sort(wanda_scores(Wf, sqnorm), dim=1, stable=True).indices
-    dense = ((Wf @ H) * Wf).sum().clamp_min(torch.finfo(torch.float32).tiny)
-    dW, dWH = torch.zeros_like(Wf), torch.zeros_like(Wf)  # ΔW at the current level, and ΔW H
     table, removed = {}, 0
-    for s in sorted(levels):
-        k = int(Wf.shape[1] * s)
-        if k > removed:
-            cols = order[:, removed:k]  # each row's weights removed between the previous level and this one
-            values = Wf.gather(1, cols)
-            dWH += F.embedding_bag(cols, H, per_sample_weights=values, mode="sum")  # Z H, row by row
-            dW.scatter_(1, cols, values)
-            removed = k
-        table[float(s)] = ((dWH * dW).sum() / dense).item()
+    with small_op_threads(W.numel()):
+        order = torch.sort(wanda_scores(Wf, sqnorm), dim=1, stable=True).indices
+        dense = ((Wf @ H) * Wf).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        dW, dWH = torch.zeros_like(Wf), torch.zeros_like(Wf)  # ΔW at the current level, and ΔW H
+        for s in sorted(levels):
+            k = int(Wf.shape[1] * s)
+            if k > removed:
+                cols = order[:, removed:k]  # each row's weights removed between the previous level and this one
+                values = Wf.gather(1, cols)
+                dWH += F.embedding_bag(cols, H, per_sample_weights=values, mode="sum")  # Z H, row by row
+                dW.scatter_(1, cols, values)
+                removed = k
+            table[float(s)] = ((dWH * dW).sum() / dense).item()
     return {float(s): table[float(s)] for s in levels}
 
 
@@ -108,8 +110,9 @@ def fisher_tables(model, fisher: dict, sqnorms: dict, levels: Sequence[float] = 
     tables = {}
     for fqn, lin in tqdm(linear_fqns(model).items(), desc="fisher tables", disable=not progress):
         W = lin.weight.detach().float()
-        order = torch.sort(wanda_scores(W, sqnorms[fqn]), dim=1, stable=True).indices
-        cost = (0.5 * fisher[fqn] * W.square()).gather(1, order).sum(0, dtype=torch.float64).cumsum(0)
+        with small_op_threads(W.numel()):
+            order = torch.sort(wanda_scores(W, sqnorms[fqn]), dim=1, stable=True).indices
+            cost = (0.5 * fisher[fqn] * W.square()).gather(1, order).sum(0, dtype=torch.float64).cumsum(0)
         cost = torch.cat([cost.new_zeros(1), cost])  # cost[k]: every row's k lowest-scored weights removed
         tables[fqn] = {float(s): cost[int(W.shape[1] * s)].item() for s in levels}
     return tables
@@ -127,8 +130,9 @@ def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"
     tables = {}
     for fqn, lin in tqdm(linear_fqns(model).items(), desc="fisher bit tables", disable=not progress):
         W = lin.weight.detach().float()
-        tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
-                       .sum(dtype=torch.float64).item() for b in levels}
+        with small_op_threads(W.numel()):
+            tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
+                           .sum(dtype=torch.float64).item() for b in levels}
     return tables
 
 
