@@ -71,7 +71,7 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
 
     engine = compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
                              batch_size=batch_size, progress=progress)
-    with timed(parts, "owl"):
+    with timed(parts, "owl"), small_op_threads(max(lin.weight.numel() for lin in linears.values())):
         blocks: dict[str, list[str]] = {}
         for fqn in linears:
             blocks.setdefault(block_of(fqn), []).append(fqn)

@@ -81,10 +81,10 @@ def _map_single_threaded(fn: Callable, items: Sequence, desc: str | None = None)
     def bar(results):
         return list(tqdm(results, desc=desc, total=len(items), disable=desc is None))
 
-    if threads == 1 or len(items) < 2:
-        return bar(map(fn, items))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a single item too: one ESD with 2 threads took 6-13 s instead of 0.09 s (load 5)
     try:
+        if threads == 1 or len(items) < 2:
+            return bar(map(fn, items))
         with ThreadPoolExecutor(threads) as pool:
             return bar(pool.map(fn, items))
     finally:

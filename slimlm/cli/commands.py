@@ -184,7 +184,7 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
     import csv
 
     from slimlm.allocate import ALLOCATOR_METRIC, allocate_from_metrics
-    from slimlm.analysis.spectra import esd
+    from slimlm.analysis.spectra import batched_esd
     from slimlm.core.architectures import linear_fqns
     from slimlm.report import plots
 
@@ -199,8 +199,8 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
     name = esd_layer or records[0]["name"]
     if name not in metrics:
         raise SlimlmError(f"--esd-layer {name} is not a linear inside the decoder blocks")
-    plots.esd(esd(linear_fqns(model)[name].weight.detach()), metrics[name]["alpha"], metrics[name]["xmin"],
-              name, folder / "esd.png")
+    plots.esd(batched_esd([linear_fqns(model)[name].weight.detach()])[0], metrics[name]["alpha"],
+              metrics[name]["xmin"], name, folder / "esd.png")
     usable = [a for a, key in ALLOCATOR_METRIC.items() if key is None or key in records[0]]
     if unit != "sparsity":
         usable = [a for a in usable if a not in ("errortable", "fisher")]
