@@ -62,7 +62,8 @@ def small_op_threads(elements: int):
 
     Below ~1M elements the thread pool's synchronisation costs more than the arithmetic, far more when another
     process holds a core (measured with 2 threads vs 1 on the built-in model's layers: OBS column loops 4-25x
-    slower; ``analysis.sensitivity.pruning_error_table`` 3x slower at a load average of 5). GPUs are unaffected.
+    slower; ``analysis.sensitivity.pruning_error_table`` 3x and ``formats.codes.recover_grid`` 9x slower at a load
+    average of 5). GPUs are unaffected.
     """
     previous = torch.get_num_threads()
     if elements < SMALL_UPDATE:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from slimlm.core.linalg import small_op_threads
 from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, check_runtime, linear_weights, read_run,
@@ -101,14 +102,15 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
         W, grid = tensors.pop(name), grids[fqn]
         if schemes[fqn]["strategy"] == "channel":
             grid = QuantGrid(grid.bits, grid.symmetric, None)
-        codes, scale, zero, error = recover_grid(W, grid, name, exact)
+        with small_op_threads(W.numel()):  # many elementwise passes over one weight
+            codes, scale, zero, error = recover_grid(W, grid, name, exact)
+            tensors[f"{fqn}.weight_packed"] = pack_int(codes, grid.bits, signed=grid.symmetric)
+            tensors[f"{fqn}.weight_scale"] = scale
+            if not grid.symmetric:
+                tensors[f"{fqn}.weight_zero_point"] = pack_int(zero.T, grid.bits).T.contiguous()
+            tensors[f"{fqn}.weight_shape"] = torch.tensor(W.shape, dtype=torch.int64)
+            back = _decompress(tensors, fqn, schemes[fqn])
         max_error = max(max_error, error)
-        tensors[f"{fqn}.weight_packed"] = pack_int(codes, grid.bits, signed=grid.symmetric)
-        tensors[f"{fqn}.weight_scale"] = scale
-        if not grid.symmetric:
-            tensors[f"{fqn}.weight_zero_point"] = pack_int(zero.T, grid.bits).T.contiguous()
-        tensors[f"{fqn}.weight_shape"] = torch.tensor(W.shape, dtype=torch.int64)
-        back = _decompress(tensors, fqn, schemes[fqn])
         if not (torch.equal(back, W) if error == 0 else torch.allclose(back, W, rtol=0, atol=_atol(W, error))):
             raise SlimlmError(f"internal error: {name} does not round-trip through pack-quantized")
     config = json.loads((run / "config.json").read_text())

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.core.linalg import small_op_threads
 from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.gguf_metadata import read_metadata
@@ -355,7 +356,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
             W = rope_interleave(W, heads[base.rpartition(".")[2]])
         qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
         if isinstance(qtype, Block):
-            data, dev = _encode_block(W, qtype, name, exact)
+            with small_op_threads(W.numel()):  # many elementwise passes over one weight
+                data, dev = _encode_block(W, qtype, name, exact)
             qtype = qtype.qtype
         else:
             data, dev = _encode_float(W, qtype)
