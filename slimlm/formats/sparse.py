@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimlm.core.linalg import small_op_threads
 from slimlm.errors import SlimlmError
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, dtype_name, linear_weights, read_run,
                                    write_export)
@@ -84,16 +85,18 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path, progress: bool = Tru
     layers, dense_bytes, sparse_bytes = {}, 0, 0
     for name in tqdm(linear_weights(manifest, tensors), desc="sparse", disable=not progress):
         W = tensors.pop(name)
-        packed = _nm_layout(W, *nm) if nm else None
-        if packed is not None:
-            parts = {"values": packed[0], "indices": packed[1]}
-            layers[name] = {"layout": "nm", "n": nm[0], "m": nm[1], "index_bits": _index_bits(nm[1])}
-        else:
-            mask = W != 0
-            parts = {"bitmask": pack_mask(mask), "values": W[mask]}
-            layers[name] = {"layout": "bitmask"}
-            if nm:
-                logger.info("%s is not %s in its original column order (channel-permuted?): bitmask", name, pattern)
+        with small_op_threads(W.numel()):  # a few elementwise passes over one weight
+            packed = _nm_layout(W, *nm) if nm else None
+            if packed is not None:
+                parts = {"values": packed[0], "indices": packed[1]}
+                layers[name] = {"layout": "nm", "n": nm[0], "m": nm[1], "index_bits": _index_bits(nm[1])}
+            else:
+                mask = W != 0
+                parts = {"bitmask": pack_mask(mask), "values": W[mask]}
+                layers[name] = {"layout": "bitmask"}
+                if nm:
+                    logger.info("%s is not %s in its original column order (channel-permuted?): bitmask", name,
+                                pattern)
         parts["shape"] = torch.tensor(W.shape, dtype=torch.int64)
         layers[name] |= {"shape": list(W.shape), "dtype": dtype_name(W.dtype)}
         tensors |= {f"{name}.{key}": t for key, t in parts.items()}
