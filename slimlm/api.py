@@ -291,7 +291,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                           "--avg-bits with a non-uniform allocation")
     torch.manual_seed(seed)
     start, timings, calib_info = time.perf_counter(), {}, None
-    rotation = rotate_(model, seed=seed) if rotate == "hadamard" else None
+    rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
     layers = linear_fqns(model)
     if method == "gptq" or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,

@@ -44,9 +44,10 @@ def test_export_progress_goes_to_stderr_and_quiet_silences_it(capsys, tmp_path, 
     assert summary["format"] == fmt and BAR not in err  # warnings may remain (these runs have no tokenizer)
 
 
-def test_data_free_runs_show_the_blocks_bar(capsys, tmp_path, tiny_folder):  # noqa: F811
-    _, err = run_cli(capsys, "quantize", tiny_folder, "--method", "rtn", "--group-size", "32", "--out", tmp_path / "q")
-    assert "blocks: 100%" in err
+def test_data_free_runs_show_the_rotation_and_blocks_bars(capsys, tmp_path, tiny_folder):  # noqa: F811
+    _, err = run_cli(capsys, "quantize", tiny_folder, "--method", "rtn", "--group-size", "32", "--rotate", "hadamard",
+                     "--out", tmp_path / "q")
+    assert "rotate: 100%" in err and "blocks: 100%" in err
     _, err = run_cli(capsys, "quantize", tiny_folder, "--method", "rtn", "--group-size", "32", "--out",
                      tmp_path / "q2", "--quiet")
     assert BAR not in err
