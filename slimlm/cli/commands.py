@@ -167,11 +167,11 @@ def cmd_analyze(args) -> None:
                                  "source": args.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
                                  "sampling": args.calib_sampling, "seed": args.seed}, "timings": timings})
     if not args.quiet:
-        print(timing_summary("analyze", timings), file=sys.stderr)
+        print(_timing_summary("analyze", timings), file=sys.stderr)
     print(json.dumps({"out": args.out, "layers": len(metrics), "seconds": round(timings["total"], 2)}))
 
 
-def timing_summary(command: str, timings: dict[str, float]) -> str:
+def _timing_summary(command: str, timings: dict[str, float]) -> str:
     """One line for stderr: the total, then every part in the order it ran, e.g.
     ``analyze took 51.2 s: data 1.2 s, spectra 3.1 s, ...``."""
     parts = ", ".join(f"{key.replace('_', ' ')} {seconds:.1f} s" for key, seconds in timings.items()
