@@ -16,6 +16,7 @@ from slimlm.analysis.spectra import model_weight_metrics
 from slimlm.core import data as data_mod
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
+from slimlm.core.timing import timed
 from slimlm.errors import SlimlmError, unknown
 from slimlm.evaluation.perplexity import perplexity
 from slimlm.pruning.methods import get_method
@@ -66,19 +67,26 @@ def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling
 
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
             device: str = "cpu", batch_size: int | None = None, progress: bool = True,
-            fisher: bool = True, fisher_method: str | None = None) -> dict[str, dict]:
+            fisher: bool = True, fisher_method: str | None = None,
+            timings: dict[str, float] | None = None) -> dict[str, dict]:
     """Per-linear metrics keyed by FQN: weight spectra always; with ``calib``, the activation metrics and (unless
     ``fisher=False``) the ``fisher`` loss tables of the first ``FISHER_WINDOWS`` windows, for the pruning method
-    ``fisher_method`` (see ``fisher_metrics``)."""
-    metrics = model_weight_metrics(model, device)
-    if calib is not None:
-        check_tokens(model, calib)
-        for fqn, record in calibration_metrics(model, calib, owl_m, error_levels, device, batch_size,
-                                               progress).items():
-            metrics[fqn].update(record)
-        if fisher:
-            for fqn, record in fisher_metrics(model, calib, error_levels, progress, method=fisher_method).items():
-                metrics[fqn].update(fisher=record["fisher"], fisher_for=record["fisher_for"])
+    ``fisher_method`` (see ``fisher_metrics``). ``timings`` (if given) gets the seconds of each part: ``spectra``,
+    ``calibration_pass``, ``error_tables``, ``owl`` (see ``calibration_metrics``), ``fisher_gradients``,
+    ``fisher_tables`` and ``total``."""
+    timings = {} if timings is None else timings
+    with timed(timings, "total"):
+        with timed(timings, "spectra"):
+            metrics = model_weight_metrics(model, device, progress)
+        if calib is not None:
+            check_tokens(model, calib)
+            for fqn, record in calibration_metrics(model, calib, owl_m, error_levels, device, batch_size, progress,
+                                                   timings).items():
+                metrics[fqn].update(record)
+            if fisher:
+                for fqn, record in fisher_metrics(model, calib, error_levels, progress, method=fisher_method,
+                                                  timings=timings).items():
+                    metrics[fqn].update(fisher=record["fisher"], fisher_for=record["fisher_for"])
     return metrics
 
 
@@ -89,7 +97,7 @@ def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_s
     ``method='sparsegpt'`` it prices SparseGPT's changes, see ``fisher_metrics``)."""
     metric = ALLOCATOR_METRIC.get(allocation)
     if metric == "alpha" or metric is None:
-        return model_weight_metrics(model, device) if metric else {f: {"size": l.weight.numel()}
+        return model_weight_metrics(model, device, progress) if metric else {f: {"size": l.weight.numel()}
                                                            for f, l in linear_fqns(model).items()}
     if calib is None:
         raise SlimlmError(f"allocation '{allocation}' needs calibration data")
@@ -112,23 +120,28 @@ def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | No
 
 
 def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
-                   grid: QuantGrid | None = None, method: str | None = None) -> dict[str, dict]:
+                   grid: QuantGrid | None = None, method: str | None = None,
+                   timings: dict[str, float] | None = None) -> dict[str, dict]:
     """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level, the Fisher from
     the first ``FISHER_WINDOWS`` calibration windows: ``analysis.sensitivity.fisher_tables`` (the weights Wanda would remove),
     or for ``method='sparsegpt'`` ``analysis.sensitivity.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
     of ``calib``). With a ``grid``, also ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like
-    it (``analysis.sensitivity.fisher_bit_tables``)."""
-    fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
-    if method == "sparsegpt":
-        tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
-    else:
-        tables = fisher_tables(model, fisher, sqnorms, levels)
-    records = {f: {"size": lin.weight.numel(), "fisher": tables[f], "fisher_for": method or "wanda"}
-               for f, lin in linear_fqns(model).items()}
-    if grid is not None:
-        bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS)
-        for f, record in records.items():
-            record["fisher_bits"] = bit_tables[f]
+    it (``analysis.sensitivity.fisher_bit_tables``). ``timings`` (if given) gets the seconds of the gradient pass
+    (``fisher_gradients``) and of the tables (``fisher_tables``)."""
+    timings = {} if timings is None else timings
+    with timed(timings, "fisher_gradients"):
+        fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
+    with timed(timings, "fisher_tables"):
+        if method == "sparsegpt":
+            tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
+        else:
+            tables = fisher_tables(model, fisher, sqnorms, levels, progress)
+        records = {f: {"size": lin.weight.numel(), "fisher": tables[f], "fisher_for": method or "wanda"}
+                   for f, lin in linear_fqns(model).items()}
+        if grid is not None:
+            bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS, progress)
+            for f, record in records.items():
+                record["fisher_bits"] = bit_tables[f]
     return records
 
 
@@ -208,7 +221,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
                                    device=device, batch_size=batch_size, progress=progress, io=io,
                                    checkpoint=checkpoint)
     else:
-        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint)
+        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint, progress)
     timings["total"] = time.perf_counter() - start
     total = sum(layers[f].weight.numel() for f in achieved)
     zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
@@ -301,7 +314,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                           "--avg-bits with a non-uniform allocation")
     torch.manual_seed(seed)
     start, timings, calib_info = time.perf_counter(), {}, None
-    rotation = rotate_(model, seed=seed) if rotate == "hadamard" else None
+    rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
     layers = linear_fqns(model)
     if quantizer.needs_data or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
@@ -332,7 +345,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                                    batch_size=batch_size, progress=progress, io=io, checkpoint=checkpoint,
                                    sequential=sequential)
     else:
-        timings |= compress_data_free(model, compress, set(layers), io, checkpoint)
+        timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress)
     if abits is not None:
         quantize_activations_(model, abits, act_clip)
     timings["total"] = time.perf_counter() - start

@@ -244,6 +244,27 @@ def test_pruning_error_table_matches_direct_output_error():
     assert table[0.25] < table[0.5]
 
 
+def test_pruning_error_table_equals_one_dense_product_per_level():
+    """The level-by-level update gives each level's tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) formed on its own, to float32
+    rounding, with ties in the scores (a coarse grid of weights) broken the same way; levels in any order."""
+    from slimlm.analysis.sensitivity import ERROR_LEVELS, pruning_error_table
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 48, generator=g) * torch.rand(48, generator=g) * 3
+    W = (torch.randn(24, 48, generator=g) * 4).round() / 4  # many equal |W_ij| in a row: ties
+    sqnorm, H = X.square().sum(0), 2 * X.T @ X / X.shape[0]
+    sqnorm[::2] = sqnorm[0]  # equal channel norms too, so equal scores in every row
+    levels = ERROR_LEVELS[::-1]
+    table = pruning_error_table(W, sqnorm, H, levels)
+    assert list(table) == list(levels)
+    order = torch.sort(wanda_scores(W, sqnorm), dim=1, stable=True).indices
+    for s in levels:
+        k = int(48 * s)
+        dW = torch.zeros_like(W).scatter_(1, order[:, :k], W.gather(1, order[:, :k]))
+        direct = (((dW @ H) * dW).sum() / ((W @ H) * W).sum()).item()
+        assert table[s] == pytest.approx(direct, rel=1e-5, abs=1e-12), s
+
+
 def test_calibration_metrics_owl_lod_matches_direct_block_computation():
     from slimlm.analysis.activations import calibration_metrics
     from tests.conftest import tiny_llama

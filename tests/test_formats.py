@@ -1,5 +1,6 @@
 """Exports of saved runs: sparse bitmask / N:M storage and compressed-tensors pack-quantized, on a tiny Llama."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -119,6 +120,80 @@ def test_recover_grid_reads_codes_back():
         assert torch.equal(per_column, Q)
     with pytest.raises(slimlm.SlimlmError, match="not on a 4-bit uniform grid"):
         recover_grid(W, QuantGrid(4, True, 32), "dense")
+
+
+def _recover_group(v: torch.Tensor, grid: QuantGrid, exact: bool):
+    """recover_grid's rule for one group, written as a plain loop: (signed codes, scale, relative error) of the
+    first j whose step d/j (d the smallest nonzero |v|) puts every value on the grid with a scale, tried from
+    v/k at the largest |k| outwards by ulps, that reproduces the group; None if no j does."""
+    from slimlm.formats.codes import SCALE_ULPS
+
+    kmax, eps = max(-grid.qmin, grid.qmax), torch.finfo(v.dtype).eps
+    if not (v != 0).any():
+        return torch.zeros(v.shape, dtype=torch.int64), torch.tensor(1.0, dtype=v.dtype), 0.0
+    d, v64 = v[v != 0].abs().min().double(), v.double()
+    for j in range(1, kmax + 1):
+        r = v64 / (d / j)
+        k = r.round()
+        lo, hi = k.min().item(), k.max().item()
+        fits = grid.qmin <= lo and hi <= grid.qmax if grid.symmetric else hi + max(0.0, -lo) <= grid.qmax
+        if (r - k).abs().max() > 2 * kmax * eps or not fits:
+            continue
+        i = int(k.abs().argmax())
+        up = down = (v64[i] / k[i]).to(v.dtype)
+        scales = [up]
+        for _ in range(SCALE_ULPS):
+            up, down = torch.nextafter(up, up.new_tensor(math.inf)), torch.nextafter(down, down.new_tensor(0.0))
+            scales += [up, down]
+        errors = [((k.to(v.dtype) * s).double() - v64).abs().max().item() for s in scales]
+        best = errors.index(min(errors))  # the first of equal errors
+        error = errors[best] / v64.abs().max().item()
+        if error == 0 or (not exact and error <= SCALE_ULPS * eps):
+            return k.long(), scales[best], error
+    return None
+
+
+def _on_grid(grid: QuantGrid, rows: int, width: int, dtype=torch.float32) -> torch.Tensor:
+    """Weights on ``grid``: random codes times random scales per group. Where the grid holds them, some first
+    groups take codes from ±2, ±3 only (smallest nonzero 2·s: the step is d/2) or ±3, ±4 (d/3); one row is
+    zero from its second group on."""
+    g = torch.Generator().manual_seed(grid.bits)
+    gs = grid.group_size or width
+    codes = torch.randint(grid.qmin, grid.qmax + 1, (rows, width), generator=g)
+    zero = 0 if grid.symmetric else torch.randint(0, grid.qmax + 1, (rows, 1), generator=g)
+    signed = codes - zero
+    for first_rows, pair in ((slice(0, None, 3), (2, 3)), (slice(1, None, 3), (3, 4))):
+        if (grid.qmax if grid.symmetric else grid.qmax // 2) >= pair[1]:
+            pick = torch.randint(0, 4, signed[first_rows, :gs].shape, generator=g)
+            signed[first_rows, :gs] = torch.tensor([pair[0], pair[1], -pair[0], -pair[1]])[pick]
+    signed[2, gs:] = 0
+    scales = torch.rand(rows, -(-width // gs), generator=g).repeat_interleave(gs, 1)[:, :width] + 0.01
+    return (signed.float() * scales).to(dtype)
+
+
+@pytest.mark.parametrize("grid,dtype,exact", [(QuantGrid(4, True, 32), torch.float32, True),
+                                              (QuantGrid(4, False, 32), torch.float32, True),
+                                              (QuantGrid(3, True, None), torch.float32, True),
+                                              (QuantGrid(8, False, 64), torch.float32, True),
+                                              (QuantGrid(3, True, 16), torch.bfloat16, False),
+                                              (QuantGrid(2, False, 16), torch.float16, False)])
+def test_recover_grid_matches_the_rule_group_by_group(grid, dtype, exact):
+    W = _on_grid(grid, 9, 96, dtype)
+    codes, scale, zero, error = recover_grid(W, grid, exact=exact)
+    gs = grid.group_size or 96
+    worst = 0.0
+    for row in range(9):
+        for group in range(scale.shape[1]):
+            k, s, e = _recover_group(W[row, group * gs:(group + 1) * gs], grid, exact)
+            got = codes[row, group * gs:(group + 1) * gs].long() - zero[row, group]
+            assert torch.equal(got, k) and scale[row, group] == s, (row, group)
+            worst = max(worst, e)
+    assert error == worst
+    off = W.clone()
+    off[4, 5] = off[4, 5] * 1.37 + 1e-3  # one value off the grid: that group has no representation
+    if _recover_group(off[4, :gs], grid, exact) is None:
+        with pytest.raises(slimlm.SlimlmError, match="group 0"):
+            recover_grid(off, grid, exact=exact)
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

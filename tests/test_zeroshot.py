@@ -124,10 +124,12 @@ def test_cli_writes_zero_shot_into_the_run_manifest(capsys, tmp_path, tokenizer,
     tokenizer.save_pretrained(run)
     manifest = {"method": "magnitude", "metrics": {"perplexity": {"perplexity": 9.0}}}
     (run / "slimlm.json").write_text(json.dumps(manifest))
+    capsys.readouterr()  # drop what saving the run printed
     code = main(["eval", str(run), "--tasks", TASK, "--tasks-dir", str(tasks_dir), "--limit", "4", "--record",
                  "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    assert "%|" not in err  # --quiet: none of the harness's progress bars
     manifest = json.loads((run / "slimlm.json").read_text())
     zero_shot = manifest["metrics"]["zero_shot"]
     assert 0.0 <= zero_shot["tasks"][TASK]["acc"] <= 1.0 and zero_shot["tasks"][TASK]["samples"] == 4

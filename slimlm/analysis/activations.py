@@ -13,6 +13,8 @@ import torch
 from slimlm.analysis.sensitivity import ERROR_LEVELS, pruning_error_table
 from slimlm.core.architectures import block_of, linear_fqns
 from slimlm.core.engine import compress_blocks
+from slimlm.core.linalg import small_op_threads
+from slimlm.core.timing import timed
 from slimlm.pruning.scores import wanda_scores
 
 
@@ -37,37 +39,46 @@ def owl_outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], m: float = 
 
 
 def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
-                        device="cpu", batch_size: int | None = None, progress: bool = True) -> dict[str, dict]:
+                        device="cpu", batch_size: int | None = None, progress: bool = True,
+                        timings: dict[str, float] | None = None) -> dict[str, dict]:
     """Activation metrics of every block linear from one dense pass of the engine (weights unchanged).
 
     Per linear: the mean and max input-channel norm ‖X_j‖₂ (per token, i.e. sqrt of the mean square), the
     max/median channel-norm ratio, OWL's outlier ratio of the linear alone (``outlier_ratio``) and of its
     whole block (``owl_lod``, the quantity OWL allocates by), and, when ``error_levels`` is given, the
-    relative output error table of ``pruning_error_table``.
+    relative output error table of ``pruning_error_table``. ``timings`` (if given) gets the seconds of the
+    parts: ``calibration_pass`` (the engine's capture and block forwards), ``error_tables``, and ``owl`` (input
+    norms and outlier ratios).
     """
     linears = linear_fqns(model)
-    records, sqnorms = {}, {}
+    records, sqnorms, parts = {}, {}, {}
 
     def record(group, stats):
-        rms = (stats.sqnorm / stats.ntokens).sqrt()  # the input's norms: one computation for the whole group
-        input_norms = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
-                       "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item()}
-        for fqn, linear in group.items():
-            sqnorms[fqn] = stats.sqnorm
-            records[fqn] = {**input_norms,
-                            "outlier_ratio": owl_outlier_ratio(wanda_scores(linear.weight, stats.sqnorm), owl_m)}
-            if error_levels:
-                records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian,
-                                                             error_levels)
+        with timed(parts, "owl"), small_op_threads(max(lin.weight.numel() for lin in group.values())):
+            rms = (stats.sqnorm / stats.ntokens).sqrt()  # the input's norms: one computation for the whole group
+            input_norms = {"input_norm_mean": rms.mean().item(), "input_norm_max": rms.max().item(),
+                           "input_norm_max_over_median": (rms.max() / rms.median().clamp_min(1e-30)).item()}
+            for fqn, linear in group.items():
+                sqnorms[fqn] = stats.sqnorm
+                records[fqn] = {**input_norms, "outlier_ratio": owl_outlier_ratio(
+                    wanda_scores(linear.weight, stats.sqnorm), owl_m)}
+        if error_levels:
+            with timed(parts, "error_tables"):
+                for fqn, linear in group.items():
+                    records[fqn]["errors"] = pruning_error_table(linear.weight, stats.sqnorm, stats.hessian,
+                                                                 error_levels)
         return False
 
-    compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
-                    batch_size=batch_size, progress=progress)
-    blocks: dict[str, list[str]] = {}
-    for fqn in linears:
-        blocks.setdefault(block_of(fqn), []).append(fqn)
-    for names in blocks.values():  # OWL: one ratio over the concatenated scores of the block's linears
-        lod = owl_outlier_ratio([wanda_scores(linears[f].weight, sqnorms[f]) for f in names], owl_m)
-        for f in names:
-            records[f]["owl_lod"] = lod
+    engine = compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
+                             batch_size=batch_size, progress=progress)
+    with timed(parts, "owl"), small_op_threads(max(lin.weight.numel() for lin in linears.values())):
+        blocks: dict[str, list[str]] = {}
+        for fqn in linears:
+            blocks.setdefault(block_of(fqn), []).append(fqn)
+        for names in blocks.values():  # OWL: one ratio over the concatenated scores of the block's linears
+            lod = owl_outlier_ratio([wanda_scores(linears[f].weight, sqnorms[f]) for f in names], owl_m)
+            for f in names:
+                records[f]["owl_lod"] = lod
+    if timings is not None:
+        timings |= {"calibration_pass": engine["capture"] + engine["forward"], **parts}
     return records

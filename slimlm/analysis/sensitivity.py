@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
+from slimlm.core.linalg import small_op_threads
 from slimlm.pruning.scores import wanda_scores
 from slimlm.pruning.sparsegpt import sparsegpt
 from slimlm.pruning.spec import PruneSpec
@@ -29,16 +31,30 @@ def pruning_error_table(W: torch.Tensor, sqnorm: torch.Tensor, hessian: torch.Te
     inputs need not be kept. Relative (not absolute) error makes layers of different output scale
     comparable. Wanda's mask is the proxy for every method: it is what the data-aware methods start
     from, and it costs one sort per layer.
+
+    The levels are nested (each row removes its lowest-scored weights first), so ΔW H grows level by level:
+    ΔW_s H = ΔW_{s'} H + Z H, where Z holds only the weights removed between the two levels (the same number
+    in every row, so Z H is a weighted sum of gathered rows of H: ``embedding_bag``). All levels together
+    cost one pass over H per weight, about one dense product W H, where forming each level's ΔW H densely
+    cost one product per level (measured 3x faster on the built-in model's linears, one thread; the
+    running sum rounds differently, by ~1e-7 relative).
     """
     Wf, H = W.float(), hessian.float()
-    order = torch.sort(wanda_scores(Wf, sqnorm), dim=1, stable=True).indices
-    dense = ((Wf @ H) * Wf).sum().clamp_min(torch.finfo(torch.float32).tiny)
-    table = {}
-    for s in levels:
-        k = int(Wf.shape[1] * s)
-        dW = torch.zeros_like(Wf).scatter_(1, order[:, :k], Wf.gather(1, order[:, :k]))
-        table[float(s)] = (((dW @ H) * dW).sum() / dense).item()
-    return table
+    table, removed = {}, 0
+    with small_op_threads(W.numel()):
+        order = torch.sort(wanda_scores(Wf, sqnorm), dim=1, stable=True).indices
+        dense = ((Wf @ H) * Wf).sum().clamp_min(torch.finfo(torch.float32).tiny)
+        dW, dWH = torch.zeros_like(Wf), torch.zeros_like(Wf)  # ΔW at the current level, and ΔW H
+        for s in sorted(levels):
+            k = int(Wf.shape[1] * s)
+            if k > removed:
+                cols = order[:, removed:k]  # each row's weights removed between the previous level and this one
+                values = Wf.gather(1, cols)
+                dWH += F.embedding_bag(cols, H, per_sample_weights=values, mode="sum")  # Z H, row by row
+                dW.scatter_(1, cols, values)
+                removed = k
+            table[float(s)] = ((dWH * dW).sum() / dense).item()
+    return {float(s): table[float(s)] for s in levels}
 
 
 FISHER_WINDOWS = 16  # calibration windows for the Fisher pass (the first ones; 16 × 512 tokens in the benchmarks)
@@ -82,7 +98,8 @@ def fisher_diagonal(model, windows: torch.Tensor, progress: bool = True) -> tupl
     return fisher, sqnorms
 
 
-def fisher_tables(model, fisher: dict, sqnorms: dict, levels: Sequence[float] = ERROR_LEVELS) -> dict[str, dict]:
+def fisher_tables(model, fisher: dict, sqnorms: dict, levels: Sequence[float] = ERROR_LEVELS,
+                  progress: bool = False) -> dict[str, dict]:
     """Per linear: estimated loss increase when it alone is Wanda-pruned per row at each sparsity level.
 
     Optimal Brain Damage (LeCun et al. 1990, Eq. 5) with the empirical Fisher as the diagonal Hessian: at a
@@ -91,16 +108,18 @@ def fisher_tables(model, fisher: dict, sqnorms: dict, levels: Sequence[float] = 
     once, so the tables cost one sort per linear.
     """
     tables = {}
-    for fqn, lin in linear_fqns(model).items():
+    for fqn, lin in tqdm(linear_fqns(model).items(), desc="fisher tables", disable=not progress):
         W = lin.weight.detach().float()
-        order = torch.sort(wanda_scores(W, sqnorms[fqn]), dim=1, stable=True).indices
-        cost = (0.5 * fisher[fqn] * W.square()).gather(1, order).sum(0, dtype=torch.float64).cumsum(0)
+        with small_op_threads(W.numel()):
+            order = torch.sort(wanda_scores(W, sqnorms[fqn]), dim=1, stable=True).indices
+            cost = (0.5 * fisher[fqn] * W.square()).gather(1, order).sum(0, dtype=torch.float64).cumsum(0)
         cost = torch.cat([cost.new_zeros(1), cost])  # cost[k]: every row's k lowest-scored weights removed
         tables[fqn] = {float(s): cost[int(W.shape[1] * s)].item() for s in levels}
     return tables
 
 
-def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"], levels: Sequence[int]) -> dict:
+def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"], levels: Sequence[int],
+                      progress: bool = False) -> dict:
     """Per linear: estimated loss increase when it alone is RTN-quantized at each bit-width.
 
     The same Optimal Brain Damage estimate as ``fisher_tables`` with the rounding error as the change:
@@ -109,10 +128,11 @@ def fisher_bit_tables(model, fisher: dict, grid_for: Callable[[int], "QuantGrid"
     the allocation needs.
     """
     tables = {}
-    for fqn, lin in linear_fqns(model).items():
+    for fqn, lin in tqdm(linear_fqns(model).items(), desc="fisher bit tables", disable=not progress):
         W = lin.weight.detach().float()
-        tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
-                       .sum(dtype=torch.float64).item() for b in levels}
+        with small_op_threads(W.numel()):
+            tables[fqn] = {float(b): (0.5 * fisher[fqn] * (W - rtn(W, grid_for(b)).float()).square())
+                           .sum(dtype=torch.float64).item() for b in levels}
     return tables
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from slimlm.core.architectures import block_of, linear_fqns
 from slimlm.core.stats import add_lower_gram_
@@ -65,9 +66,10 @@ def _lower_gram(W: torch.Tensor) -> torch.Tensor:
     return add_lower_gram_(W.new_zeros(*W.shape[:-2], W.shape[-1], W.shape[-1]), W)
 
 
-def _map_single_threaded(fn: Callable, items: Sequence) -> list:
+def _map_single_threaded(fn: Callable, items: Sequence, desc: str | None = None) -> list:
     """``[fn(x) for x in items]`` on a pool of ``torch.get_num_threads()`` Python threads, each running torch with
-    one intra-op thread (the process-wide setting is restored afterwards).
+    one intra-op thread (the process-wide setting is restored afterwards); ``desc`` names a progress bar over the
+    items (none if None).
 
     Why: one matrix's eigvalsh (LAPACK sytrd, level-2 heavy) and the small KS tensors gain little from intra-op
     threads, and OpenMP's barriers collapse when the cores are shared: with a load average of 9 on 2 cores, 2
@@ -75,18 +77,24 @@ def _map_single_threaded(fn: Callable, items: Sequence) -> list:
     split perfectly instead (measured: same total CPU time, 6.1-7.4 s pooled vs 6.4-6.8 s in a loop).
     """
     threads = torch.get_num_threads()
-    if threads == 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    torch.set_num_threads(1)
+
+    def bar(results):
+        return list(tqdm(results, desc=desc, total=len(items), disable=desc is None))
+
+    torch.set_num_threads(1)  # a single item too: one ESD with 2 threads took 6-13 s instead of 0.09 s (load 5)
     try:
+        if threads == 1 or len(items) < 2:
+            return bar(map(fn, items))
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(fn, items))
+            return bar(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)
 
 
-def batched_esd(weights: Sequence[torch.Tensor], device: str | torch.device | None = None) -> list[torch.Tensor]:
-    """``esd`` of every matrix on ``device`` (default: each matrix's own).
+def batched_esd(weights: Sequence[torch.Tensor], device: str | torch.device | None = None,
+                progress: bool = False) -> list[torch.Tensor]:
+    """``esd`` of every matrix on ``device`` (default: each matrix's own); ``progress`` shows a bar over the CPU
+    ones (a few batched calls elsewhere).
 
     On CPU one matrix per task of ``_map_single_threaded`` (LAPACK factors a batch one matrix at a time anyway).
     Elsewhere one batched call per distinct shape: W and Wᵀ share their ESD, so matrices are brought to tall
@@ -102,7 +110,8 @@ def batched_esd(weights: Sequence[torch.Tensor], device: str | torch.device | No
         else:
             groups.setdefault((max(W.shape), min(W.shape), dev), []).append(i)
     on_cpu.sort(key=lambda i: -weights[i].numel())  # largest first, so no big one is left running alone at the end
-    for i, eigs in zip(on_cpu, _map_single_threaded(lambda i: esd(weights[i], "cpu"), on_cpu)):
+    spectra = _map_single_threaded(lambda i: esd(weights[i], "cpu"), on_cpu, "spectra" if progress else None)
+    for i, eigs in zip(on_cpu, spectra):
         out[i] = eigs
     for (rows, cols, dev), idx in groups.items():
         per_call = max(1, BATCH_ELEMS // (rows * cols))
@@ -274,19 +283,19 @@ def weight_metrics(W: torch.Tensor) -> dict[str, float]:
     return esd_metrics(esd(W))
 
 
-def weight_metrics_many(named_weights: dict[str, torch.Tensor],
-                        device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
+def weight_metrics_many(named_weights: dict[str, torch.Tensor], device: str | torch.device | None = None,
+                        progress: bool = False) -> dict[str, dict[str, float]]:
     """``weight_metrics`` for every named matrix, spectra computed by ``batched_esd`` on ``device`` (default: each
     matrix's own) and fitted there."""
-    eigs = batched_esd(list(named_weights.values()), device)
+    eigs = batched_esd(list(named_weights.values()), device, progress)
     return dict(zip(named_weights, _map_single_threaded(esd_metrics, eigs)))
 
 
-def model_weight_metrics(model, device: str | torch.device | None = None) -> dict[str, dict]:
+def model_weight_metrics(model, device: str | torch.device | None = None, progress: bool = True) -> dict[str, dict]:
     """Spectral metrics of every linear inside the decoder blocks, keyed by FQN, with block/kind/shape; spectra
     on ``device`` (default: where each weight is)."""
     linears = linear_fqns(model)
-    metrics = weight_metrics_many({fqn: lin.weight.detach() for fqn, lin in linears.items()}, device)
+    metrics = weight_metrics_many({fqn: lin.weight.detach() for fqn, lin in linears.items()}, device, progress)
     for fqn, lin in linears.items():
         block = block_of(fqn)
         metrics[fqn] = {"name": fqn, "block": int(block.rsplit(".", 1)[1]), "kind": fqn[len(block) + 1:],

@@ -1,7 +1,9 @@
 """``slimlm`` command line: a thin layer over the Python API. Every run writes a manifest."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import logging
 import sys
 
@@ -17,15 +19,33 @@ def _disk_full(e: Exception) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(e)
 
 
+@contextlib.contextmanager
+def _bars_off():
+    """--quiet: no progress bars while the command runs. slimlm's own bars are switched off by ``progress=False``
+    and transformers' by its switch; bars that other libraries open with no switch (transformers' GGUF
+    conversion, lm_eval's request building) start disabled, since ``disable=True`` becomes tqdm's default
+    (a bar given ``disable=`` explicitly keeps it)."""
+    from tqdm import std
+    from transformers.utils import logging as hf_logging
+
+    init, hf_bars = std.tqdm.__dict__["__init__"], hf_logging.is_progress_bar_enabled()
+    std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
     try:
-        getattr(commands, f"cmd_{args.command}")(args)
+        with _bars_off() if args.quiet else contextlib.nullcontext():
+            getattr(commands, f"cmd_{args.command}")(args)
     except SlimlmError as e:
         print(f"slimlm: error: {e}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ def cmd_export(args) -> None:
     if (Path(args.run) / RECIPE).is_file():
         recipe = read_recipe(Path(args.run) / RECIPE)
         text = dumps(Recipe(recipe.run, [*recipe.steps, ("export", step)]))
-    print(json.dumps(export(args.run, step, text)))
+    print(json.dumps(export(args.run, step, text, not args.quiet)))
 
 
 def cmd_eval(args) -> None:
@@ -126,7 +126,7 @@ def cmd_eval(args) -> None:
         metrics["perplexity"] = _eval(model, tokenizer, args, args.batch_size)
     if tasks:
         metrics["zero_shot"] = zero_shot(model, tokenizer, tasks, args.limit, args.batch_size, args.device,
-                                         args.tasks_dir, args.num_fewshot)
+                                         args.tasks_dir, args.num_fewshot, progress=not args.quiet)
     if args.record:
         manifest = read_manifest(folder)
         manifest.setdefault("metrics", {}).update(metrics)

@@ -219,7 +219,7 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
 
 
 def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
-                       checkpoint: Checkpoint | None = None) -> dict[str, float]:
+                       checkpoint: Checkpoint | None = None, progress: bool = True) -> dict[str, float]:
     """Data-free methods (magnitude, RTN): the same ``compress`` callback, called for each linear alone with
     ``stats=None`` and no calibration pass, block by block so that ``io`` and ``checkpoint`` work as in
     ``compress_blocks``. Returns ``{"compress": seconds}``."""
@@ -227,7 +227,8 @@ def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]
     prefix = adapter_for(model).blocks
     blocks = decoder_blocks(model)
     first = checkpoint.restore(blocks)[0] if checkpoint is not None else 0
-    for i in range(first, len(blocks)):
+    for i in tqdm(range(first, len(blocks)), desc="blocks", initial=first, total=len(blocks),
+                  disable=not progress):
         if io is not None:
             io.load(i, blocks[i])
         for name, linear in block_linears(blocks[i]).items():

@@ -12,7 +12,7 @@ from slimlm.errors import SlimlmError
 logger = logging.getLogger(__name__)
 
 
-SMALL_UPDATE = 1 << 20  # column-loop slices below this many elements run single-threaded on CPU
+SMALL_UPDATE = 1 << 20  # loops whose ops touch fewer elements run single-threaded on CPU (small_op_threads)
 DAMP_RETRIES = 3  # extra Cholesky attempts, each with 10x the damping
 
 
@@ -57,17 +57,23 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp: float = 0.01) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def column_loop_threads(rows: int, blocksize: int):
-    """Run an OBS column loop on one CPU thread when its per-column updates are small.
+def small_op_threads(elements: int):
+    """Run a loop of tensor ops on one CPU thread when each op touches fewer than SMALL_UPDATE elements.
 
-    Each step updates a (rows x <= blocksize) slice; below ~1M elements the thread pool's
-    synchronisation costs more than the arithmetic (measured 4-25x slower with 2 threads on the
-    built-in model's layers, far worse when another process holds a core). GPUs are unaffected.
+    Below ~1M elements the thread pool's synchronisation costs more than the arithmetic, far more when another
+    process holds a core (measured with 2 threads vs 1 on the built-in model's layers: OBS column loops 4-25x
+    slower; ``analysis.sensitivity.pruning_error_table`` 3x and ``formats.codes.recover_grid`` 9x slower at a load
+    average of 5). GPUs are unaffected.
     """
     previous = torch.get_num_threads()
-    if rows * blocksize < SMALL_UPDATE:
+    if elements < SMALL_UPDATE:
         torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def column_loop_threads(rows: int, blocksize: int):
+    """The thread setting of an OBS column loop, whose steps update (rows x <= blocksize) slices."""
+    return small_op_threads(rows * blocksize)

@@ -16,13 +16,16 @@ from slimlm.errors import SlimlmError
 
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1,
-              device: str = "cpu", include_path: str | None = None, num_fewshot: int = 0) -> dict:
+              device: str = "cpu", include_path: str | None = None, num_fewshot: int = 0,
+              progress: bool = True) -> dict:
     """Run lm-evaluation-harness tasks on an already-loaded (pruned/quantized) model.
 
     The model object is wrapped as it is, not re-loaded from disk, so runtime changes that are not in
     the weights (QuaRot's online Hadamard, simulated activation quantization) are measured too.
     ``include_path`` adds a folder of task YAMLs (offline tests, private tasks); ``limit`` takes the
-    first N documents of each task. Returns ``{"tasks": {task: {metric: value}}, "lm_eval": version, ...}``.
+    first N documents of each task. ``progress=False`` turns off the harness's bars over the requests (its
+    other bars open with tqdm's defaults: the CLI's --quiet turns those off). Returns
+    ``{"tasks": {task: {metric: value}}, "lm_eval": version, ...}``.
     """
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -30,6 +33,9 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     tasks = [t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks) if t.strip()]
     manager = check_tasks(tasks, include_path)
     lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size)
+    if not progress:  # the request methods take disable_tqdm, which simple_evaluate does not pass on
+        for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
     start = time.perf_counter()
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,

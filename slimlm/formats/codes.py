@@ -35,10 +35,25 @@ def _fits(k: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
 def _best_scale(v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the scale s in v's dtype near v/k that makes fl(k·s) closest to v (how compressed-tensors
     dequantizes: codes cast to the scale's dtype, times the scale), and that largest error max|fl(k·s) - v|
-    relative to max|v| (0 where s reproduces v exactly)."""
+    relative to max|v| (0 where s reproduces v exactly).
+
+    Most rows are reproduced exactly by the first candidate s0 = v/k at the largest |k|, and no other candidate
+    can beat an error of 0, so only the other rows search the ulps around s0 (``_search_ulps``)."""
     ref = k.abs().argmax(-1, keepdim=True)  # the largest multiple pins s down best
     s0 = (v.gather(-1, ref).double() / k.gather(-1, ref)).to(v.dtype).squeeze(-1)
-    kd, v64 = k.to(v.dtype), v.double()
+    kd = k.to(v.dtype)
+    best, err = s0.clone(), torch.zeros(s0.shape, dtype=torch.float64)
+    rest = (kd * s0.unsqueeze(-1) != v).any(-1).nonzero().squeeze(-1)
+    if rest.numel():
+        v_rest = v[rest].double()
+        best[rest], err[rest] = _search_ulps(v_rest, kd[rest], s0[rest])
+        err[rest] /= v_rest.abs().amax(-1)
+    return best, err
+
+
+def _search_ulps(v64: torch.Tensor, kd: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the scale among s0 and the SCALE_ULPS values either side of it with the smallest
+    max|fl(k·s) - v| (the first one on ties, s0 first), and that error."""
     best, err = s0, torch.full(s0.shape, math.inf, dtype=torch.float64)
     up, down = s0, s0
     for step in range(SCALE_ULPS + 1):
@@ -48,7 +63,7 @@ def _best_scale(v: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.T
             best, err = torch.where(better, s, best), torch.where(better, e, err)
         up = torch.nextafter(up, torch.full_like(up, math.inf))
         down = torch.nextafter(down, torch.zeros_like(down))
-    return best, err / v64.abs().amax(-1)
+    return best, err
 
 
 def recover_grid(W: torch.Tensor, grid: QuantGrid, name: str = "weight", exact: bool = True):
@@ -71,39 +86,43 @@ def recover_grid(W: torch.Tensor, grid: QuantGrid, name: str = "weight", exact: 
     out, n = W.shape
     gs = grid.group_size or n
     ngroups = math.ceil(n / gs)
-    V = F.pad(W, (0, ngroups * gs - n)).reshape(out, ngroups, gs)
-    V64 = V.double()
-    d = V64.abs().masked_fill(V64 == 0, math.inf).amin(-1)  # smallest nonzero magnitude; inf if none
+    V = F.pad(W, (0, ngroups * gs - n)).reshape(out * ngroups, gs)  # one row per (row, group)
+    # smallest nonzero magnitude per group, inf if none (taken in W's dtype: abs and min are exact)
+    d = V.abs().masked_fill(V == 0, math.inf).amin(-1).double()
     kmax = max(-grid.qmin, grid.qmax)
     eps = torch.finfo(W.dtype).eps
     tol = 2 * kmax * eps
     if tol > MAX_CODE_TOLERANCE:
         raise SlimlmError(f"{grid.bits}-bit codes cannot be read back reliably from {dtype_name(W.dtype)} "
                           "weights; export from a float32 run (or record scales at quantize time)")
-    K = torch.zeros(out, ngroups, gs, dtype=torch.int64)
-    scale = torch.ones(out, ngroups, dtype=W.dtype)  # all-zero groups: scale 1, codes 0 (as quant_params)
-    error = torch.zeros(out, ngroups, dtype=torch.float64)
+    K = torch.zeros(V.shape, dtype=torch.int64)
+    scale = torch.ones(V.shape[0], dtype=W.dtype)  # all-zero groups: scale 1, codes 0 (as quant_params)
+    error = torch.zeros(V.shape[0], dtype=torch.float64)
     done, on_grid = torch.isinf(d), torch.isinf(d)
     for j in range(1, kmax + 1):
-        todo = (~done).nonzero(as_tuple=True)
-        if not todo[0].numel():
+        todo = (~done).nonzero().squeeze(-1)
+        if not todo.numel():
             break
-        r = V64[todo] / (d[todo] / j).unsqueeze(-1)
+        v = V[todo]
+        r = v.double() / (d[todo] / j).unsqueeze(-1)
         k = r.round()
-        ok = ((r - k).abs() <= tol).all(-1) & _fits(k, grid)
-        on_grid[todo] |= ok
-        s, e = _best_scale(V[todo], k)
-        ok &= e == 0 if exact else e <= SCALE_ULPS * eps
-        hit = tuple(t[ok] for t in todo)
+        fits = ((r - k).abs() <= tol).all(-1) & _fits(k, grid)
+        on_grid[todo[fits]] = True
+        todo, v, k = todo[fits], v[fits], k[fits]  # only groups on the grid need a scale
+        s, e = _best_scale(v, k)
+        ok = e == 0 if exact else e <= SCALE_ULPS * eps
+        hit = todo[ok]
         K[hit], scale[hit], error[hit], done[hit] = k[ok].long(), s[ok], e[ok], True
     if not done.all():
-        row, group = (~done).nonzero()[0].tolist()
-        where = f"{int((~done).sum())} of {done.numel()} groups, first row {row} group {group}"
+        first = int((~done).nonzero()[0])
+        where = (f"{int((~done).sum())} of {done.numel()} groups, first row {first // ngroups} "
+                 f"group {first % ngroups}")
         if on_grid[~done].all():
             raise SlimlmError(f"{name} is on a {grid.bits}-bit grid only up to {dtype_name(W.dtype)} rounding "
                               f"({where}); pass exact=False to store the nearest {dtype_name(W.dtype)} scales")
         raise SlimlmError(f"{name} is not on a {grid.bits}-bit uniform grid ({where}); was the run edited or "
                           "fine-tuned after quantization?")
-    zero = torch.zeros_like(done, dtype=torch.int64) if grid.symmetric else (-K.amin(-1)).clamp(min=0)
+    K, scale, error = K.reshape(out, ngroups, gs), scale.reshape(out, ngroups), error.reshape(out, ngroups)
+    zero = torch.zeros_like(scale, dtype=torch.int64) if grid.symmetric else (-K.amin(-1)).clamp(min=0)
     codes = (K + zero.unsqueeze(-1)).reshape(out, -1)[:, :n]
     return codes.to(CODE_DTYPE), scale, zero, error.max().item()

@@ -10,7 +10,9 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from slimlm.core.linalg import small_op_threads
 from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, check_runtime, linear_weights, read_run,
@@ -60,7 +62,7 @@ def _warn_unfused(schemes: dict[str, dict]) -> None:
 
 
 def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: bool = True,
-                              recipe: str | None = None) -> Path:
+                              recipe: str | None = None, progress: bool = True) -> Path:
     """Write a quantized run in compressed-tensors' ``pack-quantized`` format; returns ``out_dir``.
 
     Per quantized linear ``<fqn>`` with weight (out, in) on a b-bit grid, replacing ``<fqn>.weight``:
@@ -78,8 +80,9 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
     Codes come from ``formats.codes.recover_grid`` (see its module docstring) and every layer is checked to decompress to
     its saved weights exactly; ``exact=False`` (needed for most bf16/fp16 runs) allows SCALE_ULPS ulps and
     records the largest relative error in slimlm_export.json; ``recipe`` is written as recipe.yaml. Load with
-    ``load_compressed_tensors`` or any compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights only, and q/k/v (gate/up) must
-    share a scheme since vLLM fuses them (both are warned about).
+    ``load_compressed_tensors`` or any compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights
+    only, and q/k/v (gate/up) must share a scheme since vLLM fuses them (both are warned about). ``progress``
+    shows a bar over the linears.
     """
     out = check_new(out_dir)
     run, manifest, tensors, weight_files = read_run(run_dir)
@@ -95,19 +98,20 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
         logger.warning("%s-bit layers: transformers/compressed-tensors can load them, vLLM's kernels cannot "
                        "(4 and 8 bits only)", odd)
     max_error = 0.0
-    for name in names:
+    for name in tqdm(names, desc="compressed-tensors", disable=not progress):
         fqn = name.removesuffix(".weight")
         W, grid = tensors.pop(name), grids[fqn]
         if schemes[fqn]["strategy"] == "channel":
             grid = QuantGrid(grid.bits, grid.symmetric, None)
-        codes, scale, zero, error = recover_grid(W, grid, name, exact)
+        with small_op_threads(W.numel()):  # many elementwise passes over one weight
+            codes, scale, zero, error = recover_grid(W, grid, name, exact)
+            tensors[f"{fqn}.weight_packed"] = pack_int(codes, grid.bits, signed=grid.symmetric)
+            tensors[f"{fqn}.weight_scale"] = scale
+            if not grid.symmetric:
+                tensors[f"{fqn}.weight_zero_point"] = pack_int(zero.T, grid.bits).T.contiguous()
+            tensors[f"{fqn}.weight_shape"] = torch.tensor(W.shape, dtype=torch.int64)
+            back = _decompress(tensors, fqn, schemes[fqn])
         max_error = max(max_error, error)
-        tensors[f"{fqn}.weight_packed"] = pack_int(codes, grid.bits, signed=grid.symmetric)
-        tensors[f"{fqn}.weight_scale"] = scale
-        if not grid.symmetric:
-            tensors[f"{fqn}.weight_zero_point"] = pack_int(zero.T, grid.bits).T.contiguous()
-        tensors[f"{fqn}.weight_shape"] = torch.tensor(W.shape, dtype=torch.int64)
-        back = _decompress(tensors, fqn, schemes[fqn])
         if not (torch.equal(back, W) if error == 0 else torch.allclose(back, W, rtol=0, atol=_atol(W, error))):
             raise SlimlmError(f"internal error: {name} does not round-trip through pack-quantized")
     config = json.loads((run / "config.json").read_text())

@@ -33,10 +33,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.core.linalg import small_op_threads
 from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.formats.codes import recover_grid
+from slimlm.formats.gguf_metadata import read_metadata
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
 from slimlm.quant.grids import QuantGrid
 from slimlm.runs.save import atomic_dir, follow_umask
@@ -137,28 +140,33 @@ def _float16_codes(V: torch.Tensor, K: torch.Tensor, step: torch.Tensor, block: 
     SlimlmError, or with ``exact=False`` take the nearest float16 d (and m) for j = 1.
     Returns (q codes as stored, d, m or None)."""
     sym = block.grid.symmetric
+    shape = step.shape
+    V, K, step = V.reshape(-1, QK), K.reshape(-1, QK), step.reshape(-1)
     q = torch.zeros_like(K)
     d = torch.zeros(step.shape, dtype=torch.float16)
     m = None if sym else torch.zeros(step.shape, dtype=torch.float16)
-    done = torch.zeros(step.shape, dtype=torch.bool)
+    todo = torch.arange(step.numel())  # blocks still without codes; each j tries only these
     for j in range(1, max(-block.grid.qmin, block.grid.qmax) + 1):
-        Kj, dj = K * j, (step.double() / j).half()
-        zero = torch.zeros_like(step, dtype=K.dtype) if sym else (-Kj.amin(-1)).clamp(min=0)
+        Kj, dj = K[todo] * j, (step[todo].double() / j).half()
+        zero = torch.zeros_like(dj, dtype=K.dtype) if sym else (-Kj.amin(-1)).clamp(min=0)
         qj = Kj + zero.unsqueeze(-1)
         fits = (qj.amin(-1) >= block.grid.qmin) & (qj.amax(-1) <= block.grid.qmax)
         mj = None if sym else (-zero.double() * dj.double()).half()
-        ok = fits & ~done & (_block_values(dj, qj, mj) == V).all(-1)
+        ok = fits & (_block_values(dj, qj, mj) == V[todo]).all(-1)
         if j == 1 and not exact:
-            ok = ~done  # nearest float16 values; the deviation is measured after decoding
-        q[ok], d[ok] = qj[ok], dj[ok]
+            ok = torch.ones_like(ok)  # nearest float16 values; the deviation is measured after decoding
+        hit = todo[ok]
+        q[hit], d[hit] = qj[ok], dj[ok]
         if m is not None:
-            m[ok] = mj[ok]
-        done |= ok
-        if done.all():
+            m[hit] = mj[ok]
+        todo = todo[~ok]
+        if not todo.numel():
             break
-    if not done.all():
-        raise SlimlmError(f"{(~done).sum().item()} of {done.numel()} blocks have no exact float16 scale; "
+    if todo.numel():
+        raise SlimlmError(f"{todo.numel()} of {step.numel()} blocks have no exact float16 scale; "
                           "quantize with --scale-dtype float16 for an exact GGUF, or pass --inexact")
+    q, d = q.reshape(*shape, QK), d.reshape(shape)
+    m = None if m is None else m.reshape(shape)
     if block.qtype == T.Q4_0:
         q = q + 8  # stored unsigned: x = d·(q - 8)
     return q, d, m
@@ -248,10 +256,9 @@ def _pre_tokenizer(spec: dict, manifest: dict, tokens: list[str]) -> str:
     pre-tokenizer: GPT-2's byte-level regex is 'gpt-2', single digits first then that regex is 'smollm'."""
     source = _source_gguf(manifest.get("model"))
     if source is not None:
-        reader = gguf.GGUFReader(source)
-        pre, vocab = (reader.fields.get(f"tokenizer.ggml.{k}") for k in ("pre", "tokens"))
-        if pre is not None and vocab is not None and vocab.contents() == tokens:
-            return pre.contents()
+        fields = read_metadata(source, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"))
+        if "tokenizer.ggml.pre" in fields and fields.get("tokenizer.ggml.tokens") == tokens:
+            return fields["tokenizer.ggml.pre"]
     pre = spec.get("pre_tokenizer") or {}
     steps = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
     names = {(("ByteLevel", None, True),): "gpt-2", (("Digits", True, None), ("ByteLevel", None, True)): "smollm"}
@@ -313,7 +320,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, run: Path, manifest: dict, vocab_siz
 # ---------------------------------------------------------------- export
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", exact: bool = True,
-                recipe: str | None = None) -> Path:
+                recipe: str | None = None, progress: bool = True) -> Path:
     """Write a llama-architecture run as GGUF; returns the file written.
 
     ``out`` ending in ``.gguf`` is the file; otherwise a new folder holding ``model.gguf``. Never overwrites;
@@ -324,6 +331,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     norms are F32. ``exact=False`` accepts the nearest
     float16 block scales. The metadata key ``slimlm.export`` holds the GGUF type of every tensor, the largest
     absolute deviation from the run's weights, and the run's manifest; ``slimlm.recipe`` the ``recipe`` text.
+    ``progress`` shows bars over the tensors as they are encoded and as they are written.
     """
     out = check_new(out)
     run, manifest, tensors, _ = read_run(run_dir)
@@ -339,7 +347,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     heads = {"q_proj": config["num_attention_heads"],
              "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
     writer_args, types, deviation = [], {}, 0.0
-    for name, W in tensors.items():
+    for name, W in tqdm(tensors.items(), desc="gguf", disable=not progress):
         base, _, suffix = name.rpartition(".")
         gguf_name = names.get_name(base)
         if gguf_name is None or suffix != "weight":
@@ -348,7 +356,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
             W = rope_interleave(W, heads[base.rpartition(".")[2]])
         qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
         if isinstance(qtype, Block):
-            data, dev = _encode_block(W, qtype, name, exact)
+            with small_op_threads(W.numel()):  # many elementwise passes over one weight
+                data, dev = _encode_block(W, qtype, name, exact)
             qtype = qtype.qtype
         else:
             data, dev = _encode_float(W, qtype)
@@ -374,7 +383,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
             writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
 
     if deviation:

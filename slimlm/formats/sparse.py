@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from slimlm.core.linalg import small_op_threads
 from slimlm.errors import SlimlmError
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, dtype_name, linear_weights, read_run,
                                    write_export)
@@ -59,7 +61,8 @@ def _nm_layout(W: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Ten
     return values.reshape(out, -1), pack_int(keep.reshape(out, -1), _index_bits(m))
 
 
-def export_sparse(run_dir: str | Path, out_dir: str | Path, recipe: str | None = None) -> Path:
+def export_sparse(run_dir: str | Path, out_dir: str | Path, recipe: str | None = None,
+                  progress: bool = True) -> Path:
     """Write a pruned run in compact sparse storage; returns ``out_dir``.
 
     Per block linear ``<fqn>.weight`` of shape (out, in), model dtype, one of two layouts:
@@ -73,6 +76,7 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path, recipe: str | None =
     run's other files; ``sparse_config.json`` records the layout per tensor; ``recipe`` is written as recipe.yaml.
     Load with ``load_sparse``.
     At 50% unstructured this is 0.5·(value bytes) + 1/8 byte per parameter, e.g. 1.125 B/param in fp16.
+    ``progress`` shows a bar over the linears.
     """
     out = check_new(out_dir)
     run, manifest, tensors, weight_files = read_run(run_dir)
@@ -81,18 +85,20 @@ def export_sparse(run_dir: str | Path, out_dir: str | Path, recipe: str | None =
     pattern = manifest.get("pattern", "unstructured")
     nm = tuple(int(x) for x in pattern.split(":")) if ":" in pattern else None
     layers, dense_bytes, sparse_bytes = {}, 0, 0
-    for name in linear_weights(manifest, tensors):
+    for name in tqdm(linear_weights(manifest, tensors), desc="sparse", disable=not progress):
         W = tensors.pop(name)
-        packed = _nm_layout(W, *nm) if nm else None
-        if packed is not None:
-            parts = {"values": packed[0], "indices": packed[1]}
-            layers[name] = {"layout": "nm", "n": nm[0], "m": nm[1], "index_bits": _index_bits(nm[1])}
-        else:
-            mask = W != 0
-            parts = {"bitmask": pack_mask(mask), "values": W[mask]}
-            layers[name] = {"layout": "bitmask"}
-            if nm:
-                logger.info("%s is not %s in its original column order (channel-permuted?): bitmask", name, pattern)
+        with small_op_threads(W.numel()):  # a few elementwise passes over one weight
+            packed = _nm_layout(W, *nm) if nm else None
+            if packed is not None:
+                parts = {"values": packed[0], "indices": packed[1]}
+                layers[name] = {"layout": "nm", "n": nm[0], "m": nm[1], "index_bits": _index_bits(nm[1])}
+            else:
+                mask = W != 0
+                parts = {"bitmask": pack_mask(mask), "values": W[mask]}
+                layers[name] = {"layout": "bitmask"}
+                if nm:
+                    logger.info("%s is not %s in its original column order (channel-permuted?): bitmask", name,
+                                pattern)
         parts["shape"] = torch.tensor(W.shape, dtype=torch.int64)
         layers[name] |= {"shape": list(W.shape), "dtype": dtype_name(W.dtype)}
         tensors |= {f"{name}.{key}": t for key, t in parts.items()}
