@@ -157,23 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model block by block on calibration data")
-    _add_model_args(p)
-    add_prune_settings(p)
-    p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_run_args(p)
-    p.add_argument("--eval", action="store_true", help="measure test perplexity after pruning")
-    add_eval_settings(p)
-
-    p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ), optionally rotated and W4A4")
-    _add_model_args(p)
-    add_quantize_settings(p)
-    p.add_argument("--out", help="output folder (default runs/<model>-<method>-w<bits>)")
-    p.add_argument("--overwrite", action="store_true")
-    _add_run_args(p)
-    p.add_argument("--eval", action="store_true", help="measure test perplexity after quantizing")
-    add_eval_settings(p)
+    for command, text, doing in (("prune", "prune a model block by block on calibration data", "pruning"),
+                                 ("quantize", "quantize weights (RTN, GPTQ), optionally rotated and W4A4",
+                                  "quantizing")):
+        p = sub.add_parser(command, help=text)
+        _add_model_args(p)
+        STEP_SETTINGS[command](p)
+        p.add_argument("--out", help="output folder (default runs/<model>-<method>-<budget>)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        _add_run_args(p)
+        p.add_argument("--eval", action="store_true", help=f"measure test perplexity after {doing}")
+        add_eval_settings(p)
 
     p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
     _add_model_args(p)

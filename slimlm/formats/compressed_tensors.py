@@ -78,8 +78,8 @@ def export_compressed_tensors(run_dir: str | Path, out_dir: str | Path, exact: b
     Codes come from ``formats.codes.recover_grid`` (see its module docstring) and every layer is checked to decompress to
     its saved weights exactly; ``exact=False`` (needed for most bf16/fp16 runs) allows SCALE_ULPS ulps and
     records the largest relative error in slimlm_export.json; ``recipe`` is written as recipe.yaml. Load with
-    ``load_compressed_tensors`` or any compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights only, and q/k/v (gate/up) must
-    share a scheme since vLLM fuses them (both are warned about).
+    ``load_compressed_tensors`` or any compressed-tensors reader; vLLM's int kernels take 4- and 8-bit weights
+    only, and q/k/v (gate/up) must share a scheme since vLLM fuses them (both are warned about).
     """
     out = check_new(out_dir)
     run, manifest, tensors, weight_files = read_run(run_dir)
