@@ -149,33 +149,19 @@ def test_allocate_json_prints_the_whole_map(capsys, tmp_path, analysis):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from slimlm.core.cache import gguf_to_folder
-    from slimlm.core.models import builtin_gguf
-    from tests.conftest import tiny_llama
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gguf_to_folder(builtin_gguf("smollm2-135m"))).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def short_text(tmp_path_factory, tiny_model_folder, data_dir):
+def short_text(tmp_path_factory, tiny_folder, data_dir):
     """A short test text and its number of 64-token windows."""
     from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("text") / "test.txt"
     path.write_text((Path(data_dir) / "wikitext2" / "test.raw").read_text(encoding="utf-8")[:3000])
-    tokens = len(AutoTokenizer.from_pretrained(tiny_model_folder)(path.read_text())["input_ids"])
+    tokens = len(AutoTokenizer.from_pretrained(tiny_folder)(path.read_text())["input_ids"])
     return path, tokens // 64
 
 
-def test_eval_prints_its_plan_and_an_estimate_first(tiny_model_folder, short_text):
+def test_eval_prints_its_plan_and_an_estimate_first(tiny_folder, short_text):
     text, windows = short_text
-    done = subprocess.run([sys.executable, "-m", "slimlm", "eval", str(tiny_model_folder), "--eval-dataset",
+    done = subprocess.run([sys.executable, "-m", "slimlm", "eval", str(tiny_folder), "--eval-dataset",
                            str(text), "--eval-seqlen", "64"], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -187,9 +173,9 @@ def test_eval_prints_its_plan_and_an_estimate_first(tiny_model_folder, short_tex
     assert done.stderr.index(plan) < done.stderr.index(f"1 of {windows} windows in")
 
 
-def test_eval_plan_of_a_limited_run_and_quiet(caplog, capsys, tiny_model_folder, short_text):
+def test_eval_plan_of_a_limited_run_and_quiet(caplog, capsys, tiny_folder, short_text):
     text, windows = short_text
-    argv = ["eval", str(tiny_model_folder), "--eval-dataset", str(text), "--eval-seqlen", "64",
+    argv = ["eval", str(tiny_folder), "--eval-dataset", str(text), "--eval-seqlen", "64",
             "--eval-windows", "2", "--batch-size", "2"]
     with caplog.at_level(logging.INFO, logger="slimlm"):
         assert main(argv) == 0
@@ -200,8 +186,8 @@ def test_eval_plan_of_a_limited_run_and_quiet(caplog, capsys, tiny_model_folder,
         assert not [r for r in caplog.records if r.name.startswith("slimlm")]
 
 
-def test_evaluate_refuses_empty_windows(tiny_model_folder, data_dir, capsys):
+def test_evaluate_refuses_empty_windows(tiny_folder, data_dir, capsys):
     for flag, value, message in (("--eval-windows", "0", "at least 1"), ("--eval-seqlen", "1", "at least 2")):
-        code = main(["eval", str(tiny_model_folder), "--data-dir", data_dir, flag, value, "--quiet"])
+        code = main(["eval", str(tiny_folder), "--data-dir", data_dir, flag, value, "--quiet"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1

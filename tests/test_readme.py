@@ -1,15 +1,19 @@
 """Every command the README shows runs as written, on the built-in model, from a fresh folder beside ../shared.
 
-Each ```bash block is one shell session, its commands in order (a later command may use an earlier one's output), in
-a temporary folder laid out like a checkout: ``REPO/`` (the working directory, with this repository's
+Each ```bash block runs its commands in order (a later command may use an earlier one's output; a block never
+needs another block's), and each ```python block runs as one script, in a fresh temporary folder laid out like a
+checkout: ``REPO/`` (the working directory, with this repository's
 ``scripts``, ``recipes`` and ``bench`` linked in) next to ``shared`` (linked to the real ``../shared``). ``slimlm``
-there is this checkout's. Two lines of the README's first block are not run again here: ``bash scripts/install.sh``
+there is this checkout's, and ``$SLIMLM_CACHE`` a private copy (hard links) of the converted built-in model, so
+that ``slimlm cache clear`` clears only that copy and no block pays the conversion again. Two lines of the README's first block are not run again here: ``bash scripts/install.sh``
 (CI runs it before the tests) and the test command itself. Blocks marked ``<!-- readme-test: bench -->`` on the
 line above them take longer than the suite should (a full-size calibration or evaluation); they are run by
 ``python -m pytest -m readme_bench tests/test_readme.py`` instead of the default suite.
 """
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,24 +27,29 @@ BENCH_MARK = "<!-- readme-test: bench -->"
 
 
 def readme_blocks(text: str) -> list[tuple[int, list[str], bool]]:
-    """``(line number, commands, bench)`` of every bash block: comments dropped, continuations joined."""
+    """``(line number, commands, bench)`` of every bash and python block: a bash block's commands with comments
+    dropped and continuations joined, a python block as one ``python3 -c`` command."""
     blocks = []
-    for match in re.finditer(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+    for match in re.finditer(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
         line = text[: match.start()].count("\n") + 1
         before = text[: match.start()].rstrip().rsplit("\n", 1)[-1]
-        commands = []
-        for raw in match.group(1).replace("\\\n", " ").splitlines():
-            command = re.sub(r"\s+#.*$", "", raw).strip()
-            if command and not command.startswith("#"):
-                commands.append(command)
+        if match.group(1) == "python":
+            commands = [f"python3 -c {shlex.quote(match.group(2))}"]
+        else:
+            commands = []
+            for raw in match.group(2).replace("\\\n", " ").splitlines():
+                command = re.sub(r"\s+#.*$", "", raw).strip()
+                if command and not command.startswith("#"):
+                    commands.append(command)
         blocks.append((line, commands, before.strip() == BENCH_MARK))
     return blocks
 
 
 def test_blocks_are_read_as_the_shell_would():
     text = "x\n```bash\nslimlm a --b 1   # note\n# only a comment\nslimlm c \\\n  --d 2\n```\n" \
-           f"{BENCH_MARK}\n```bash\nslimlm e\n```\n"
-    assert readme_blocks(text) == [(2, ["slimlm a --b 1", "slimlm c    --d 2"], False), (9, ["slimlm e"], True)]
+           f"{BENCH_MARK}\n```bash\nslimlm e\n```\n```python\nprint('a # b')\n```\n```yaml\nk: v\n```\n"
+    assert readme_blocks(text) == [(2, ["slimlm a --b 1", "slimlm c    --d 2"], False), (9, ["slimlm e"], True),
+                                   (12, ["python3 -c 'print('\"'\"'a # b'\"'\"')\n'"], False)]
 
 
 def _params(bench: bool):
@@ -51,7 +60,7 @@ def _params(bench: bool):
 
 
 @pytest.fixture
-def checkout(tmp_path):
+def checkout(tmp_path, builtin_folder):
     """A folder laid out like a checkout beside ../shared, with a `slimlm` that runs this repository's code."""
     if not (SHARED / "data").is_dir():
         pytest.fail(f"{SHARED / 'data'} is missing: the README's commands read ../shared/data")
@@ -65,7 +74,10 @@ def checkout(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "slimlm").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m slimlm "$@"\n')
     (bin_dir / "slimlm").chmod(0o755)
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copytree(builtin_folder, cache / builtin_folder.name, copy_function=os.link)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "SLIMLM_CACHE": str(cache)}
     env.pop("SLIMLM_DATA_DIR", None)  # as on a new user's machine: the commands name their data themselves
     return work, env
 

@@ -89,6 +89,7 @@ def test_bad_recipe_text_names_the_key_and_the_closest_valid_one(text, message):
     ("- rotate: {}\n- quantize: {rotate: hadamard}", "steps[1].quantize: rotate is 'hadamard'"),
     ("- quantize: {allocation: owl}", "steps[0].quantize: allocation 'owl' spreads an average bit-width"),
     ("- prune: {}\n- analyze: {}", "steps[1].analyze: needs an out of its own"),
+    ("- prune: {method: wanda, ria-alpha: 0.3}", "steps[0].prune: ria-alpha only applies with method ria"),
 ])
 def test_contradicting_recipe_is_refused_before_loading(capsys, tmp_path, steps, message):
     path = tmp_path / "recipe.yaml"
