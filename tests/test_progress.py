@@ -9,7 +9,6 @@ from tqdm.auto import tqdm
 import slimlm
 from slimlm.cli import _bars_off, main
 from tests.conftest import tiny_llama
-from tests.test_cli import tiny_folder  # noqa: F401  (a fixture: tiny Llama folder with a real tokenizer)
 
 BAR = "%|"  # every tqdm bar line has it: "desc:  50%|█████     | 1/2 [...]"
 
