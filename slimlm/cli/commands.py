@@ -104,6 +104,8 @@ def cmd_eval(args) -> None:
     from slimlm.evaluation.zeroshot import check_tasks, zero_shot
     from slimlm.runs.save import MANIFEST, read_manifest, write_manifest
 
+    if args.engine == "llama.cpp":
+        return _eval_llama_cpp(args)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if args.tasks is not None and not tasks:
         raise SlimlmError("--tasks needs at least one task name (e.g. --tasks piqa,arc_easy)")
@@ -133,6 +135,60 @@ def cmd_eval(args) -> None:
         write_manifest(folder, manifest)
     print(json.dumps({"model": args.model, **metrics.get("perplexity", {}),
                       **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
+
+
+def _eval_llama_cpp(args) -> None:
+    """Perplexity (and KLD from a reference file) of a .gguf file by llama.cpp's llama-perplexity."""
+    from slimlm.core.data import OFFLINE_FILES, check_data, data_dir
+    from slimlm.evaluation.llama_cpp import llama_perplexity, tool
+
+    if not args.model.endswith(".gguf"):
+        raise SlimlmError(f"--engine llama.cpp evaluates a .gguf file; {args.model} is not one (write one with "
+                          "slimlm gguf or slimlm export --format gguf)")
+    for path in (args.model, args.kld_reference):
+        if path is not None and not Path(path).is_file():
+            raise SlimlmError(f"no such file: {path}")
+    check_data(args.eval_dataset, args.data_dir)
+    text = Path(args.eval_dataset)
+    if args.eval_dataset in OFFLINE_FILES:
+        folder = data_dir(args.data_dir)
+        if folder is None:
+            raise SlimlmError("--engine llama.cpp reads a local file: pass --data-dir (or set SLIMLM_DATA_DIR) "
+                              "or give --eval-dataset a text file")
+        text = folder / OFFLINE_FILES[args.eval_dataset]["test"]
+    tool("llama-perplexity")  # fails here, with the build command, when it is missing
+    kld = None
+    if args.kld_reference:
+        import tempfile
+        kld = Path(tempfile.mkdtemp(prefix="slimlm-kld-")) / "reference.kld"
+        llama_perplexity(args.kld_reference, text, args.eval_seqlen, args.eval_windows, args.threads, kld,
+                         save_base=True)
+    try:
+        result = llama_perplexity(args.model, text, args.eval_seqlen, args.eval_windows, args.threads, kld)
+    finally:
+        if kld is not None:
+            kld.unlink(missing_ok=True)
+            kld.parent.rmdir()
+    print(json.dumps({"model": args.model, "dataset": str(text), **result}))
+
+
+def cmd_gguf(args) -> None:
+    import slimlm
+    from slimlm.core.data import check_data
+    from slimlm.core.models import model_source
+    from slimlm.formats.source import check_new
+    from slimlm.to_gguf import to_gguf
+
+    check_new(args.out)
+    model_source(args.model, args.allow_pickle)
+    if args.method == "gptq" or args.imatrix:
+        check_data(args.calib, args.data_dir)
+    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
+    out = to_gguf(model, tokenizer, args.out, args.type, args.method, args.imatrix, calib_source=args.calib,
+                  nsamples=args.nsamples, seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed,
+                  data_dir=args.data_dir, act_order=args.act_order, batch_size=args.batch_size,
+                  source=args.model, progress=not args.quiet)
+    print(json.dumps({"out": str(out), "bytes": out.stat().st_size}))
 
 
 def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:

@@ -57,6 +57,13 @@ ONLY_WITH = [
      "the fisher tables (not with --no-calib or --no-fisher)"),
     (("prune", "quantize", "analyze", "eval"), ("--no-cache",),
      lambda a: a.model.endswith(".gguf") or _builtin(a.model), "a .gguf model or the built-in one"),
+    (("gguf",), ("--owl-m",), lambda a: False, "prune or analyze"),
+    (("gguf",), ("--imatrix",), lambda a: a.method == "rtn", "--method rtn"),
+    (("gguf",), ("--act-order",), lambda a: a.method == "gptq", "--method gptq"),
+    (("gguf",), CALIB_OPTIONS, lambda a: a.method == "gptq" or a.imatrix, "--method gptq or --imatrix"),
+    (("eval",), ("--kld-reference", "--threads"), lambda a: a.engine == "llama.cpp", "--engine llama.cpp"),
+    (("eval",), ("--tasks", "--batch-size", "--record", "--dtype", "--device"),
+     lambda a: a.engine == "transformers", "--engine transformers"),
     (("export",), ("--gguf-type",), lambda a: a.format == "gguf", "--format gguf"),
     (("export",), ("--inexact",), lambda a: a.format != "sparse", "--format compressed-tensors or gguf"),
 ]
@@ -250,6 +257,20 @@ def add_export_settings(p):
 
 
 # recipe step kind -> the function adding its settings (the CLI subcommands use the same functions)
+def add_gguf_settings(p):
+    from slimlm.quant.gguf_mixes import MIXES
+
+    p.add_argument("--type", default="Q4_K_M", type=str.upper, choices=list(MIXES), help="llama.cpp file type: "
+                   "its per-tensor types are the ones llama-quantize picks for it")
+    p.add_argument("--method", default="gptq", choices=["rtn", "gptq"], help="rtn: the format's weighted scale "
+                   "search and rounding; gptq: GPTQ onto the stored grid, on calibration data")
+    p.add_argument("--imatrix", action="store_true", help="rtn: weigh the scale search by each input's mean "
+                   "squared activation on calibration data (llama-imatrix's importance)")
+    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal "
+                   "inside each block")
+    _add_calib_args(p, nsamples=32, seqlen=512)
+
+
 STEP_SETTINGS = {"analyze": add_analyze_settings, "rotate": add_rotate_settings, "prune": add_prune_settings,
                  "quantize": add_quantize_settings, "eval": add_eval_settings, "export": add_export_settings}
 
@@ -325,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "per forward")
     p.add_argument("--record", action="store_true", help="write the results into the run folder's slimlm.json "
                    "(under metrics, atomically); without it the run folder is never modified")
+    p.add_argument("--engine", default="transformers", choices=["transformers", "llama.cpp"],
+                   help="who computes the perplexity: transformers (our protocol: every token of each window) "
+                   "or llama.cpp's llama-perplexity on a .gguf file (second half of each --eval-seqlen chunk; "
+                   "tools from scripts/build_llama_cpp.sh)")
+    p.add_argument("--kld-reference", metavar="GGUF", help="llama.cpp: also the mean KL divergence from this "
+                   "reference file's token distributions (e.g. the F16 file)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp: CPU threads")
+
+    p = sub.add_parser("gguf", help="quantize any model onto llama.cpp's weight types and write one GGUF file")
+    _add_model_args(p)
+    add_gguf_settings(p)
+    p.add_argument("--out", required=True, help="new .gguf file (or new folder) to write")
 
     p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
     p.add_argument("folders", nargs="+", help="folders searched for runs (slimlm.json) and analyses")

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +35,15 @@ from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
 from slimlm.core.linalg import small_op_threads
-from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.formats.codes import recover_grid
-from slimlm.formats.gguf_metadata import read_metadata
+from slimlm.formats.gguf_writer import check_llama, tensor_names, write_gguf
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
 from slimlm.quant.grids import QuantGrid
-from slimlm.runs.save import atomic_dir, follow_umask
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["export_gguf", "rope_interleave", "GGUF_TYPES"]
 
-GGUF_FILE = "model.gguf"  # the file's name inside an output folder
 QK = 32  # weights per block for Q4_0, Q4_1, Q8_0
 T = gguf.GGMLQuantizationType
 
@@ -218,105 +213,6 @@ def _encode_float(W: torch.Tensor, qtype: T) -> tuple[np.ndarray, float]:
     return x.numpy(), (x.double() - W.double()).abs().max().item()
 
 
-# ---------------------------------------------------------------- metadata
-
-def _check_llama(config: dict) -> None:
-    if config.get("model_type") != "llama":
-        raise SlimlmError(f"GGUF export writes llama-architecture runs; this run is '{config.get('model_type')}'")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise SlimlmError("GGUF export: biases in the attention or MLP linears are not written")
-    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise SlimlmError(f"GGUF export: rope_type '{rope_type}' (rope scaling) is not written")
-
-
-def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
-    """The ``llama.*`` hyperparameters (GGUF spec, LLM section) from an HF LlamaConfig."""
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // heads
-    rope = config.get("rope_parameters") or {}
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(vocab)
-    if head_dim != hidden // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-
-
-def _pre_tokenizer(spec: dict, manifest: dict, tokens: list[str]) -> str:
-    """llama.cpp's pre-tokenizer name. A run made from a GGUF file keeps that file's name (transformers drops it
-    when it reads the file, so the run's tokenizer.json cannot tell); otherwise it is read off the
-    pre-tokenizer: GPT-2's byte-level regex is 'gpt-2', single digits first then that regex is 'smollm'."""
-    source = _source_gguf(manifest.get("model"))
-    if source is not None:
-        fields = read_metadata(source, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"))
-        if "tokenizer.ggml.pre" in fields and fields.get("tokenizer.ggml.tokens") == tokens:
-            return fields["tokenizer.ggml.pre"]
-    pre = spec.get("pre_tokenizer") or {}
-    steps = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
-    names = {(("ByteLevel", None, True),): "gpt-2", (("Digits", True, None), ("ByteLevel", None, True)): "smollm"}
-    if tuple(steps) not in names:
-        logger.warning("pre-tokenizer %s has no llama.cpp name here; writing 'default'", steps)
-    return names.get(tuple(steps), "default")
-
-
-def _source_gguf(model) -> Path | None:
-    if model in BUILTIN_MODELS:
-        try:
-            return builtin_gguf(model)
-        except SlimlmError:
-            return None
-    return Path(model) if isinstance(model, str) and model.endswith(".gguf") and Path(model).is_file() else None
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, run: Path, manifest: dict, vocab_size: int) -> None:
-    """``tokenizer.ggml.*`` for a byte-level BPE tokenizer (tokenizer model 'gpt2'): tokens by id (padded to
-    the embedding's rows with unused '[PADi]'), types (control = special added token, user-defined = other
-    added token), merges, special ids, BOS/EOS flags and chat template."""
-    from transformers import AutoTokenizer
-
-    if not (run / "tokenizer.json").is_file():
-        logger.warning("%s has no tokenizer.json: the GGUF gets no vocabulary (transformers loads its weights, "
-                       "llama.cpp needs a vocabulary to run it)", run)
-        return
-    tok = AutoTokenizer.from_pretrained(run)
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        logger.warning("the run's tokenizer is not byte-level BPE: the GGUF gets no vocabulary")
-        return
-    ids = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
-    if max(ids.values()) >= vocab_size:
-        raise SlimlmError(f"the tokenizer has ids up to {max(ids.values())}, the model only {vocab_size} rows")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for token, i in ids.items():
-        tokens[i], types[i] = token, gguf.TokenType.NORMAL
-    for added in spec["added_tokens"]:
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec, manifest, tokens))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for token_id, add in ((tok.bos_token_id, writer.add_bos_token_id), (tok.eos_token_id, writer.add_eos_token_id),
-                          (tok.unk_token_id, writer.add_unk_token_id), (tok.pad_token_id, writer.add_pad_token_id)):
-        if token_id is not None:
-            add(token_id)
-    sample = tok("a")["input_ids"]
-    writer.add_add_bos_token(bool(sample) and sample[0] == tok.bos_token_id)
-    writer.add_add_eos_token(len(sample) > 1 and sample[-1] == tok.eos_token_id)
-    writer.add_add_space_prefix(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
-
-
 # ---------------------------------------------------------------- export
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", exact: bool = True,
@@ -336,24 +232,21 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     out = check_new(out)
     run, manifest, tensors, _ = read_run(run_dir)
     config = json.loads((run / "config.json").read_text())
-    _check_llama(config)
+    check_llama(config)
     check_runtime(manifest, "GGUF")
     linears = linear_weights(manifest, tensors)
     run_float = {torch.float16: T.F16, torch.bfloat16: T.BF16}.get(tensors["model.embed_tokens.weight"].dtype, T.F32)
     plan = _plan(manifest, run, linears, gguf_type, run_float)
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    gguf_name = tensor_names(config)
     heads = {"q_proj": config["num_attention_heads"],
              "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
     writer_args, types, deviation = [], {}, 0.0
     for name, W in tqdm(tensors.items(), desc="gguf", disable=not progress):
-        base, _, suffix = name.rpartition(".")
-        gguf_name = names.get_name(base)
-        if gguf_name is None or suffix != "weight":
-            raise SlimlmError(f"tensor {name} has no GGUF llama name")
-        if base.rpartition(".")[2] in heads:
-            W = rope_interleave(W, heads[base.rpartition(".")[2]])
+        role = name.removesuffix(".weight").rpartition(".")[2]
+        if role in heads:
+            W = rope_interleave(W, heads[role])
         qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
         if isinstance(qtype, Block):
             with small_op_threads(W.numel()):  # many elementwise passes over one weight
@@ -361,51 +254,22 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
             qtype = qtype.qtype
         else:
             data, dev = _encode_float(W, qtype)
-        writer_args.append((f"{gguf_name}.weight", data, qtype))
-        types[f"{gguf_name}.weight"], deviation = qtype.name, max(deviation, dev)
+        writer_args.append((gguf_name(name), data, qtype))
+        types[gguf_name(name)], deviation = qtype.name, max(deviation, dev)
     linear_types = [plan[n].qtype if isinstance(plan[n], Block) else plan[n] for n in linears]
     main_type = max(set(linear_types), key=linear_types.count) if linear_types else T.F32
     record = {"format": "gguf", "source": str(run), "exact": deviation == 0, "max_abs_deviation": deviation,
               "types": types, "manifest": manifest}
-
-    def write(path: Path) -> None:
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_name(run.name)
-        writer.add_file_type(FILE_TYPES[main_type])
-        if any(isinstance(b, Block) for b in plan.values()):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_llama_config(writer, config, tensors["model.embed_tokens.weight"].shape[0])
-        _add_tokenizer(writer, run, manifest, tensors["model.embed_tokens.weight"].shape[0])
-        writer.add_string("slimlm.export", json.dumps(record))
-        if recipe is not None:
-            writer.add_string("slimlm.recipe", recipe)
-        for gguf_name, data, qtype in writer_args:
-            writer.add_tensor(gguf_name, data, raw_dtype=qtype if qtype not in (T.F32, T.F16) else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
-        writer.close()
-
     if deviation:
         logger.warning("GGUF values differ from the run's weights by up to %.3g", deviation)
-    return _write_atomic(out, write)
+    return write_gguf(out, config, run_tokenizer(run), manifest.get("model"), writer_args, FILE_TYPES[main_type],
+                      record, recipe, run.name, progress)
 
 
-def _write_atomic(out: Path, write) -> Path:
-    """Call ``write(path)`` on a temporary file beside ``out`` (or inside a temporary folder) and rename it
-    into place; nothing is left behind on error."""
-    if out.suffix != ".gguf":
-        with atomic_dir(out) as tmp:
-            write(tmp / GGUF_FILE)
-        return out / GGUF_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        follow_umask(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+def run_tokenizer(run: Path):
+    """The run's tokenizer, or None (with a warning from the writer) when it has no tokenizer.json."""
+    if not (run / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run)

@@ -1,0 +1,182 @@
+"""Writing a GGUF file: llama hyperparameters, the tokenizer, tensors already encoded, written atomically.
+
+Metadata from the GGUF spec (ggml docs/gguf.md: keys ``llama.*``, ``tokenizer.ggml.*``) with ``gguf.GGUFWriter``.
+Shared by ``formats.gguf`` (exports of saved runs) and ``api.gguf`` (models quantized onto llama.cpp's types).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
+from slimlm.errors import SlimlmError
+from slimlm.formats.gguf_metadata import read_metadata
+from slimlm.runs.save import atomic_dir, follow_umask
+
+logger = logging.getLogger(__name__)
+
+GGUF_FILE = "model.gguf"  # the file's name inside an output folder
+T = gguf.GGMLQuantizationType
+UNQUANTIZED = (T.F32, T.F16)  # written from numpy's own dtypes; others as raw bytes
+
+
+def tensor_names(config: dict):
+    """HF tensor name -> GGUF name for a llama-family config (``gguf``'s name map); SlimlmError when it has none."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+
+    def name(hf: str) -> str:
+        base, _, suffix = hf.rpartition(".")
+        mapped = names.get_name(base)
+        if mapped is None or suffix != "weight":
+            raise SlimlmError(f"tensor {hf} has no GGUF llama name")
+        return f"{mapped}.weight"
+    return name
+
+
+def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[str, np.ndarray, T]],
+               file_type: gguf.LlamaFileType, record: dict, recipe: str | None, name: str,
+               progress: bool = True) -> Path:
+    """Write ``tensors`` (GGUF name, data, type) with the llama metadata of ``config``, the ``tokenizer``'s
+    vocabulary, ``record`` as the key ``slimlm.export`` and ``recipe`` as ``slimlm.recipe``; atomically (see
+    ``write_atomic``). Returns the file written."""
+    vocab = next(data.shape[0] for gname, data, _ in tensors if gname == "token_embd.weight")
+
+    def write(path: Path) -> None:
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_name(name)
+        writer.add_file_type(file_type)
+        if any(qtype not in (T.F32, T.F16, T.BF16) for _, _, qtype in tensors):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_llama_config(writer, config, vocab)
+        _add_tokenizer(writer, tokenizer, source, vocab)
+        writer.add_string("slimlm.export", json.dumps(record))
+        if recipe is not None:
+            writer.add_string("slimlm.recipe", recipe)
+        for gguf_name, data, qtype in tensors:
+            writer.add_tensor(gguf_name, data, raw_dtype=None if qtype in UNQUANTIZED else qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+    return write_atomic(out, write)
+
+
+def check_llama(config: dict) -> None:
+    if config.get("model_type") != "llama":
+        raise SlimlmError(f"GGUF export writes llama-architecture runs; this run is '{config.get('model_type')}'")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise SlimlmError("GGUF export: biases in the attention or MLP linears are not written")
+    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise SlimlmError(f"GGUF export: rope_type '{rope_type}' (rope scaling) is not written")
+
+
+def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
+    """The ``llama.*`` hyperparameters (GGUF spec, LLM section) from an HF LlamaConfig."""
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(vocab)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def _pre_tokenizer(spec: dict, source, tokens: list[str]) -> str:
+    """llama.cpp's pre-tokenizer name. A run made from a GGUF file keeps that file's name (transformers drops it
+    when it reads the file, so the run's tokenizer.json cannot tell); otherwise it is read off the
+    pre-tokenizer: GPT-2's byte-level regex is 'gpt-2', single digits first then that regex is 'smollm'."""
+    source = _source_gguf(source)
+    if source is not None:
+        fields = read_metadata(source, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"))
+        if "tokenizer.ggml.pre" in fields and fields.get("tokenizer.ggml.tokens") == tokens:
+            return fields["tokenizer.ggml.pre"]
+    pre = spec.get("pre_tokenizer") or {}
+    steps = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
+    names = {(("ByteLevel", None, True),): "gpt-2", (("Digits", True, None), ("ByteLevel", None, True)): "smollm"}
+    if tuple(steps) not in names:
+        logger.warning("pre-tokenizer %s has no llama.cpp name here; writing 'default'", steps)
+    return names.get(tuple(steps), "default")
+
+
+def _source_gguf(model) -> Path | None:
+    if model in BUILTIN_MODELS:
+        try:
+            return builtin_gguf(model)
+        except SlimlmError:
+            return None
+    return Path(model) if isinstance(model, str) and model.endswith(".gguf") and Path(model).is_file() else None
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tok, source, vocab_size: int) -> None:
+    """``tokenizer.ggml.*`` for a byte-level BPE tokenizer (tokenizer model 'gpt2'): tokens by id (padded to
+    the embedding's rows with unused '[PADi]'), types (control = special added token, user-defined = other
+    added token), merges, special ids, BOS/EOS flags and chat template. ``source``: the model the tokenizer
+    came from (a GGUF file keeps its pre-tokenizer name)."""
+    if tok is None:
+        logger.warning("no tokenizer: the GGUF gets no vocabulary (transformers loads its weights, llama.cpp "
+                       "needs a vocabulary to run it)")
+        return
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        logger.warning("the run's tokenizer is not byte-level BPE: the GGUF gets no vocabulary")
+        return
+    ids = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    if max(ids.values()) >= vocab_size:
+        raise SlimlmError(f"the tokenizer has ids up to {max(ids.values())}, the model only {vocab_size} rows")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in ids.items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for added in spec["added_tokens"]:
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, source, tokens))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    for token_id, add in ((tok.bos_token_id, writer.add_bos_token_id), (tok.eos_token_id, writer.add_eos_token_id),
+                          (tok.unk_token_id, writer.add_unk_token_id), (tok.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    sample = tok("a")["input_ids"]
+    writer.add_add_bos_token(bool(sample) and sample[0] == tok.bos_token_id)
+    writer.add_add_eos_token(len(sample) > 1 and sample[-1] == tok.eos_token_id)
+    writer.add_add_space_prefix(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
+
+
+def write_atomic(out: Path, write) -> Path:
+    """Call ``write(path)`` on a temporary file beside ``out`` (or inside a temporary folder) and rename it
+    into place; nothing is left behind on error."""
+    if out.suffix != ".gguf":
+        with atomic_dir(out) as tmp:
+            write(tmp / GGUF_FILE)
+        return out / GGUF_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        follow_umask(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,130 @@
+"""Any model we load, quantized onto llama.cpp's own weight types and written as one GGUF file.
+
+``to_gguf(model, tokenizer, out, mix="Q4_K_M", method="gptq")``: per-tensor types from llama.cpp's named mix
+(``quant.gguf_mixes``), every matrix quantized by our code onto exactly the grid the file stores
+(``quant.gguf_types.fit``: RTN with the format's scale search; ``quant.gptq.gptq_gguf``: GPTQ whose rounding targets
+that grid, block by block on calibration data), packed (``formats.gguf_blocks``) and written with the model's
+llama metadata and tokenizer (``formats.gguf_writer``). The model's weights are left at the values the file
+decodes to, so slimlm's own evaluation of the model measures the file.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gguf
+import torch
+from tqdm.auto import tqdm
+
+from slimlm.api import _calibration_for
+from slimlm.core.engine import compress_blocks
+from slimlm.core.architectures import linear_fqns
+from slimlm.errors import SlimlmError
+from slimlm.formats.gguf import rope_interleave
+from slimlm.formats.gguf_blocks import pack
+from slimlm.formats.gguf_writer import T, check_llama, tensor_names, write_gguf
+from slimlm.formats.source import check_new
+from slimlm.quant.gguf_mixes import MIXES, named_mix
+from slimlm.quant.gguf_types import TYPES, Fitted, fit
+from slimlm.quant.gptq import gptq_gguf
+from slimlm.runs.save import versions
+
+METHODS = ("rtn", "gptq")
+
+
+def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str = "gptq", imatrix: bool = False,
+            calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 32,
+            seqlen: int = 512, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
+            act_order: bool = False, blocksize: int = 128, damp: float = 0.01, batch_size: int | None = None,
+            source: str | None = None, recipe: str | None = None, progress: bool = True) -> Path:
+    """Quantize ``model`` (a llama-family causal LM, float weights) onto the GGUF types of llama.cpp's file type
+    ``mix`` and write ``out`` (a new ``.gguf`` file, or a new folder holding model.gguf); returns the file.
+
+    ``method``: 'rtn' (each weight rounded onto its stored grid after the format's weighted scale search; with
+    ``imatrix`` the search weighs input j by its mean squared activation on calibration data, as llama-imatrix
+    does) or 'gptq' (calibrated, block by block; importance is the Hessian diagonal). The token embedding and
+    output matrix are rounded without data (llama-imatrix skips them too). Defaults follow llama-imatrix's
+    protocol: 32 windows of 512 tokens. ``source`` names the model in the file's record.
+    """
+    if method not in METHODS:
+        raise SlimlmError(f"unknown GGUF quantization method '{method}'; choose one of {', '.join(METHODS)}")
+    if mix.upper() not in MIXES:
+        raise SlimlmError(f"unknown GGUF mix '{mix}'; choose one of {', '.join(MIXES)}")
+    out = check_new(out)
+    config = model.config.to_dict()
+    check_llama(config)
+    start = time.perf_counter()
+    weights = _file_tensors(model, config)
+    gguf_name = tensor_names(config)
+    gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
+    uses_data = method == "gptq" or imatrix
+    types = named_mix(mix, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
+                      config["num_hidden_layers"], gqa, has_imatrix=uses_data)
+    kinds = {n: TYPES.get(types[gguf_name(n)]) for n in weights}  # None: a float type
+    calib_info, fitted = None, {}
+    if uses_data:
+        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                             seed, data_dir)
+        linears = linear_fqns(model)
+        compress = _compress_fn(method, kinds, fitted, act_order, blocksize, damp)
+        compress_blocks(model, calib, compress, {f for f in linears if f"{f}.weight" in weights},
+                        hessian=method == "gptq", batch_size=batch_size, progress=progress)
+    for name, W in tqdm(weights.items(), desc="rtn", disable=not progress):
+        if name not in fitted and kinds[name] is not None:
+            fitted[name] = fit(kinds[name], W.detach().float())
+            W.data.copy_(fitted[name].values())
+    tensors = [_encode(name, W, fitted.get(name), types[gguf_name(name)], config, gguf_name)
+               for name, W in weights.items()]
+    nbytes = sum(data.nbytes for _, data, _ in tensors)
+    params = sum(W.numel() for W in weights.values())
+    record = {"format": "gguf", "source": source, "mix": mix.upper(), "method": method, "imatrix": imatrix,
+              "act_order": act_order, "calibration": calib_info, "types": types, "tensor_bytes": nbytes,
+              "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
+              "versions": versions()}
+    file_type = gguf.LlamaFileType.ALL_F32 if mix.upper() == "F32" else gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
+    return write_gguf(out, config, tokenizer, source, tensors, file_type, record, recipe,
+                      Path(str(source or "model")).name, progress)
+
+
+def _file_tensors(model, config: dict) -> dict[str, torch.Tensor]:
+    """HF name -> parameter, in the order llama.cpp's converter writes them; a tied output matrix is dropped
+    (llama.cpp reads token_embd in its place)."""
+    weights = dict(model.named_parameters())
+    if config.get("tie_word_embeddings"):
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
+def _compress_fn(method, kinds, fitted, act_order, blocksize, damp):
+    """The per-block step of ``compress_blocks``: each linear onto its type, by GPTQ or by RTN weighted with the
+    layer input's mean squares (the imatrix); weights left at the decoded values."""
+    def compress(group, stats):
+        for fqn, linear in group.items():
+            name, W = f"{fqn}.weight", linear.weight.data
+            kind = kinds.get(name)
+            if kind is None:
+                continue
+            if method == "gptq":
+                fitted[name], _ = gptq_gguf(W, stats.hessian, kind, blocksize, damp, act_order)
+            else:
+                fitted[name] = fit(kind, W.float(), stats.sqnorm / max(stats.ntokens, 1))
+            W.copy_(fitted[name].values())
+        return True
+    return compress
+
+
+def _encode(name: str, W: torch.Tensor, fitted: Fitted | None, kind: str, config: dict, gguf_name):
+    """(GGUF name, bytes or array, type) of one tensor; q/k rows reordered to ggml's rotary layout."""
+    role = name.removesuffix(".weight").rpartition(".")[2]
+    heads = {"q_proj": config["num_attention_heads"],
+             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}.get(role)
+    if fitted is not None:
+        data = torch.from_numpy(pack(fitted))
+        data = rope_interleave(data, heads) if heads else data
+        return gguf_name(name), data.numpy(), T[kind]
+    W = W.detach().float()
+    W = rope_interleave(W, heads) if heads else W
+    dtype = torch.float16 if kind == "F16" else torch.float32
+    if W.dim() > 1 and kind not in ("F16", "F32"):
+        raise SlimlmError(f"internal error: {name} has type {kind} but no fitted grid")
+    return gguf_name(name), W.to(dtype if W.dim() > 1 else torch.float32).numpy(), T[kind]
