@@ -24,7 +24,9 @@ from slimlm.formats.gguf import rope_interleave
 from slimlm.formats.gguf_blocks import pack
 from slimlm.formats.gguf_writer import T, check_llama, tensor_names, write_gguf
 from slimlm.formats.source import check_new
+from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.quant.gguf_mixes import MIXES, named_mix
+from slimlm.quant.gguf_sizing import cost_table, parse_size, solve, tensor_bytes
 from slimlm.quant.gguf_types import TYPES, Fitted, fit
 from slimlm.quant.gptq import gptq_gguf
 from slimlm.runs.save import versions
@@ -36,7 +38,8 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
             calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 32,
             seqlen: int = 512, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
             act_order: bool = False, blocksize: int = 128, damp: float = 0.01, batch_size: int | None = None,
-            source: str | None = None, recipe: str | None = None, progress: bool = True) -> Path:
+            size: str | None = None, source: str | None = None, recipe: str | None = None,
+            progress: bool = True) -> Path:
     """Quantize ``model`` (a llama-family causal LM, float weights) onto the GGUF types of llama.cpp's file type
     ``mix`` and write ``out`` (a new ``.gguf`` file, or a new folder holding model.gguf); returns the file.
 
@@ -45,6 +48,10 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     does) or 'gptq' (calibrated, block by block; importance is the Hessian diagonal). The token embedding and
     output matrix are rounded without data (llama-imatrix skips them too). Defaults follow llama-imatrix's
     protocol: 32 windows of 512 tokens. ``source`` names the model in the file's record.
+
+    ``size`` ('3.5bpw', '70MB', ...: ``quant.gguf_sizing.parse_size``) replaces the mix's rule for the decoder
+    blocks' matrices by our own choice of types at that size, from measured Fisher costs (``gguf_sizing``);
+    the embedding, output and norms keep the mix's types.
     """
     if method not in METHODS:
         raise SlimlmError(f"unknown GGUF quantization method '{method}'; choose one of {', '.join(METHODS)}")
@@ -57,14 +64,18 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     weights = _file_tensors(model, config)
     gguf_name = tensor_names(config)
     gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
-    uses_data = method == "gptq" or imatrix
+    target = None if size is None else parse_size(size)
+    uses_data = method == "gptq" or imatrix or target is not None
     types = named_mix(mix, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
                       config["num_hidden_layers"], gqa, has_imatrix=uses_data)
-    kinds = {n: TYPES.get(types[gguf_name(n)]) for n in weights}  # None: a float type
     calib_info, fitted = None, {}
     if uses_data:
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
+    if target is not None:
+        types |= _sized_types(model, weights, types, target, calib, gguf_name, progress)
+    kinds = {n: TYPES.get(types[gguf_name(n)]) for n in weights}  # None: a float type
+    if method == "gptq" or imatrix:
         linears = linear_fqns(model)
         compress = _compress_fn(method, kinds, fitted, act_order, blocksize, damp)
         compress_blocks(model, calib, compress, {f for f in linears if f"{f}.weight" in weights},
@@ -78,12 +89,26 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     nbytes = sum(data.nbytes for _, data, _ in tensors)
     params = sum(W.numel() for W in weights.values())
     record = {"format": "gguf", "source": source, "mix": mix.upper(), "method": method, "imatrix": imatrix,
+              "size": None if target is None else {"target": size, "allocation": "fisher"},
               "act_order": act_order, "calibration": calib_info, "types": types, "tensor_bytes": nbytes,
               "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
               "versions": versions()}
     file_type = gguf.LlamaFileType.ALL_F32 if mix.upper() == "F32" else gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
     return write_gguf(out, config, tokenizer, source, tensors, file_type, record, recipe,
                       Path(str(source or "model")).name, progress)
+
+
+def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> dict[str, str]:
+    """GGUF name -> type for the decoder blocks' matrices at the ``target`` size (``gguf_sizing``)."""
+    fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
+    fisher = {f"{fqn}.weight": F for fqn, F in fisher.items() if f"{fqn}.weight" in weights}
+    tokens = calib[:FISHER_WINDOWS].numel()
+    importance = {f"{fqn}.weight": s / tokens for fqn, s in sqnorms.items()}
+    costs = cost_table(weights, fisher, importance, progress)
+    nbytes = {n: {k: tensor_bytes(k, tuple(weights[n].shape)) for k in costs[n]} for n in costs}
+    fixed = sum(tensor_bytes(types[gguf_name(n)], tuple(W.shape)) for n, W in weights.items() if n not in costs)
+    budget = target.budget(sum(W.numel() for W in weights.values())) - fixed
+    return {gguf_name(n): kind for n, kind in solve(costs, nbytes, budget).items()}
 
 
 def _file_tensors(model, config: dict) -> dict[str, torch.Tensor]:

@@ -177,16 +177,19 @@ def cmd_gguf(args) -> None:
     from slimlm.core.data import check_data
     from slimlm.core.models import model_source
     from slimlm.formats.source import check_new
+    from slimlm.quant.gguf_sizing import parse_size
     from slimlm.to_gguf import to_gguf
 
     check_new(args.out)
     model_source(args.model, args.allow_pickle)
-    if args.method == "gptq" or args.imatrix:
+    if args.size is not None:
+        parse_size(args.size)
+    if args.method == "gptq" or args.imatrix or args.size:
         check_data(args.calib, args.data_dir)
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
     out = to_gguf(model, tokenizer, args.out, args.type, args.method, args.imatrix, calib_source=args.calib,
                   nsamples=args.nsamples, seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed,
-                  data_dir=args.data_dir, act_order=args.act_order, batch_size=args.batch_size,
+                  data_dir=args.data_dir, act_order=args.act_order, batch_size=args.batch_size, size=args.size,
                   source=args.model, progress=not args.quiet)
     print(json.dumps({"out": str(out), "bytes": out.stat().st_size}))
 

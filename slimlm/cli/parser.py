@@ -60,7 +60,8 @@ ONLY_WITH = [
     (("gguf",), ("--owl-m",), lambda a: False, "prune or analyze"),
     (("gguf",), ("--imatrix",), lambda a: a.method == "rtn", "--method rtn"),
     (("gguf",), ("--act-order",), lambda a: a.method == "gptq", "--method gptq"),
-    (("gguf",), CALIB_OPTIONS, lambda a: a.method == "gptq" or a.imatrix, "--method gptq or --imatrix"),
+    (("gguf",), CALIB_OPTIONS, lambda a: a.method == "gptq" or a.imatrix or a.size, "--method gptq, --imatrix "
+     "or --size"),
     (("eval",), ("--kld-reference", "--threads"), lambda a: a.engine == "llama.cpp", "--engine llama.cpp"),
     (("eval",), ("--tasks", "--batch-size", "--record", "--dtype", "--device"),
      lambda a: a.engine == "transformers", "--engine transformers"),
@@ -268,6 +269,9 @@ def add_gguf_settings(p):
                    "squared activation on calibration data (llama-imatrix's importance)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal "
                    "inside each block")
+    p.add_argument("--size", help="our own per-tensor types fitted to this size instead of the mix's rule for "
+                   "the decoder blocks: bits per weight over all tensors (3.5bpw) or tensor bytes (70MB); "
+                   "costs from measured Fisher information on the calibration data")
     _add_calib_args(p, nsamples=32, seqlen=512)
 
 

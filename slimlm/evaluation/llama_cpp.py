@@ -42,8 +42,9 @@ def run_tool(name: str, args: list[str], timeout: float | None = None) -> str:
     done = subprocess.run([str(tool(name)), *map(str, args)], capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     if done.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-5:])
-        raise SlimlmError(f"llama.cpp {name} failed (exit {done.returncode}): {tail}")
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        raise SlimlmError(f"llama.cpp {name} failed (exit {done.returncode}): {reason}")
     return output
 
 

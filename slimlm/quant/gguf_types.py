@@ -152,12 +152,14 @@ def _min_search(X, W, nmax: int, clamp_min: bool, rmin=-0.9, rdelta=0.05, nstep=
     if clamp_min:
         xmin = xmin.clamp(max=0)
     span = (xmax - xmin).clamp(min=1e-30)
-    sw, swx = W.sum(-1, keepdim=True), (W * X).sum(-1, keepdim=True)
+    WX = W * X
+    sw, swx, swx2 = W.sum(-1, keepdim=True), WX.sum(-1, keepdim=True), (WX * X).sum(-1, keepdim=True)
     best_s, best_m = span / nmax, xmin
     best_err = _sse(X, W, best_s, best_m, nmax)
     for t in range(nstep + 1):
-        L = torch.round((X - xmin) * ((rmin + rdelta * t + nmax) / span)).clamp(0, nmax)
-        swl, swl2, swlx = (W * L).sum(-1, keepdim=True), (W * L * L).sum(-1, keepdim=True), (W * L * X).sum(-1, keepdim=True)
+        L = torch.round((X - xmin) * ((rmin + rdelta * t + nmax) / span)).clamp_(0, nmax)
+        WL = W * L
+        swl, swl2, swlx = WL.sum(-1, keepdim=True), (WL * L).sum(-1, keepdim=True), (WL * X).sum(-1, keepdim=True)
         det = sw * swl2 - swl * swl
         ok = det > 0
         s = torch.where(ok, (sw * swlx - swx * swl) / torch.where(ok, det, 1), best_s)
@@ -166,7 +168,8 @@ def _min_search(X, W, nmax: int, clamp_min: bool, rmin=-0.9, rdelta=0.05, nstep=
             positive = m > 0
             s = torch.where(positive, swlx / swl2.clamp(min=1e-30), s)
             m = torch.where(positive, torch.zeros_like(m), m)
-        err = _sse(X, W, s, m, nmax)
+        # weighted SSE of these codes L under (s, m), from the sums: Σw(sL + m - x)²
+        err = swx2 - 2 * s * swlx - 2 * m * swx + s * s * swl2 + 2 * s * m * swl + m * m * sw
         better = (err < best_err) & (s > 0)
         best_s, best_m, best_err = (torch.where(better, s, best_s), torch.where(better, m, best_m),
                                     torch.where(better, err, best_err))

@@ -1,0 +1,123 @@
+"""GGUF files of the built-in model by llama.cpp's quantizer and by slimlm, measured by llama.cpp's own tools
+(issue #13).
+
+Protocol: calibration = the first 32×512 tokens of wikitext2/valid.tokens (slimlm: ``--calib-sampling first
+--nsamples 32 --seqlen 512``; llama-imatrix: the same tokens decoded back to text, ``-c 512 --chunks 32``).
+Evaluation: llama-perplexity on test.raw (its bytes as they are), ``-c 512``, the first ``--chunks`` chunks, with
+the mean KL divergence from the F16 file's logits; llama-bench pp512 and tg128 on 2 threads. Rows per size:
+llama-quantize without and with the imatrix, slimlm RTN (our scale search weighted by our imatrix), slimlm GPTQ
+(onto the same per-tensor types), and slimlm's own mix at the size of llama-quantize's file (``--size`` in tensor
+bytes, GPTQ). Seconds to make a file: llama-imatrix (once, added to every imatrix row) + llama-quantize, against
+one ``slimlm gguf`` process; every row runs in this one invocation.
+
+    bash scripts/build_llama_cpp.sh && python bench/gguf_table.py [--sizes Q4_K_M,Q3_K_M] [--chunks 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import DEFAULT_DATA, RESULTS
+
+SIZES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+SLIMLM = [sys.executable, "-m", "slimlm"]
+CALIB = ["--calib-sampling", "first", "--nsamples", "32", "--seqlen", "512"]
+
+
+def timed(argv: list) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(map(str, argv))}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def tensor_bytes(path: Path) -> int:
+    return sum(int(t.n_bytes) for t in _tensors(path))
+
+
+def _tensors(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(path).tensors
+
+
+def speed(path: Path) -> dict:
+    """llama-bench tokens per second: prompt processing of 512 tokens, generation of 128, 2 threads."""
+    done = subprocess.run([str(_tool("llama-bench")), "-m", str(path), "-p", "512", "-n", "128", "-t", "2",
+                           "-o", "json"], capture_output=True, text=True, check=True)
+    return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in json.loads(done.stdout)}
+
+
+def measure(path: Path, text: Path, base: Path, chunks: int, bench: bool) -> dict:
+    from slimlm.evaluation.llama_cpp import llama_perplexity
+
+    result = llama_perplexity(path, text, 512, chunks, 2, base)
+    row = {"file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes(path), "ppl": result["ppl"],
+           "kld": result["kld"]}
+    row["bpw"] = 8 * row["tensor_bytes"] / sum(int(t.n_elements) for t in _tensors(path))
+    return row | (speed(path) if bench else {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--chunks", type=int, default=100)
+    parser.add_argument("--data-dir", default=DEFAULT_DATA)
+    parser.add_argument("--no-bench", action="store_true", help="skip llama-bench")
+    parser.add_argument("--out", default=str(RESULTS / "gguf_table.json"))
+    args = parser.parse_args()
+    from slimlm.core.data import load_text, tokenize
+    from slimlm.core.models import load_model
+    from slimlm.evaluation.llama_cpp import llama_perplexity
+
+    work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
+    text = Path(args.data_dir) / "wikitext2" / "test.raw"
+    _, tok = load_model("smollm2-135m")
+    calib_text = work / "calib.txt"
+    calib_text.write_text(tok.decode(tokenize(load_text("wikitext2", "calib", args.data_dir), tok)[: 32 * 512]))
+    f16, base = work / "f16.gguf", work / "f16.kld"
+    timed([*SLIMLM, "gguf", "smollm2-135m", "--type", "F16", "--method", "rtn", "--out", f16, "--quiet"])
+    llama_perplexity(f16, text, 512, args.chunks, 2, base, save_base=True)
+    rows = {"F16": measure(f16, text, base, args.chunks, not args.no_bench)}
+    imatrix = work / "imatrix.gguf"
+    imatrix_s = timed([_tool("llama-imatrix"), "-m", f16, "-f", calib_text, "-c", 512, "--chunks", 32, "-t", 2,
+                       "-o", imatrix])
+    for size in args.sizes.split(","):
+        files = {}
+        files["llama-quantize"] = (work / f"lq-{size}.gguf", [_tool("llama-quantize"), f16, work / f"lq-{size}.gguf",
+                                                               size, 2], 0.0)
+        files["llama-quantize + imatrix"] = (work / f"lqi-{size}.gguf", [_tool("llama-quantize"), "--imatrix", imatrix,
+                                             f16, work / f"lqi-{size}.gguf", size, 2], imatrix_s)
+        for name, method in [("slimlm rtn", ["--method", "rtn", "--imatrix"]), ("slimlm gptq", ["--method", "gptq"])]:
+            out = work / f"{name.split()[1]}-{size}.gguf"
+            files[name] = (out, [*SLIMLM, "gguf", "smollm2-135m", "--type", size, *method, *CALIB, "--data-dir",
+                                 args.data_dir, "--out", out, "--quiet"], 0.0)
+        for name, (out, argv, extra) in files.items():
+            seconds = timed(argv) + extra
+            rows[f"{size} {name}"] = {"seconds": seconds, **measure(out, text, base, args.chunks, not args.no_bench)}
+            print(json.dumps({f"{size} {name}": rows[f"{size} {name}"]}), flush=True)
+        target = tensor_bytes(files["llama-quantize"][0])
+        out = work / f"mix-{size}.gguf"
+        seconds = timed([*SLIMLM, "gguf", "smollm2-135m", "--type", size, "--method", "gptq", "--size", target,
+                         *CALIB, "--data-dir", args.data_dir, "--out", out, "--quiet"])
+        rows[f"{size} slimlm fisher mix"] = {"seconds": seconds, **measure(out, text, base, args.chunks,
+                                                                           not args.no_bench)}
+        print(json.dumps({f"{size} slimlm fisher mix": rows[f"{size} slimlm fisher mix"]}), flush=True)
+    Path(args.out).write_text(json.dumps({"protocol": {"chunks": args.chunks, "ctx": 512, "threads": 2,
+                                                       "imatrix_seconds": imatrix_s}, "rows": rows}, indent=1))
+
+
+def _tool(name: str) -> Path:
+    from slimlm.evaluation.llama_cpp import tool
+
+    return tool(name)
+
+
+if __name__ == "__main__":
+    main()

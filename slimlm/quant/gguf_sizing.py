@@ -1,0 +1,109 @@
+"""Per-tensor GGUF types fitted to a size: our own mixes, where llama.cpp's named mixes use a fixed rule.
+
+Choices are llama.cpp's types that hold a tensor's rows (K-types for rows of multiples of 256, the legacy types
+for multiples of 32). Cost of a (tensor, type): the loss increase the empirical Fisher predicts for that tensor
+rounded onto that type, ½·Σ F_ij (W_ij − Q_ij)² (F from ``analysis.sensitivity.fisher_diagonal``: squared
+per-window gradients of the model's own loss, so it carries how later blocks amplify the error; Q from
+``gguf_types.fit`` weighted by the imatrix). The sum of costs is minimised under the byte budget as a
+multiple-choice knapsack: a Lagrange multiplier λ (each tensor takes its argmin of cost + λ·bytes), bisected to
+the largest choice that fits, then a greedy pass that spends what is left on the best cost drop per byte.
+Tensors outside the decoder blocks (embedding, output, norms) keep llama.cpp's default types and count in the size.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from slimlm.errors import SlimlmError
+from slimlm.quant.gguf_types import TYPES, fit
+
+K_CHOICES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+LEGACY_CHOICES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size target: bits per weight over all tensors, or tensor bytes."""
+
+    bpw: float | None = None
+    nbytes: int | None = None
+
+    def budget(self, params: int) -> int:
+        return int(self.nbytes if self.nbytes is not None else self.bpw * params / 8)
+
+
+def parse_size(text: str) -> Size:
+    """'3.5bpw' (bits per weight over every tensor, as llama-quantize reports), or bytes of tensor data:
+    '70000000', '70MB', '66.8MiB'."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*", str(text).lower())
+    if match is None:
+        raise SlimlmError(f"--size '{text}': give bits per weight (3.5bpw) or bytes (70MB, 66.8MiB, 70000000)")
+    value, unit = float(match.group(1)), match.group(2) or "b"
+    if unit == "bpw":
+        if not 1 < value <= 16:
+            raise SlimlmError(f"--size {text}: bits per weight must be in (1, 16]")
+        return Size(bpw=value)
+    scale = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}[unit]
+    return Size(nbytes=int(value * scale))
+
+
+def choices(width: int) -> tuple[str, ...]:
+    if width % 256 == 0:
+        return K_CHOICES
+    if width % 32 == 0:
+        return LEGACY_CHOICES
+    return ()
+
+
+def tensor_bytes(kind: str, shape: tuple[int, ...]) -> int:
+    if kind in TYPES:
+        return shape[0] * shape[1] // TYPES[kind].block * TYPES[kind].nbytes
+    return int(torch.tensor(shape).prod()) * {"F16": 2, "F32": 4}[kind]
+
+
+def cost_table(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],
+               importance: dict[str, torch.Tensor], progress: bool = True) -> dict[str, dict[str, float]]:
+    """name -> {type: ½·Σ F ⊙ (W − Q_type)²} for every weight in ``fisher``."""
+    table = {}
+    for name in tqdm(fisher, desc="type costs", disable=not progress):
+        W = weights[name].detach().float()
+        table[name] = {kind: 0.5 * float((fisher[name] * (fit(TYPES[kind], W, importance[name]).values() - W)
+                                          .square()).sum()) for kind in choices(W.shape[1])}
+    return table
+
+
+def solve(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int) -> dict[str, str]:
+    """Types minimising the summed cost with Σ bytes ≤ budget (SlimlmError when even the smallest choices do
+    not fit)."""
+    smallest = sum(min(nbytes[n].values()) for n in costs)
+    if smallest > budget:
+        raise SlimlmError(f"the size asked leaves {budget:,} bytes for the block tensors; their smallest types "
+                          f"need {smallest:,}")
+
+    def pick(lam: float) -> dict[str, str]:
+        return {n: min(costs[n], key=lambda k: (costs[n][k] + lam * nbytes[n][k], nbytes[n][k])) for n in costs}
+
+    def used(choice):
+        return sum(nbytes[n][k] for n, k in choice.items())
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > budget:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if used(pick(mid)) <= budget else (mid, hi)
+    choice = pick(hi)
+    left = budget - used(choice)
+    while True:  # greedy: the upgrade with the largest cost drop per extra byte that still fits
+        best, best_rate = None, 0.0
+        for n, k in choice.items():
+            for k2 in costs[n]:
+                extra = nbytes[n][k2] - nbytes[n][k]
+                drop = costs[n][k] - costs[n][k2]
+                if 0 < extra <= left and drop > 0 and drop / extra > best_rate:
+                    best, best_rate = (n, k2, extra), drop / extra
+        if best is None:
+            return choice
+        choice[best[0]], left = best[1], left - best[2]

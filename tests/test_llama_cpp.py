@@ -1,0 +1,129 @@
+"""Our GGUF files in llama.cpp itself (tools from scripts/build_llama_cpp.sh; these tests skip, saying so, where
+they are not built): llama.cpp decodes every type to the same floats as we do, our named mixes give the per-tensor
+types llama-quantize gives, and llama-perplexity agrees with slimlm's own evaluation of the same file."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from slimlm.evaluation.llama_cpp import llama_cpp_bin, llama_perplexity, run_tool
+from slimlm.quant.gguf_mixes import named_mix
+from slimlm.to_gguf import to_gguf
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    folder = llama_cpp_bin()
+    if folder is None or not (folder / "llama-quantize").is_file():
+        pytest.skip("llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wide_llama(builtin_folder):
+    """A random 2-layer Llama with the built-in model's tokenizer (llama.cpp needs a vocabulary): 256-wide rows
+    take K-types, ffn_down's 288-wide rows take llama-quantize's fallbacks (Q4_0, Q5_0, Q5_1, Q8_0)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=288, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval(), AutoTokenizer.from_pretrained(builtin_folder)
+
+
+def tensors(path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+# every type appears in one of these files (checked below)
+DECODE_MIXES = {"Q2_K": {"Q2_K", "Q3_K", "Q4_0", "Q6_K"}, "Q4_K_M": {"Q4_K", "Q5_0", "Q6_K", "Q8_0"},
+                "Q5_K_M": {"Q5_K", "Q5_1"}, "Q4_1": {"Q4_1"}}
+
+
+@pytest.mark.parametrize("mix", DECODE_MIXES)
+def test_llama_cpp_decodes_our_blocks_to_our_floats(llama_cpp, wide_llama, tmp_path, mix):
+    """llama-quantize --allow-requantize to F32 decodes each tensor with ggml's own dequantize_row_*; the floats
+    must equal the gguf package's decoding of our bytes and the values our quantizer computed, bit for bit."""
+    model, tok = wide_llama
+    ours = to_gguf(model, tok, tmp_path / "ours.gguf", mix, method="rtn", progress=False)
+    run_tool("llama-quantize", ["--allow-requantize", ours, tmp_path / "f32.gguf", "F32", 1])
+    decoded = tensors(tmp_path / "f32.gguf")
+    kinds = set()
+    for name, t in tensors(ours).items():
+        kinds.add(t.tensor_type.name)
+        ggml = np.asarray(decoded[name].data, dtype=np.float32).reshape(-1)
+        package = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
+        assert np.array_equal(ggml.view(np.uint32), package.view(np.uint32)), name
+    assert DECODE_MIXES[mix] <= kinds
+
+
+def test_the_decode_files_cover_every_type():
+    from slimlm.quant.gguf_types import TYPES
+
+    assert set().union(*DECODE_MIXES.values()) == set(TYPES)
+
+
+@pytest.fixture(scope="module")
+def smollm_f16(llama_cpp, builtin_folder, tmp_path_factory):
+    from slimlm.core.models import load_model
+
+    model, tok = load_model(str(builtin_folder))
+    return to_gguf(model, tok, tmp_path_factory.mktemp("f16") / "f16.gguf", "F16", method="rtn", progress=False)
+
+
+@pytest.mark.parametrize("mix", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K"])
+def test_named_mixes_equal_llama_quantize_types(smollm_f16, tmp_path, mix):
+    run_tool("llama-quantize", [smollm_f16, tmp_path / "q.gguf", mix, 1])
+    theirs = {name: t.tensor_type.name for name, t in tensors(tmp_path / "q.gguf").items()}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors(smollm_f16).items()}
+    assert named_mix(mix, shapes, 30, gqa=3) == theirs
+
+
+def test_llama_perplexity_agrees_with_slimlm_on_the_same_file(llama_cpp, wide_llama, builtin_folder, tmp_path,
+                                                              data_dir):
+    """Same file, same tokens, same scoring (llama-perplexity's: BOS then the chunk, the second half scored): the
+    perplexities of llama.cpp and of slimlm's model (its weights left at the file's values) agree within 1%."""
+    from slimlm.core.models import load_model
+
+    model, tok = load_model(str(builtin_folder))
+    path = to_gguf(model, tok, tmp_path / "q4km.gguf", "Q4_K_M", method="rtn", progress=False)
+    text = tmp_path / "text.txt"
+    text.write_bytes((Path(data_dir) / "wikitext2" / "test.raw").read_bytes()[:20000])
+    ctx, chunks = 128, 4
+    theirs = llama_perplexity(path, text, ctx=ctx, chunks=chunks)["ppl"]
+    ids = tok(text.read_bytes().decode("utf-8"), add_special_tokens=False)["input_ids"]
+    adds_bos = tok("a")["input_ids"][0] == tok.bos_token_id
+    ids = [tok.bos_token_id] + ids if adds_bos else ids  # llama-perplexity tokenizes the text as the file says
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for c in range(chunks):
+            chunk = ids[c * ctx : (c + 1) * ctx]
+            chunk = [tok.bos_token_id] + chunk[1:] if adds_bos else chunk  # each chunk starts with BOS
+            logits = model(torch.tensor([chunk])).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(chunk[1:]).unsqueeze(1))[:, 0]
+            nll -= logp[ctx // 2 :].sum().item()  # logits from position ctx/2 on score the tokens after it
+            count += logp[ctx // 2 :].numel()
+    ours = math.exp(nll / count)
+    assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, data_dir):
+    argv = [sys.executable, "-m", "slimlm", "eval", str(smollm_f16), "--engine", "llama.cpp", "--eval-seqlen",
+            "128", "--eval-windows", "2", "--data-dir", data_dir, "--kld-reference", str(smollm_f16)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["ppl"] > 1 and abs(result["kld"]) < 1e-3 and result["ppl"] == pytest.approx(result["ppl_base"], rel=1e-4)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\0" * 64)
+    done = subprocess.run([*argv[:4], str(corrupt), *argv[5:11]], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0 and "llama-perplexity failed" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 6
