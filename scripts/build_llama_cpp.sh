@@ -16,6 +16,9 @@ if grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo && grep
   FLAGS+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
 fi
 
+if [ -n "${SLIMLM_LLAMA_CPP:-}" ] && [ -x "$SLIMLM_LLAMA_CPP/llama-perplexity" ]; then
+  echo "$SLIMLM_LLAMA_CPP"; exit 0   # tools you built yourself (or an earlier build) are used as they are
+fi
 ROOT="${SLIMLM_CACHE:-$HOME/.cache/slimlm}/llama.cpp/$VERSION-$ISA"
 BIN="$ROOT/bin"
 if [ -f "$ROOT/.complete" ]; then echo "$BIN"; exit 0; fi

@@ -13,6 +13,7 @@ from slimlm.api import (Result, analyze, apply_runtime, calibration, evaluate, p
                         quantize, save)
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.core.models import load_model  # noqa: E402
+from slimlm.to_gguf import to_gguf  # noqa: E402
 
 __all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
-           "plan_budgets", "prune", "quantize", "save"]
+           "plan_budgets", "prune", "quantize", "save", "to_gguf"]

@@ -8,7 +8,9 @@ there is this checkout's, and ``$SLIMLM_CACHE`` a private copy (hard links) of t
 that ``slimlm cache clear`` clears only that copy and no block pays the conversion again. Two lines of the README's first block are not run again here: ``bash scripts/install.sh``
 (CI runs it before the tests) and the test command itself. Blocks marked ``<!-- readme-test: bench -->`` on the
 line above them take longer than the suite should (a full-size calibration or evaluation); they are run by
-``python -m pytest -m readme_bench tests/test_readme.py`` instead of the default suite.
+``python -m pytest -m readme_bench tests/test_readme.py`` instead of the default suite. Blocks marked
+``<!-- readme-test: llama.cpp -->`` need llama.cpp's tools (scripts/build_llama_cpp.sh): they run with the tools
+already built (``$SLIMLM_LLAMA_CPP``), and skip, saying so, where they are not.
 """
 import os
 import re
@@ -24,11 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 NOT_RERUN = ("bash scripts/install.sh && ", "SLIMLM_DATA_DIR=../shared/data python3 -m pytest")
 BENCH_MARK = "<!-- readme-test: bench -->"
+LLAMA_CPP_MARK = "<!-- readme-test: llama.cpp -->"
 
 
-def readme_blocks(text: str) -> list[tuple[int, list[str], bool]]:
-    """``(line number, commands, bench)`` of every bash and python block: a bash block's commands with comments
-    dropped and continuations joined, a python block as one ``python3 -c`` command."""
+def readme_blocks(text: str) -> list[tuple[int, list[str], str | None]]:
+    """``(line number, commands, mark)`` of every bash and python block: a bash block's commands with comments
+    dropped and continuations joined, a python block as one ``python3 -c`` command; mark is the block's
+    ``<!-- readme-test: ... -->`` line (BENCH_MARK, LLAMA_CPP_MARK) or None."""
     blocks = []
     for match in re.finditer(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
         line = text[: match.start()].count("\n") + 1
@@ -41,22 +45,29 @@ def readme_blocks(text: str) -> list[tuple[int, list[str], bool]]:
                 command = re.sub(r"\s+#.*$", "", raw).strip()
                 if command and not command.startswith("#"):
                     commands.append(command)
-        blocks.append((line, commands, before.strip() == BENCH_MARK))
+        blocks.append((line, commands, before.strip() if before.strip() in (BENCH_MARK, LLAMA_CPP_MARK) else None))
     return blocks
 
 
 def test_blocks_are_read_as_the_shell_would():
     text = "x\n```bash\nslimlm a --b 1   # note\n# only a comment\nslimlm c \\\n  --d 2\n```\n" \
            f"{BENCH_MARK}\n```bash\nslimlm e\n```\n```python\nprint('a # b')\n```\n```yaml\nk: v\n```\n"
-    assert readme_blocks(text) == [(2, ["slimlm a --b 1", "slimlm c    --d 2"], False), (9, ["slimlm e"], True),
-                                   (12, ["python3 -c 'print('\"'\"'a # b'\"'\"')\n'"], False)]
+    assert readme_blocks(text) == [(2, ["slimlm a --b 1", "slimlm c    --d 2"], None), (9, ["slimlm e"], BENCH_MARK),
+                                   (12, ["python3 -c 'print('\"'\"'a # b'\"'\"')\n'"], None)]
 
 
 def _params(bench: bool):
-    blocks = readme_blocks((REPO / "README.md").read_text())
-    marks = [pytest.mark.readme_bench] if bench else []
-    return [pytest.param(commands, id=f"line{line}", marks=marks) for line, commands, is_bench in blocks
-            if is_bench == bench]
+    from slimlm.evaluation.llama_cpp import llama_cpp_bin
+
+    params = []
+    for line, commands, mark in readme_blocks((REPO / "README.md").read_text()):
+        if (mark == BENCH_MARK) != bench:
+            continue
+        marks = [pytest.mark.readme_bench] if bench else []
+        if mark == LLAMA_CPP_MARK and llama_cpp_bin() is None:
+            marks.append(pytest.mark.skip(reason="llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)"))
+        params.append(pytest.param(commands, id=f"line{line}", marks=marks))
+    return params
 
 
 @pytest.fixture
@@ -79,6 +90,10 @@ def checkout(tmp_path, builtin_folder):
     shutil.copytree(builtin_folder, cache / builtin_folder.name, copy_function=os.link)
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "SLIMLM_CACHE": str(cache)}
     env.pop("SLIMLM_DATA_DIR", None)  # as on a new user's machine: the commands name their data themselves
+    from slimlm.evaluation.llama_cpp import llama_cpp_bin
+
+    if llama_cpp_bin() is not None:  # the tools built here (the private cache has none): no second build
+        env["SLIMLM_LLAMA_CPP"] = str(llama_cpp_bin())
     return work, env
 
 

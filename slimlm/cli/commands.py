@@ -176,12 +176,15 @@ def cmd_gguf(args) -> None:
     import slimlm
     from slimlm.core.data import check_data
     from slimlm.core.models import model_source
-    from slimlm.formats.source import check_new
+    from slimlm.formats.source import check_new, check_runtime
     from slimlm.quant.gguf_sizing import parse_size
+    from slimlm.runs.save import MANIFEST, read_manifest
     from slimlm.to_gguf import to_gguf
 
     check_new(args.out)
     model_source(args.model, args.allow_pickle)
+    if (Path(args.model) / MANIFEST).is_file():
+        check_runtime(read_manifest(args.model), "GGUF")  # a rotated run's online Hadamard has no GGUF form
     if args.size is not None:
         parse_size(args.size)
     if args.method == "gptq" or args.imatrix or args.size:
