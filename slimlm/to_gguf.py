@@ -22,7 +22,7 @@ from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf import rope_interleave
 from slimlm.formats.gguf_blocks import pack
-from slimlm.formats.gguf_writer import T, check_llama, tensor_names, write_gguf
+from slimlm.formats.gguf_writer import ROPE_INTERLEAVED, T, check_architecture, tensor_names, write_gguf
 from slimlm.formats.source import check_new
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.quant.gguf_mixes import MIXES, named_mix
@@ -40,7 +40,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
             act_order: bool = False, blocksize: int = 128, damp: float = 0.01, batch_size: int | None = None,
             size: str | None = None, source: str | None = None, recipe: str | None = None,
             progress: bool = True) -> Path:
-    """Quantize ``model`` (a llama-family causal LM, float weights) onto the GGUF types of llama.cpp's file type
+    """Quantize ``model`` (a llama, qwen2 or qwen3 causal LM, float weights) onto the GGUF types of llama.cpp's file type
     ``mix`` and write ``out`` (a new ``.gguf`` file, or a new folder holding model.gguf); returns the file.
 
     ``method``: 'rtn' (each weight rounded onto its stored grid after the format's weighted scale search; with
@@ -59,7 +59,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
         raise SlimlmError(f"unknown GGUF mix '{mix}'; choose one of {', '.join(MIXES)}")
     out = check_new(out)
     config = model.config.to_dict()
-    check_llama(config)
+    check_architecture(config)
     start = time.perf_counter()
     weights = _file_tensors(model, config)
     gguf_name = tensor_names(config)
@@ -143,6 +143,7 @@ def _encode(name: str, W: torch.Tensor, fitted: Fitted | None, kind: str, config
     role = name.removesuffix(".weight").rpartition(".")[2]
     heads = {"q_proj": config["num_attention_heads"],
              "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}.get(role)
+    heads = heads if config["model_type"] in ROPE_INTERLEAVED and name.endswith(".weight") else None
     if fitted is not None:
         data = torch.from_numpy(pack(fitted))
         data = rope_interleave(data, heads) if heads else data

@@ -87,31 +87,62 @@ def test_named_mixes_equal_llama_quantize_types(smollm_f16, tmp_path, mix):
     assert named_mix(mix, shapes, 30, gqa=3) == theirs
 
 
-def test_llama_perplexity_agrees_with_slimlm_on_the_same_file(llama_cpp, wide_llama, builtin_folder, tmp_path,
-                                                              data_dir):
-    """Same file, same tokens, same scoring (llama-perplexity's: BOS then the chunk, the second half scored): the
-    perplexities of llama.cpp and of slimlm's model (its weights left at the file's values) agree within 1%."""
-    from slimlm.core.models import load_model
-
-    model, tok = load_model(str(builtin_folder))
-    path = to_gguf(model, tok, tmp_path / "q4km.gguf", "Q4_K_M", method="rtn", progress=False)
-    text = tmp_path / "text.txt"
-    text.write_bytes((Path(data_dir) / "wikitext2" / "test.raw").read_bytes()[:20000])
-    ctx, chunks = 128, 4
-    theirs = llama_perplexity(path, text, ctx=ctx, chunks=chunks)["ppl"]
+def second_half_perplexity(model, tok, text: Path, ctx: int, chunks: int) -> float:
+    """slimlm's model scored as llama-perplexity scores: the text's bytes tokenized as the file says (BOS first if
+    the tokenizer adds one), chunks of ``ctx`` tokens each starting with BOS, only the second half scored."""
     ids = tok(text.read_bytes().decode("utf-8"), add_special_tokens=False)["input_ids"]
     adds_bos = tok("a")["input_ids"][0] == tok.bos_token_id
-    ids = [tok.bos_token_id] + ids if adds_bos else ids  # llama-perplexity tokenizes the text as the file says
+    ids = [tok.bos_token_id] + ids if adds_bos else ids
     nll, count = 0.0, 0
     with torch.no_grad():
         for c in range(chunks):
             chunk = ids[c * ctx : (c + 1) * ctx]
-            chunk = [tok.bos_token_id] + chunk[1:] if adds_bos else chunk  # each chunk starts with BOS
+            chunk = [tok.bos_token_id] + chunk[1:] if adds_bos else chunk
             logits = model(torch.tensor([chunk])).logits[0].float()
             logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(chunk[1:]).unsqueeze(1))[:, 0]
             nll -= logp[ctx // 2 :].sum().item()  # logits from position ctx/2 on score the tokens after it
             count += logp[ctx // 2 :].numel()
-    ours = math.exp(nll / count)
+    return math.exp(nll / count)
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory, data_dir):
+    text = tmp_path_factory.mktemp("text") / "text.txt"
+    text.write_bytes((Path(data_dir) / "wikitext2" / "test.raw").read_bytes()[:20000])
+    return text
+
+
+def test_llama_perplexity_agrees_with_slimlm_on_the_same_file(llama_cpp, builtin_folder, tmp_path, short_text):
+    """Same file, same tokens, same scoring: the perplexities of llama.cpp and of slimlm's model (its weights left
+    at the file's values) agree within 1%."""
+    from slimlm.core.models import load_model
+
+    model, tok = load_model(str(builtin_folder))
+    path = to_gguf(model, tok, tmp_path / "q4km.gguf", "Q4_K_M", method="rtn", progress=False)
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=4)["ppl"]
+    ours = second_half_perplexity(model, tok, short_text, 128, 4)
+    assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_files_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_folder, tmp_path, short_text, model_type):
+    """Random 2-layer Qwen2 (q/k/v biases) and Qwen3 (q/k norms, explicit head_dim) models with the built-in
+    tokenizer, written as Q8_0: llama.cpp loads them and its perplexity matches slimlm's within 1%, which needs
+    the architecture, its hyperparameters and the rotary layout (NEOX: rows as HF has them) right."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152,
+                                  max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)  # nonzero biases, so that a dropped bias would show
+    tok = AutoTokenizer.from_pretrained(builtin_folder)
+    path = to_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0", method="rtn", progress=False)
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["ppl"]
+    ours = second_half_perplexity(model, tok, short_text, 128, 2)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
 

@@ -26,29 +26,51 @@ T = gguf.GGMLQuantizationType
 UNQUANTIZED = (T.F32, T.F16)  # written from numpy's own dtypes; others as raw bytes
 
 
+# HF model_type -> llama.cpp architecture. llama.cpp's llama rope rotates adjacent pairs, so llama's q/k rows are
+# reordered (``formats.gguf.rope_interleave``); qwen2/qwen3 use the NEOX rope, HF's own layout.
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ROPE_INTERLEAVED = {"llama"}
+
+
+def check_architecture(config: dict) -> str:
+    """The llama.cpp architecture name of an HF config we can write (llama, qwen2, qwen3), or SlimlmError."""
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise SlimlmError(f"GGUF writing supports {', '.join(ARCHITECTURES)} models; this one is '{kind}'")
+    if kind == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise SlimlmError("GGUF: llama models with biases in the attention or MLP linears are not written")
+    if config.get("use_sliding_window"):
+        raise SlimlmError("GGUF: sliding-window attention is not written")
+    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise SlimlmError(f"GGUF: rope_type '{rope_type}' (rope scaling) is not written")
+    return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[kind]]
+
+
 def tensor_names(config: dict):
-    """HF tensor name -> GGUF name for a llama-family config (``gguf``'s name map); SlimlmError when it has none."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    """HF tensor name -> GGUF name for a supported config (``gguf``'s name map); SlimlmError when it has none."""
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config["model_type"]], config["num_hidden_layers"])
 
     def name(hf: str) -> str:
         base, _, suffix = hf.rpartition(".")
         mapped = names.get_name(base)
-        if mapped is None or suffix != "weight":
-            raise SlimlmError(f"tensor {hf} has no GGUF llama name")
-        return f"{mapped}.weight"
+        if mapped is None or suffix not in ("weight", "bias"):
+            raise SlimlmError(f"tensor {hf} has no GGUF {config['model_type']} name")
+        return f"{mapped}.{suffix}"
     return name
 
 
 def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[str, np.ndarray, T]],
                file_type: gguf.LlamaFileType, record: dict, recipe: str | None, name: str,
                progress: bool = True) -> Path:
+    arch = check_architecture(config)
     """Write ``tensors`` (GGUF name, data, type) with the llama metadata of ``config``, the ``tokenizer``'s
     vocabulary, ``record`` as the key ``slimlm.export`` and ``recipe`` as ``slimlm.recipe``; atomically (see
     ``write_atomic``). Returns the file written."""
     vocab = next(data.shape[0] for gname, data, _ in tensors if gname == "token_embd.weight")
 
     def write(path: Path) -> None:
-        writer = gguf.GGUFWriter(path, "llama")
+        writer = gguf.GGUFWriter(path, arch)
         writer.add_name(name)
         writer.add_file_type(file_type)
         if any(qtype not in (T.F32, T.F16, T.BF16) for _, _, qtype in tensors):
@@ -68,17 +90,14 @@ def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[s
 
 
 def check_llama(config: dict) -> None:
+    """Exports of saved runs (``formats.gguf``) write llama-architecture runs only."""
     if config.get("model_type") != "llama":
         raise SlimlmError(f"GGUF export writes llama-architecture runs; this run is '{config.get('model_type')}'")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise SlimlmError("GGUF export: biases in the attention or MLP linears are not written")
-    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise SlimlmError(f"GGUF export: rope_type '{rope_type}' (rope scaling) is not written")
+    check_architecture(config)
 
 
 def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
-    """The ``llama.*`` hyperparameters (GGUF spec, LLM section) from an HF LlamaConfig."""
+    """The ``{arch}.*`` hyperparameters (GGUF spec, LLM section) from an HF llama/qwen2/qwen3 config."""
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     rope = config.get("rope_parameters") or {}
