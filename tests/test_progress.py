@@ -43,7 +43,7 @@ def test_export_progress_goes_to_stderr_and_quiet_silences_it(capsys, tmp_path, 
     assert summary["format"] == fmt and BAR not in err  # warnings may remain (these runs have no tokenizer)
 
 
-def test_data_free_runs_show_the_rotation_and_blocks_bars(capsys, tmp_path, tiny_folder):  # noqa: F811
+def test_data_free_runs_show_the_rotation_and_blocks_bars(capsys, tmp_path, tiny_folder):
     _, err = run_cli(capsys, "quantize", tiny_folder, "--method", "rtn", "--group-size", "32", "--rotate", "hadamard",
                      "--out", tmp_path / "q")
     assert "rotate: 100%" in err and "blocks: 100%" in err
@@ -55,7 +55,7 @@ def test_data_free_runs_show_the_rotation_and_blocks_bars(capsys, tmp_path, tiny
 PARTS = {"data", "spectra", "calibration_pass", "owl", "error_tables", "fisher_gradients", "fisher_tables", "plots"}
 
 
-def test_analyze_records_each_part_and_prints_a_summary(capsys, tmp_path, tiny_folder, data_dir):  # noqa: F811
+def test_analyze_records_each_part_and_prints_a_summary(capsys, tmp_path, tiny_folder, data_dir):
     args = ["analyze", tiny_folder, "--data-dir", data_dir, "--nsamples", "4", "--seqlen", "32"]
     summary, err = run_cli(capsys, *args, "--out", tmp_path / "a")
     for bar in ("spectra: 100%", "blocks: 100%", "fisher: 100%", "fisher tables: 100%"):
@@ -66,7 +66,7 @@ def test_analyze_records_each_part_and_prints_a_summary(capsys, tmp_path, tiny_f
     assert summary["seconds"] == round(timings["total"], 2)
     assert err.strip().splitlines()[-1].startswith(f"analyze took {timings['total']:.1f} s: data ")
 
-    summary, err = run_cli(capsys, *args, "--out", tmp_path / "b", "--quiet", "--no-calib")
+    summary, err = run_cli(capsys, "analyze", tiny_folder, "--out", tmp_path / "b", "--quiet", "--no-calib")
     assert BAR not in err and "analyze took" not in err
     timings = json.loads((tmp_path / "b" / "slimlm.json").read_text())["timings"]
     assert set(timings) == {"data", "spectra", "plots", "total"}
