@@ -111,6 +111,22 @@ def main() -> None:
         print(json.dumps({f"{size} slimlm fisher mix": rows[f"{size} slimlm fisher mix"]}), flush=True)
     Path(args.out).write_text(json.dumps({"protocol": {"chunks": args.chunks, "ctx": 512, "threads": 2,
                                                        "imatrix_seconds": imatrix_s}, "rows": rows}, indent=1))
+    Path(args.out).with_suffix(".md").write_text(markdown(rows))
+
+
+def markdown(rows: dict) -> str:
+    """The README table: one line per file; time as a multiple of llama-imatrix + llama-quantize's."""
+    lines = ["| file | MB | bpw | ppl | KLD | pp512 t/s | tg128 t/s | seconds (× llama-imatrix + quantize) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        size = name.split()[0]
+        base = rows.get(f"{size} llama-quantize + imatrix", {}).get("seconds")
+        seconds = f"{row['seconds']:.1f}" + (f" ({row['seconds'] / base:.2f}×)" if base and "seconds" in row else "") \
+            if "seconds" in row else "–"
+        speeds = [f"{row[k]:.1f}" if k in row else "–" for k in ("pp512", "tg128")]
+        lines.append(f"| {name} | {row['file_bytes'] / 1e6:.1f} | {row['bpw']:.3f} | {row['ppl']:.4f} | "
+                     f"{row['kld']:.5f} | {' | '.join(speeds)} | {seconds} |")
+    return "\n".join(lines) + "\n"
 
 
 def _tool(name: str) -> Path:
