@@ -125,7 +125,7 @@ def markdown(rows: dict) -> str:
             if "seconds" in row else "–"
         speeds = [f"{row[k]:.1f}" if k in row else "–" for k in ("pp512", "tg128")]
         lines.append(f"| {name} | {row['file_bytes'] / 1e6:.1f} | {row['bpw']:.3f} | {row['ppl']:.4f} | "
-                     f"{row['kld']:.5f} | {' | '.join(speeds)} | {seconds} |")
+                     f"{abs(row['kld']):.5f} | {' | '.join(speeds)} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
