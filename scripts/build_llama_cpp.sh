@@ -30,6 +30,11 @@ python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSI
 tar xzf "$WORK"/llama_cpp_python-$VERSION.tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 
+if ! command -v cmake >/dev/null; then  # a fresh machine may have a compiler but no cmake: PyPI has it
+  echo "installing cmake and ninja from PyPI" >&2
+  python3 -m pip install -q cmake ninja >&2
+  PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+fi
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 echo "configuring llama.cpp ($ISA)" >&2
 cmake -S "$SRC" -B "$WORK/build" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF "${FLAGS[@]}" \
