@@ -58,9 +58,10 @@ def measure(path: Path, text: Path, base: Path, chunks: int, bench: bool) -> dic
     from slimlm.evaluation.llama_cpp import llama_perplexity
 
     result = llama_perplexity(path, text, 512, chunks, 2, base)
-    row = {"file_bytes": path.stat().st_size, "tensor_bytes": tensor_bytes(path), "ppl": result["ppl"],
-           "kld": result["kld"]}
-    row["bpw"] = 8 * row["tensor_bytes"] / sum(int(t.n_elements) for t in _tensors(path))
+    tensors = _tensors(path)
+    row = {"file_bytes": path.stat().st_size, "tensor_bytes": sum(int(t.n_bytes) for t in tensors),
+           "ppl": result["ppl"], "kld": result["kld"]}
+    row["bpw"] = 8 * row["tensor_bytes"] / sum(int(t.n_elements) for t in tensors)
     return row | (speed(path) if bench else {})
 
 

@@ -22,7 +22,7 @@ from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf import rope_interleave
 from slimlm.formats.gguf_blocks import pack
-from slimlm.formats.gguf_writer import ROPE_INTERLEAVED, T, check_architecture, tensor_names, write_gguf
+from slimlm.formats.gguf_writer import T, check_architecture, interleaved_heads, tensor_names, write_gguf
 from slimlm.formats.source import check_new
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.quant.gguf_mixes import MIXES, named_mix
@@ -57,6 +57,10 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
         raise SlimlmError(f"unknown GGUF quantization method '{method}'; choose one of {', '.join(METHODS)}")
     if mix.upper() not in MIXES:
         raise SlimlmError(f"unknown GGUF mix '{mix}'; choose one of {', '.join(MIXES)}")
+    if act_order and method != "gptq":
+        raise SlimlmError("act_order only applies with method='gptq'")
+    if imatrix and method != "rtn":
+        raise SlimlmError("imatrix only applies with method='rtn' (GPTQ weighs by its Hessian)")
     out = check_new(out)
     config = model.config.to_dict()
     check_architecture(config)
@@ -141,9 +145,7 @@ def _compress_fn(method, kinds, fitted, act_order, blocksize, damp):
 def _encode(name: str, W: torch.Tensor, fitted: Fitted | None, kind: str, config: dict, gguf_name):
     """(GGUF name, bytes or array, type) of one tensor; q/k rows reordered to ggml's rotary layout."""
     role = name.removesuffix(".weight").rpartition(".")[2]
-    heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}.get(role)
-    heads = heads if config["model_type"] in ROPE_INTERLEAVED and name.endswith(".weight") else None
+    heads = interleaved_heads(config).get(role) if name.endswith(".weight") else None
     if fitted is not None:
         data = torch.from_numpy(pack(fitted))
         data = rope_interleave(data, heads) if heads else data

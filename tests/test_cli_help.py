@@ -83,6 +83,12 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["eval", "m", "--limit", "5"], "--limit only applies with --tasks"),
     (["eval", "./folder", "--no-cache"], "--no-cache only applies with a .gguf model or the built-in one"),
     (["eval", "m", "--tasks", "piqa", "--eval-windows", "4"], "--eval-windows only applies with perplexity"),
+    (["eval", "f.gguf", "--engine", "llama.cpp", "--no-cache"], "--no-cache only applies with --engine transformers"),
+    (["eval", "f.gguf", "--threads", "4"], "--threads only applies with --engine llama.cpp"),
+    (["gguf", "m", "--out", "o.gguf", "--device", "cuda"], "--device only applies with prune, quantize or analyze"),
+    (["gguf", "m", "--out", "o.gguf", "--method", "rtn", "--size", "6bpw", "--batch-size", "2"],
+     "--batch-size only applies with --method gptq or --imatrix"),
+    (["gguf", "m", "--out", "o.gguf", "--method", "rtn", "--nsamples", "8"], "--nsamples only applies with"),
 ])
 def test_options_without_effect_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

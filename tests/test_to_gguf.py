@@ -77,6 +77,17 @@ def test_existing_output_and_other_architectures_are_refused(tmp_path):
     assert done.returncode != 0 and "already exists" in done.stderr and existing.read_bytes() == b"mine"
 
 
+def test_api_refuses_options_its_method_would_ignore(tmp_path):
+    import slimlm
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(SlimlmError, match="act_order only applies"):
+        slimlm.to_gguf(tiny_llama(), None, tmp_path / "a.gguf", method="rtn", act_order=True)
+    with pytest.raises(SlimlmError, match="imatrix only applies"):
+        slimlm.to_gguf(tiny_llama(), None, tmp_path / "b.gguf", method="gptq", imatrix=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_size_parsing_and_the_knapsack():
     assert parse_size("3.5bpw").bpw == 3.5 and parse_size("70MB").nbytes == 70_000_000
     assert parse_size("1KiB").nbytes == 1024

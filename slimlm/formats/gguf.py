@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from slimlm.errors import SlimlmError
 from slimlm.core.linalg import small_op_threads
 from slimlm.formats.codes import recover_grid
-from slimlm.formats.gguf_writer import check_llama, tensor_names, write_gguf
+from slimlm.formats.gguf_writer import check_llama, interleaved_heads, tensor_names, write_gguf
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
 from slimlm.quant.grids import QuantGrid
 
@@ -240,8 +240,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
     gguf_name = tensor_names(config)
-    heads = {"q_proj": config["num_attention_heads"],
-             "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = interleaved_heads(config)
     writer_args, types, deviation = [], {}, 0.0
     for name, W in tqdm(tensors.items(), desc="gguf", disable=not progress):
         role = name.removesuffix(".weight").rpartition(".")[2]

@@ -32,6 +32,15 @@ ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
 ROPE_INTERLEAVED = {"llama"}
 
 
+def interleaved_heads(config: dict) -> dict[str, int]:
+    """Linear role -> its head count for the weights whose rows llama.cpp wants in ggml's rotary layout (q_proj,
+    k_proj of llama); empty for NEOX-rope architectures."""
+    if config["model_type"] not in ROPE_INTERLEAVED:
+        return {}
+    return {"q_proj": config["num_attention_heads"],
+            "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+
+
 def check_architecture(config: dict) -> str:
     """The llama.cpp architecture name of an HF config we can write (llama, qwen2, qwen3), or SlimlmError."""
     kind = config.get("model_type")

@@ -11,6 +11,7 @@ Tensors outside the decoder blocks (embedding, output, norms) keep llama.cpp's d
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ def choices(width: int) -> tuple[str, ...]:
 def tensor_bytes(kind: str, shape: tuple[int, ...]) -> int:
     if kind in TYPES:
         return shape[0] * shape[1] // TYPES[kind].block * TYPES[kind].nbytes
-    return int(torch.tensor(shape).prod()) * {"F16": 2, "F32": 4}[kind]
+    return math.prod(shape) * {"F16": 2, "F32": 4}[kind]
 
 
 def cost_table(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor],

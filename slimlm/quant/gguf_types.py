@@ -202,11 +202,11 @@ def fit(kind: GGUFType, X: torch.Tensor, importance: torch.Tensor | None = None)
         fitted = Fitted(kind, torch.empty(0), s[..., 0].to(F16), None if m is None else m[..., 0].to(F16))
     else:
         fitted = _super_block_scales(kind, Xb, W, s, m)
-    fitted.q = _codes(fitted, Xb).reshape(rows, n)
+    fitted.q = nearest_codes(fitted, Xb).reshape(rows, n)
     return fitted
 
 
-def _codes(fitted: Fitted, Xb: torch.Tensor) -> torch.Tensor:
+def nearest_codes(fitted: Fitted, Xb: torch.Tensor) -> torch.Tensor:
     """Nearest stored code of each weight under the fitted steps (a sub-block with step 0 takes code offset)."""
     kind = fitted.kind
     a, c = (t.unsqueeze(-1) for t in fitted.steps())
@@ -229,7 +229,7 @@ def _super_block_scales(kind: GGUFType, Xb, W, s, m) -> Fitted:
     best, best_err = None, None
     for factor in SCALE_FACTORS:
         candidate = _quantized_scales(kind, s, m, d0 * factor, dmin)
-        candidate.q = _codes(candidate, Xb)
+        candidate.q = nearest_codes(candidate, Xb)
         err = (W * (_block_values(candidate) - Xb).square()).sum((-2, -1))
         if best is None:
             best, best_err = candidate, err

@@ -9,7 +9,7 @@ import torch
 from slimlm.core.linalg import column_loop_threads, drop_dead_inputs, hessian_inverse_cholesky
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid, grid_values_into, quant_params
-from slimlm.quant.gguf_types import Fitted, GGUFType, check_shape, fit
+from slimlm.quant.gguf_types import Fitted, GGUFType, check_shape, fit, nearest_codes
 
 
 def gptq(
@@ -147,11 +147,8 @@ def _stored(kind: GGUFType, fits: list[Fitted], Q: torch.Tensor) -> Fitted:
     """One Fitted for the whole weight from the per-block fits, codes read back from the swept values Q."""
     cat = lambda field: None if getattr(fits[0], field) is None else torch.cat([getattr(f, field) for f in fits], 1)
     whole = Fitted(kind, torch.empty(0), cat("d"), cat("dmin"), cat("sc"), cat("mn"))
-    a, c = (t.unsqueeze(-1) for t in whole.steps())
-    Qb = Q.reshape(*a.shape[:-1], kind.sub)
-    safe = torch.where(a == 0, torch.ones_like(a), a)
-    k = torch.where(a == 0, torch.zeros_like(Qb), torch.round((Qb - c) / safe))
-    whole.q = (k + kind.offset).to(torch.uint8).reshape(Q.shape)
+    rows, n = Q.shape
+    whole.q = nearest_codes(whole, Q.reshape(rows, n // kind.block, kind.block // kind.sub, kind.sub)).reshape(Q.shape)
     if (whole.values() - Q).abs().max() > 0:  # equal up to the sign of zeros
         raise SlimlmError("internal error: GPTQ's values are not on the stored grid")
     return whole
