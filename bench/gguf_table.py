@@ -29,11 +29,15 @@ SLIMLM = [sys.executable, "-m", "slimlm"]
 CALIB = ["--calib-sampling", "first", "--nsamples", "32", "--seqlen", "512"]
 
 
+class RowFailed(Exception):
+    pass
+
+
 def timed(argv: list) -> float:
     start = time.perf_counter()
     done = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"failed: {' '.join(map(str, argv))}\n{done.stderr[-2000:]}")
+        raise RowFailed(f"failed: {' '.join(map(str, argv))}\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
@@ -67,52 +71,58 @@ def measure(path: Path, text: Path, base: Path, chunks: int, bench: bool) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="any model slimlm loads (alias, folder, .gguf)")
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--chunks", type=int, default=100)
     parser.add_argument("--data-dir", default=DEFAULT_DATA)
     parser.add_argument("--no-bench", action="store_true", help="skip llama-bench")
-    parser.add_argument("--out", default=str(RESULTS / "gguf_table.json"))
+    parser.add_argument("--out", default=str(RESULTS / "gguf_table.json"), help="JSON, rewritten after every row")
     args = parser.parse_args()
     from slimlm.core.data import load_text, tokenize
     from slimlm.core.models import load_model
+    from slimlm.errors import SlimlmError
     from slimlm.evaluation.llama_cpp import llama_perplexity
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     text = Path(args.data_dir) / "wikitext2" / "test.raw"
-    _, tok = load_model("smollm2-135m")
+    _, tok = load_model(args.model)
     calib_text = work / "calib.txt"
     calib_text.write_text(tok.decode(tokenize(load_text("wikitext2", "calib", args.data_dir), tok)[: 32 * 512]))
     f16, base = work / "f16.gguf", work / "f16.kld"
-    timed([*SLIMLM, "gguf", "smollm2-135m", "--type", "F16", "--method", "rtn", "--out", f16, "--quiet"])
+    timed([*SLIMLM, "gguf", args.model, "--type", "F16", "--method", "rtn", "--out", f16, "--quiet"])
     llama_perplexity(f16, text, 512, args.chunks, 2, base, save_base=True)
-    rows = {"F16": measure(f16, text, base, args.chunks, not args.no_bench)}
     imatrix = work / "imatrix.gguf"
     imatrix_s = timed([_tool("llama-imatrix"), "-m", f16, "-f", calib_text, "-c", 512, "--chunks", 32, "-t", 2,
                        "-o", imatrix])
+    table = {"protocol": {"model": args.model, "chunks": args.chunks, "ctx": 512, "threads": 2,
+                          "imatrix_seconds": imatrix_s}, "rows": {}}
+
+    def row(name: str, out: Path, argv: list | None, extra_seconds: float = 0.0) -> None:
+        """Make ``out`` with ``argv`` (timed), measure it, and rewrite the JSON and table so far; a failed row is
+        recorded with its error and the others go on."""
+        try:
+            seconds = {} if argv is None else {"seconds": timed(argv) + extra_seconds}
+            table["rows"][name] = seconds | measure(out, text, base, args.chunks, not args.no_bench)
+        except (RowFailed, SlimlmError, subprocess.CalledProcessError) as error:
+            table["rows"][name] = {"error": str(error)[-2000:]}
+        print(json.dumps({name: table["rows"][name]}), flush=True)
+        Path(args.out).write_text(json.dumps(table, indent=1))
+        Path(args.out).with_suffix(".md").write_text(markdown(table["rows"]))
+
+    row("F16", f16, None)
     for size in args.sizes.split(","):
-        files = {}
-        files["llama-quantize"] = (work / f"lq-{size}.gguf", [_tool("llama-quantize"), f16, work / f"lq-{size}.gguf",
-                                                               size, 2], 0.0)
-        files["llama-quantize + imatrix"] = (work / f"lqi-{size}.gguf", [_tool("llama-quantize"), "--imatrix", imatrix,
-                                             f16, work / f"lqi-{size}.gguf", size, 2], imatrix_s)
-        for name, method in [("slimlm rtn", ["--method", "rtn", "--imatrix"]), ("slimlm gptq", ["--method", "gptq"])]:
-            out = work / f"{name.split()[1]}-{size}.gguf"
-            files[name] = (out, [*SLIMLM, "gguf", "smollm2-135m", "--type", size, *method, *CALIB, "--data-dir",
-                                 args.data_dir, "--out", out, "--quiet"], 0.0)
-        for name, (out, argv, extra) in files.items():
-            seconds = timed(argv) + extra
-            rows[f"{size} {name}"] = {"seconds": seconds, **measure(out, text, base, args.chunks, not args.no_bench)}
-            print(json.dumps({f"{size} {name}": rows[f"{size} {name}"]}), flush=True)
-        target = tensor_bytes(files["llama-quantize"][0])
-        out = work / f"mix-{size}.gguf"
-        seconds = timed([*SLIMLM, "gguf", "smollm2-135m", "--type", size, "--method", "gptq", "--size", target,
-                         *CALIB, "--data-dir", args.data_dir, "--out", out, "--quiet"])
-        rows[f"{size} slimlm fisher mix"] = {"seconds": seconds, **measure(out, text, base, args.chunks,
-                                                                           not args.no_bench)}
-        print(json.dumps({f"{size} slimlm fisher mix": rows[f"{size} slimlm fisher mix"]}), flush=True)
-    Path(args.out).write_text(json.dumps({"protocol": {"chunks": args.chunks, "ctx": 512, "threads": 2,
-                                                       "imatrix_seconds": imatrix_s}, "rows": rows}, indent=1))
-    Path(args.out).with_suffix(".md").write_text(markdown(rows))
+        lq = work / f"lq-{size}.gguf"
+        row(f"{size} llama-quantize", lq, [_tool("llama-quantize"), f16, lq, size, 2])
+        row(f"{size} llama-quantize + imatrix", work / f"lqi-{size}.gguf",
+            [_tool("llama-quantize"), "--imatrix", imatrix, f16, work / f"lqi-{size}.gguf", size, 2], imatrix_s)
+        ours = [*SLIMLM, "gguf", args.model, "--type", size, *CALIB, "--data-dir", args.data_dir, "--quiet"]
+        row(f"{size} slimlm rtn", work / f"rtn-{size}.gguf",
+            [*ours, "--method", "rtn", "--imatrix", "--out", work / f"rtn-{size}.gguf"])
+        row(f"{size} slimlm gptq", work / f"gptq-{size}.gguf",
+            [*ours, "--method", "gptq", "--out", work / f"gptq-{size}.gguf"])
+        if lq.exists():
+            row(f"{size} slimlm fisher mix", work / f"mix-{size}.gguf",
+                [*ours, "--method", "gptq", "--size", tensor_bytes(lq), "--out", work / f"mix-{size}.gguf"])
 
 
 def markdown(rows: dict) -> str:
@@ -120,6 +130,9 @@ def markdown(rows: dict) -> str:
     lines = ["| file | MB | bpw | ppl | KLD | pp512 t/s | tg128 t/s | seconds (× llama-imatrix + quantize) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'].splitlines()[-1][:120]} |||||||")
+            continue
         size = name.split()[0]
         base = rows.get(f"{size} llama-quantize + imatrix", {}).get("seconds")
         seconds = f"{row['seconds']:.1f}" + (f" ({row['seconds'] / base:.2f}×)" if base and "seconds" in row else "") \

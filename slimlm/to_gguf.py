@@ -22,7 +22,8 @@ from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf import rope_interleave
 from slimlm.formats.gguf_blocks import pack
-from slimlm.formats.gguf_writer import T, check_architecture, interleaved_heads, tensor_names, write_gguf
+from slimlm.formats.gguf_writer import (NORM_SHIFT, T, check_architecture, interleaved_heads, tensor_names,
+                                       write_gguf)
 from slimlm.formats.source import check_new
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.quant.gguf_mixes import MIXES, named_mix
@@ -40,7 +41,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
             act_order: bool = False, blocksize: int = 128, damp: float = 0.01, batch_size: int | None = None,
             size: str | None = None, source: str | None = None, recipe: str | None = None,
             progress: bool = True) -> Path:
-    """Quantize ``model`` (a llama, qwen2 or qwen3 causal LM, float weights) onto the GGUF types of llama.cpp's file type
+    """Quantize ``model`` (a llama, qwen2, qwen3 or gemma3 text causal LM, float weights) onto the GGUF types of llama.cpp's file type
     ``mix`` and write ``out`` (a new ``.gguf`` file, or a new folder holding model.gguf); returns the file.
 
     ``method``: 'rtn' (each weight rounded onto its stored grid after the format's weighted scale search; with
@@ -143,14 +144,15 @@ def _compress_fn(method, kinds, fitted, act_order, blocksize, damp):
 
 
 def _encode(name: str, W: torch.Tensor, fitted: Fitted | None, kind: str, config: dict, gguf_name):
-    """(GGUF name, bytes or array, type) of one tensor; q/k rows reordered to ggml's rotary layout."""
+    """(GGUF name, bytes or array, type) of one tensor; q/k rows reordered to ggml's rotary layout, gemma's
+    norm weights stored as 1 + w."""
     role = name.removesuffix(".weight").rpartition(".")[2]
     heads = interleaved_heads(config).get(role) if name.endswith(".weight") else None
     if fitted is not None:
         data = torch.from_numpy(pack(fitted))
         data = rope_interleave(data, heads) if heads else data
         return gguf_name(name), data.numpy(), T[kind]
-    W = W.detach().float()
+    W = W.detach().float() + (NORM_SHIFT.get(config["model_type"], 0.0) if name.endswith("norm.weight") else 0.0)
     W = rope_interleave(W, heads) if heads else W
     dtype = torch.float16 if kind == "F16" else torch.float32
     if W.dim() > 1 and kind not in ("F16", "F32"):

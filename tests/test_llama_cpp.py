@@ -3,6 +3,7 @@ they are not built): llama.cpp decodes every type to the same floats as we do, o
 types llama-quantize gives, and llama-perplexity agrees with slimlm's own evaluation of the same file."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,26 +125,78 @@ def test_llama_perplexity_agrees_with_slimlm_on_the_same_file(llama_cpp, builtin
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
-def test_qwen_files_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_folder, tmp_path, short_text, model_type):
-    """Random 2-layer Qwen2 (q/k/v biases) and Qwen3 (q/k norms, explicit head_dim) models with the built-in
-    tokenizer, written as Q8_0: llama.cpp loads them and its perplexity matches slimlm's within 1%, which needs
-    the architecture, its hyperparameters and the rotary layout (NEOX: rows as HF has them) right."""
+# gemma3: a global layer that llama.cpp's default pattern (every sixth) would call sliding, a 32-token window that
+# bites at ctx 128, a different rope base per layer kind and linear rope scaling on the global layers
+GEMMA3 = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "num_hidden_layers": 3,
+          "sliding_window": 32, "query_pre_attn_scalar": 64,
+          "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+
+
+@pytest.mark.parametrize("model_type, extra", [("qwen2", {}), ("qwen3", {}), ("gemma3_text", GEMMA3)])
+def test_other_architectures_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_folder, tmp_path, short_text,
+                                                            model_type, extra):
+    """Random small Qwen2 (q/k/v biases), Qwen3 (q/k norms, explicit head_dim) and Gemma3 (sliding windows,
+    (1 + w) norms, scaled embeddings) models with the built-in tokenizer, written as Q8_0: llama.cpp loads them
+    and its perplexity matches slimlm's within 1%, which needs the architecture, its hyperparameters and the
+    rotary layout (NEOX: rows as HF has them) right."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152,
-                                  max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1)
+    config = AutoConfig.for_model(model_type, **{
+        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 512,
+        "tie_word_embeddings": True, "initializer_range": 0.1} | extra)
     model = AutoModelForCausalLM.from_config(config).eval()
     for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            torch.nn.init.normal_(p, std=0.1)  # nonzero biases, so that a dropped bias would show
+        if name.endswith("bias") or name.endswith("norm.weight"):
+            torch.nn.init.normal_(p, std=0.1)  # nonzero biases and norms off their init, so a slip would show
     tok = AutoTokenizer.from_pretrained(builtin_folder)
     path = to_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0", method="rtn", progress=False)
     theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["ppl"]
     ours = second_half_perplexity(model, tok, short_text, 128, 2)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def llama_cpp_tokens(path, text: str) -> list[int]:
+    """The ids llama.cpp's tokenizer gives ``text`` (llama-completion --verbose-prompt lists them)."""
+    done = subprocess.run([str(llama_cpp_bin() / "llama-completion"), "-m", str(path), "-p", text, "-n", "0",
+                           "--verbose-prompt", "-no-cnv", "-t", "1"], capture_output=True, text=True, timeout=120)
+    log = done.stdout + done.stderr
+    count = int(re.search(r"number of tokens in prompt = (\d+)", log).group(1))
+    after = log[log.index("number of tokens in prompt"):]
+    return [int(i) for i in re.findall(r"^\S+ I\s+(\d+) -> '", after, re.M)[:count]]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+def test_pre_tokenizers_split_text_as_the_models_tokenizer(llama_cpp, builtin_folder, tmp_path, name):
+    """The built-in vocabulary, plus the tokens '12' and '123' merged first, behind Qwen2's and Llama 3's
+    pre-tokenizers (a Split regex, then byte-level; Llama 3 also ignores merges for whole-vocabulary words): the
+    file names llama.cpp's matching pre-tokenizer, and llama.cpp splits a text with digits (one by one for Qwen2,
+    up to three together for Llama 3), contractions, newlines, runs of spaces and accents into exactly the ids
+    transformers gives."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from slimlm.formats.gguf_writer import PRE_TOKENIZERS
+    from tests.conftest import tiny_llama
+
+    spec = json.loads(AutoTokenizer.from_pretrained(builtin_folder).backend_tokenizer.to_str())
+    regex = next(steps[0][1] for steps, pre in PRE_TOKENIZERS.items() if pre == name)
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    vocab = spec["model"]["vocab"]
+    vocab["12"], vocab["123"] = len(vocab), len(vocab) + 1
+    spec["model"]["merges"] = [["1", "2"], ["12", "3"], *spec["model"]["merges"]]
+    spec["model"]["ignore_merges"] = name == "llama-bpe"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    path = to_gguf(tiny_llama(vocab=len(vocab)), tok, tmp_path / "t.gguf", "Q8_0", method="rtn", progress=False)
+    assert gguf.GGUFReader(path).get_field("tokenizer.ggml.pre").contents() == name
+    text = "Hello 12345 world's DON'T stop\n\n  two  spaces   3.14159 émigré naïve 2024-12-02 x=y+1;"
+    ours = tok(text)["input_ids"]
+    assert (vocab["123"] in ours) == (name == "llama-bpe") and len(ours) > 20
+    assert llama_cpp_tokens(path, text) == ours
 
 
 def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, data_dir):

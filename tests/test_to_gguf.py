@@ -77,6 +77,24 @@ def test_existing_output_and_other_architectures_are_refused(tmp_path):
     assert done.returncode != 0 and "already exists" in done.stderr and existing.read_bytes() == b"mine"
 
 
+def test_gemma3_settings_llama_cpp_computes_otherwise_are_refused():
+    """llama.cpp's gemma3 graph fixes the query scale, has no attention soft-capping and no rope scaling on the
+    sliding layers: configs that differ are refused, not written into a file that computes something else."""
+    from slimlm.formats.gguf_writer import check_architecture
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    config = {"model_type": "gemma3_text", "num_attention_heads": 4, "hidden_size": 256, "num_hidden_layers": 2,
+              "head_dim": 64, "query_pre_attn_scalar": 64, "rope_parameters": rope}
+    assert check_architecture(config) == "gemma3"
+    bad = [({"query_pre_attn_scalar": 256}, "1/sqrt\\(64\\)"), ({"attn_logit_softcapping": 50.0}, "soft-capping"),
+           ({"rope_parameters": rope | {"sliding_attention": rope["full_attention"]}}, "sliding-window layers"),
+           ({"rope_parameters": rope | {"full_attention": {"rope_type": "yarn", "factor": 4.0}}}, "'yarn'")]
+    for change, message in bad:
+        with pytest.raises(SlimlmError, match=message):
+            check_architecture(config | change)
+
+
 def test_api_refuses_options_its_method_would_ignore(tmp_path):
     import slimlm
     from tests.conftest import tiny_llama

@@ -27,9 +27,12 @@ UNQUANTIZED = (T.F32, T.F16)  # written from numpy's own dtypes; others as raw b
 
 
 # HF model_type -> llama.cpp architecture. llama.cpp's llama rope rotates adjacent pairs, so llama's q/k rows are
-# reordered (``formats.gguf.rope_interleave``); qwen2/qwen3 use the NEOX rope, HF's own layout.
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+# reordered (``formats.gguf.rope_interleave``); qwen2/qwen3/gemma3 use the NEOX rope, HF's own layout.
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+                 "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 ROPE_INTERLEAVED = {"llama"}
+# Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the file stores w + 1 (every '*norm.weight').
+NORM_SHIFT = {"gemma3_text": 1.0}
 
 
 def interleaved_heads(config: dict) -> dict[str, int]:
@@ -42,18 +45,44 @@ def interleaved_heads(config: dict) -> dict[str, int]:
 
 
 def check_architecture(config: dict) -> str:
-    """The llama.cpp architecture name of an HF config we can write (llama, qwen2, qwen3), or SlimlmError."""
+    """The llama.cpp architecture name of an HF config we can write (llama, qwen2, qwen3, gemma3 text), or
+    SlimlmError naming what llama.cpp would compute differently."""
     kind = config.get("model_type")
     if kind not in ARCHITECTURES:
         raise SlimlmError(f"GGUF writing supports {', '.join(ARCHITECTURES)} models; this one is '{kind}'")
     if kind == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise SlimlmError("GGUF: llama models with biases in the attention or MLP linears are not written")
-    if config.get("use_sliding_window"):
+    if kind == "gemma3_text":
+        _check_gemma3(config)
+    elif config.get("use_sliding_window"):
         raise SlimlmError("GGUF: sliding-window attention is not written")
-    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
-    if rope_type != "default":
+    written = ("default", "linear") if kind == "gemma3_text" else ("default",)  # gemma3 4B+: linear, global layers
+    rope_type = _rope(config).get("rope_type", "default")
+    if rope_type not in written:
         raise SlimlmError(f"GGUF: rope_type '{rope_type}' (rope scaling) is not written")
     return gguf.MODEL_ARCH_NAMES[ARCHITECTURES[kind]]
+
+
+def _check_gemma3(config: dict) -> None:
+    """What llama.cpp's gemma3 graph fixes: queries scaled by 1/sqrt(head_dim) (hidden/heads for the 62-layer
+    27B), no attention-logit soft-capping, causal attention, unscaled rope on the sliding layers."""
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    scale_dim = hidden // heads if config["num_hidden_layers"] == 62 else config["head_dim"]
+    if config.get("query_pre_attn_scalar", scale_dim) != scale_dim:
+        raise SlimlmError(f"GGUF: llama.cpp's gemma3 scales queries by 1/sqrt({scale_dim}); this model's "
+                          f"query_pre_attn_scalar is {config['query_pre_attn_scalar']}")
+    if config.get("attn_logit_softcapping") or config.get("use_bidirectional_attention"):
+        raise SlimlmError("GGUF: gemma3 with attention soft-capping or bidirectional attention is not written")
+    if _rope(config, "sliding_attention").get("rope_type", "default") != "default":
+        raise SlimlmError("GGUF: rope scaling on gemma3's sliding-window layers is not written")
+
+
+def _rope(config: dict, layer_type: str = "full_attention") -> dict:
+    """The rope parameters (transformers 5's ``rope_parameters``, per layer type for gemma3; older configs keep
+    ``rope_theta``/``rope_scaling`` at the top)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = rope.get(layer_type, rope) if isinstance(rope.get(layer_type), dict) else rope
+    return {"rope_theta": config.get("rope_theta", 10000.0)} | rope
 
 
 def tensor_names(config: dict):
@@ -106,10 +135,10 @@ def check_llama(config: dict) -> None:
 
 
 def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
-    """The ``{arch}.*`` hyperparameters (GGUF spec, LLM section) from an HF llama/qwen2/qwen3 config."""
+    """The ``{arch}.*`` hyperparameters (GGUF spec, LLM section) from an HF llama/qwen2/qwen3/gemma3 config."""
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
-    rope = config.get("rope_parameters") or {}
+    rope = _rope(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
@@ -117,29 +146,58 @@ def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(vocab)
     if head_dim != hidden // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if config["model_type"] == "gemma3_text":
+        _add_gemma3_config(writer, config, rope)
+
+
+def _add_gemma3_config(writer: gguf.GGUFWriter, config: dict, rope: dict) -> None:
+    """Sliding-window layers as an explicit per-layer flag array (llama.cpp's default is every sixth layer
+    global, which a config's ``layer_types`` need not follow), their own rope base, and the global layers'
+    linear rope scaling."""
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in config["layer_types"]])
+    writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+
+
+# tokenizer.json pre-tokenizer steps -> llama.cpp's pre-tokenizer name (which brings its regex and flags). A step is
+# (type, what varies): Digits' individual_digits, ByteLevel's use_regex, Split's regex. The two regexes are the
+# ones Qwen2's and Llama 3's tokenizer.json carry (they differ only in \p{N} vs \p{N}{1,3}).
+_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {(("ByteLevel", True),): "gpt-2",
+                  (("Digits", True), ("ByteLevel", True)): "smollm",
+                  (("Split", _SPLIT % ""), ("ByteLevel", False)): "qwen2",
+                  (("Split", _SPLIT % "{1,3}"), ("ByteLevel", False)): "llama-bpe"}
 
 
 def _pre_tokenizer(spec: dict, source, tokens: list[str]) -> str:
     """llama.cpp's pre-tokenizer name. A run made from a GGUF file keeps that file's name (transformers drops it
     when it reads the file, so the run's tokenizer.json cannot tell); otherwise it is read off the
-    pre-tokenizer: GPT-2's byte-level regex is 'gpt-2', single digits first then that regex is 'smollm'."""
+    pre-tokenizer's steps (``PRE_TOKENIZERS``); an unknown one is refused, since llama.cpp would split the text
+    differently from the model's own tokenizer."""
     source = _source_gguf(source)
     if source is not None:
         fields = read_metadata(source, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"))
         if "tokenizer.ggml.pre" in fields and fields.get("tokenizer.ggml.tokens") == tokens:
             return fields["tokenizer.ggml.pre"]
     pre = spec.get("pre_tokenizer") or {}
-    steps = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in pre.get("pretokenizers", [pre])]
-    names = {(("ByteLevel", None, True),): "gpt-2", (("Digits", True, None), ("ByteLevel", None, True)): "smollm"}
-    if tuple(steps) not in names:
-        logger.warning("pre-tokenizer %s has no llama.cpp name here; writing 'default'", steps)
-    return names.get(tuple(steps), "default")
+    detail = {"Digits": "individual_digits", "ByteLevel": "use_regex"}
+    steps = tuple((s["type"], (s.get("pattern") or {}).get("Regex") if s["type"] == "Split"
+                   else s.get(detail.get(s["type"], ""))) for s in pre.get("pretokenizers", [pre]))
+    if steps not in PRE_TOKENIZERS:
+        raise SlimlmError(f"GGUF: the tokenizer's pre-tokenizer {steps} has no llama.cpp name here "
+                          f"(known: {', '.join(PRE_TOKENIZERS.values())}); llama.cpp would split text differently")
+    return PRE_TOKENIZERS[steps]
 
 
 def _source_gguf(model) -> Path | None:
