@@ -77,18 +77,23 @@ def main() -> None:
     parser.add_argument("--data-dir", default=DEFAULT_DATA)
     parser.add_argument("--no-bench", action="store_true", help="skip llama-bench")
     parser.add_argument("--out", default=str(RESULTS / "gguf_table.json"), help="JSON, rewritten after every row")
+    parser.add_argument("--speed-pass", metavar="WORK", help="only rerun llama-bench on the files a run left in its "
+                        "WORK folder (printed first) and rewrite --out's pp512/tg128, e.g. once the machine is quiet")
     args = parser.parse_args()
+    if args.speed_pass:
+        return speed_pass(Path(args.speed_pass), Path(args.out))
     from slimlm.core.data import load_text, tokenize
     from slimlm.core.models import load_model
     from slimlm.errors import SlimlmError
     from slimlm.evaluation.llama_cpp import llama_perplexity
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
+    print(json.dumps({"work": str(work)}), flush=True)
     text = Path(args.data_dir) / "wikitext2" / "test.raw"
     _, tok = load_model(args.model)
     calib_text = work / "calib.txt"
     calib_text.write_text(tok.decode(tokenize(load_text("wikitext2", "calib", args.data_dir), tok)[: 32 * 512]))
-    f16, base = work / "f16.gguf", work / "f16.kld"
+    f16, base = file_for(work, "F16"), work / "f16.kld"
     timed([*SLIMLM, "gguf", args.model, "--type", "F16", "--method", "rtn", "--out", f16, "--quiet"])
     llama_perplexity(f16, text, 512, args.chunks, 2, base, save_base=True)
     imatrix = work / "imatrix.gguf"
@@ -97,32 +102,61 @@ def main() -> None:
     table = {"protocol": {"model": args.model, "chunks": args.chunks, "ctx": 512, "threads": 2,
                           "imatrix_seconds": imatrix_s}, "rows": {}}
 
-    def row(name: str, out: Path, argv: list | None, extra_seconds: float = 0.0) -> None:
-        """Make ``out`` with ``argv`` (timed), measure it, and rewrite the JSON and table so far; a failed row is
-        recorded with its error and the others go on."""
+    def row(name: str, argv: list | None, extra_seconds: float = 0.0) -> None:
+        """Make the row's file with ``argv`` (timed), measure it, and rewrite the JSON and table so far; a failed
+        row is recorded with its error and the others go on."""
+        out = file_for(work, name)
         try:
             seconds = {} if argv is None else {"seconds": timed(argv) + extra_seconds}
             table["rows"][name] = seconds | measure(out, text, base, args.chunks, not args.no_bench)
         except (RowFailed, SlimlmError, subprocess.CalledProcessError) as error:
             table["rows"][name] = {"error": str(error)[-2000:]}
         print(json.dumps({name: table["rows"][name]}), flush=True)
-        Path(args.out).write_text(json.dumps(table, indent=1))
-        Path(args.out).with_suffix(".md").write_text(markdown(table["rows"]))
+        write(table, Path(args.out))
 
-    row("F16", f16, None)
+    row("F16", None)
     for size in args.sizes.split(","):
-        lq = work / f"lq-{size}.gguf"
-        row(f"{size} llama-quantize", lq, [_tool("llama-quantize"), f16, lq, size, 2])
-        row(f"{size} llama-quantize + imatrix", work / f"lqi-{size}.gguf",
-            [_tool("llama-quantize"), "--imatrix", imatrix, f16, work / f"lqi-{size}.gguf", size, 2], imatrix_s)
+        lq = file_for(work, f"{size} llama-quantize")
+        row(f"{size} llama-quantize", [_tool("llama-quantize"), f16, lq, size, 2])
+        row(f"{size} llama-quantize + imatrix", [_tool("llama-quantize"), "--imatrix", imatrix, f16,
+                                                 file_for(work, f"{size} llama-quantize + imatrix"), size, 2],
+            imatrix_s)
         ours = [*SLIMLM, "gguf", args.model, "--type", size, *CALIB, "--data-dir", args.data_dir, "--quiet"]
-        row(f"{size} slimlm rtn", work / f"rtn-{size}.gguf",
-            [*ours, "--method", "rtn", "--imatrix", "--out", work / f"rtn-{size}.gguf"])
-        row(f"{size} slimlm gptq", work / f"gptq-{size}.gguf",
-            [*ours, "--method", "gptq", "--out", work / f"gptq-{size}.gguf"])
+        row(f"{size} slimlm rtn", [*ours, "--method", "rtn", "--imatrix", "--out",
+                                   file_for(work, f"{size} slimlm rtn")])
+        row(f"{size} slimlm gptq", [*ours, "--method", "gptq", "--out", file_for(work, f"{size} slimlm gptq")])
         if lq.exists():
-            row(f"{size} slimlm fisher mix", work / f"mix-{size}.gguf",
-                [*ours, "--method", "gptq", "--size", tensor_bytes(lq), "--out", work / f"mix-{size}.gguf"])
+            row(f"{size} slimlm fisher mix", [*ours, "--method", "gptq", "--size", tensor_bytes(lq), "--out",
+                                              file_for(work, f"{size} slimlm fisher mix")])
+
+
+FILES = {"llama-quantize": "lq", "llama-quantize + imatrix": "lqi", "slimlm rtn": "rtn", "slimlm gptq": "gptq",
+         "slimlm fisher mix": "mix"}
+
+
+def file_for(work: Path, name: str) -> Path:
+    """The file of a row ('F16', 'Q4_K_M slimlm gptq', ...) in a run's work folder."""
+    if name == "F16":
+        return work / "f16.gguf"
+    size, kind = name.split(" ", 1)
+    return work / f"{FILES[kind]}-{size}.gguf"
+
+
+def write(table: dict, out: Path) -> None:
+    out.write_text(json.dumps(table, indent=1))
+    out.with_suffix(".md").write_text(markdown(table["rows"]))
+
+
+def speed_pass(work: Path, out: Path) -> None:
+    """llama-bench again on every measured row's file, one after the other (the only load, if the machine is
+    quiet); the table records that its speeds came from this pass."""
+    table = json.loads(out.read_text())
+    for name, row in table["rows"].items():
+        if "error" not in row and file_for(work, name).is_file():
+            row |= speed(file_for(work, name))
+            print(json.dumps({name: {k: row[k] for k in ("pp512", "tg128")}}), flush=True)
+    table["protocol"]["speeds"] = "a separate llama-bench pass over the files (--speed-pass)"
+    write(table, out)
 
 
 def markdown(rows: dict) -> str:

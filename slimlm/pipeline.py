@@ -182,6 +182,16 @@ def _analyze(model, tokenizer, run, ns, options: RunOptions, out, recipe_text: s
     print(json.dumps({"out": str(out), "layers": len(metrics), "seconds": round(timings["total"], 2)}))
 
 
+def _gguf(model, tokenizer, run, ns, recipe_text: str, progress: bool) -> dict:
+    from slimlm.to_gguf import to_gguf
+
+    path = to_gguf(model, tokenizer, ns.out, ns.type, ns.method, ns.imatrix, calib_source=ns.calib,
+                   nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed,
+                   data_dir=run.data_dir, act_order=ns.act_order, batch_size=ns.batch_size, size=ns.size,
+                   source=run.model, recipe=recipe_text, progress=progress)
+    return {"out": str(path), "bytes": path.stat().st_size}
+
+
 def _timing_summary(command: str, timings: dict[str, float]) -> str:
     """One line for stderr: the total, then every part in the order it ran, e.g.
     ``analyze took 51.2 s: data 1.2 s, spectra 3.1 s, ...``."""
@@ -315,15 +325,16 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
         checkpoint = _checkpoint(recipe, options, out, stream)
     text = dumps(recipe)
     manifests, tensors = run_steps(recipe, model, tokenizer, options, stream=stream, checkpoint=checkpoint, text=text)
-    if out is None:
-        return
-    manifest = _run_manifest(recipe, manifests)
-    if stream is not None:  # the partial folder holds the output shards: complete it and rename it
-        save_streamed(model, tokenizer, stream, out, manifest, tensors, options.overwrite, {RECIPE: text})
-    else:
-        save_run(model.to("cpu"), tokenizer, out, manifest, options.overwrite, tensors, {RECIPE: text})
-        shutil.rmtree(partial_dir(out), ignore_errors=True)  # the finished run's checkpoint
-    print(json.dumps(_summary(out, manifest)))
-    for kind, ns in recipe.steps:
-        if kind == "export":
+    if out is not None:
+        manifest = _run_manifest(recipe, manifests)
+        if stream is not None:  # the partial folder holds the output shards: complete it and rename it
+            save_streamed(model, tokenizer, stream, out, manifest, tensors, options.overwrite, {RECIPE: text})
+        else:
+            save_run(model.to("cpu"), tokenizer, out, manifest, options.overwrite, tensors, {RECIPE: text})
+            shutil.rmtree(partial_dir(out), ignore_errors=True)  # the finished run's checkpoint
+        print(json.dumps(_summary(out, manifest)))
+    for kind, ns in recipe.steps:  # after the run is saved: a gguf step moves the weights onto the file's grids
+        if kind == "gguf":
+            print(json.dumps(_gguf(model, tokenizer, recipe.run, ns, text, not options.quiet)))
+        elif kind == "export":
             print(json.dumps(export(out, ns, text, not options.quiet)))

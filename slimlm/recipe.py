@@ -23,9 +23,10 @@ from the current folder, as on the command line.
 
 Step kinds: ``analyze`` (an analysis folder: the step's ``out``, or the recipe's when nothing is compressed),
 ``rotate`` (QuaRot, before any pruning or quantization), ``prune``, ``quantize``, ``eval`` (perplexity of the
-model as it is at that point), ``export`` (reads the saved run, so export steps come last). ``pipeline.execute``
-runs a recipe; ``from_args`` turns a ``slimlm prune/quantize/analyze`` command line into a recipe, so the
-command and its replay share one code path.
+model as it is at that point), ``gguf`` (the model as it is, onto llama.cpp's types: one file, its ``out``; it
+leaves the weights at the file's values, so only exports follow it), ``export`` (reads the saved run, so export
+steps come last). ``pipeline.execute`` runs a recipe; ``from_args`` turns a ``slimlm prune/quantize/analyze/gguf``
+command line into a recipe, so the command and its replay share one code path.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def parser_for(kind: str | None) -> argparse.ArgumentParser:
         STEP_SETTINGS[kind](p)
         if kind == "analyze":  # the command line's --out is the run-level one
             p.add_argument("--out")
+        if kind == "gguf":  # the file it writes (the command line's --out)
+            p.add_argument("--out", required=True)
     return p
 
 
@@ -206,13 +209,17 @@ def settings_from(kind: str | None, args: argparse.Namespace) -> argparse.Namesp
 
 
 def from_args(kind: str, args: argparse.Namespace) -> Recipe:
-    """The one-step recipe of a ``slimlm prune/quantize/analyze`` command line (plus ``eval`` for ``--eval``)."""
+    """The one-step recipe of a ``slimlm prune/quantize/analyze/gguf`` command line (plus ``eval`` for
+    ``--eval``)."""
     steps = [(kind, settings_from(kind, args))]
+    run = settings_from(None, args)
     if kind == "analyze":
         steps[0][1].out = None  # the analysis goes to the recipe's out
+    if kind == "gguf":
+        run.out = None  # no run folder: the file is the gguf step's out
     if getattr(args, "eval", False):
         steps.append(("eval", settings_from("eval", args)))
-    return Recipe(settings_from(None, args), steps)
+    return Recipe(run, steps)
 
 
 def relocated(recipe: Recipe, out: str) -> Recipe:
@@ -266,6 +273,7 @@ def _check_step(kind: str, ns) -> None:
     from slimlm.formats.source import check_new
     from slimlm.pruning.methods import get_method
     from slimlm.pruning.spec import check_budget_options, check_sparsity, parse_pattern
+    from slimlm.quant.gguf_sizing import parse_size
     from slimlm.quant.grids import QuantGrid
 
     if kind in ("prune", "quantize", "analyze"):
@@ -291,6 +299,12 @@ def _check_step(kind: str, ns) -> None:
         check_source(ns.eval_dataset)
     elif kind == "export":
         check_new(ns.out)
+    elif kind == "gguf":
+        check_new(ns.out)
+        if ns.size is not None:
+            parse_size(ns.size)
+        if ns.method == "gptq" or ns.imatrix or ns.size:
+            check_source(ns.calib)
 
 
 def _check_order(recipe: Recipe, options: RunOptions) -> None:
@@ -313,6 +327,13 @@ def _check_order(recipe: Recipe, options: RunOptions) -> None:
             raise SlimlmError(f"{where}: rotate once, before any prune or quantize step")
         if kind == "quantize" and ns.rotate != "none" and "rotate" in kinds:
             raise SlimlmError(f"{where}: rotate is '{ns.rotate}' but the recipe has a rotate step already")
+        if kind == "gguf" and set(kinds[i + 1:]) - {"export"}:
+            raise SlimlmError(f"{where}: leaves the model at the file's values, so only export steps may follow it")
+        if kind == "gguf" and recipe.run.device != "cpu":
+            raise SlimlmError(f"{where}: computes on the CPU; load the model with device: cpu")
+        if kind == "gguf" and any(_runtime_hook(k, step) for k, step in recipe.steps[:i]):
+            raise SlimlmError(f"{where}: an earlier step adds what GGUF cannot hold (QuaRot's online down_proj "
+                              "Hadamard or activation quantization); rotate with no-online-down, no abits")
     if not compression and recipe.run.out is not None and not any(
             kind == "analyze" and ns.out is None for kind, ns in recipe.steps):
         raise SlimlmError("out: nothing is compressed, so there is no run folder to write; drop out")
@@ -323,6 +344,14 @@ def _check_order(recipe: Recipe, options: RunOptions) -> None:
         raise SlimlmError("--eval needs the whole model in memory; evaluate the saved run with `slimlm eval`")
     if options.offload and "analyze" in kinds:
         raise SlimlmError("analyze needs the whole model in memory; run it without --offload")
+    if options.offload and "gguf" in kinds:
+        raise SlimlmError("gguf needs the whole model in memory; run it without --offload")
+
+
+def _runtime_hook(kind: str, ns) -> bool:
+    """Whether a step leaves hooks that run at inference (see ``api.apply_runtime``)."""
+    return (kind == "rotate" and not ns.no_online_down) or (
+        kind == "quantize" and (ns.rotate == "hadamard" or ns.abits is not None))
 
 
 def check(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:

@@ -178,7 +178,7 @@ def test_pre_tokenizers_split_text_as_the_models_tokenizer(llama_cpp, builtin_fo
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from slimlm.formats.gguf_writer import PRE_TOKENIZERS
+    from slimlm.formats.gguf_tokenizer import PRE_TOKENIZERS
     from tests.conftest import tiny_llama
 
     spec = json.loads(AutoTokenizer.from_pretrained(builtin_folder).backend_tokenizer.to_str())
@@ -199,6 +199,46 @@ def test_pre_tokenizers_split_text_as_the_models_tokenizer(llama_cpp, builtin_fo
     assert llama_cpp_tokens(path, text) == ours
 
 
+def sentencepiece_bpe(text: str, prepend: bool, size: int = 800):
+    """A SentencePiece-style BPE tokenizer trained on ``text``: '▁' for spaces (put before the text too when
+    ``prepend``, as Llama 2's; not, as Gemma's), byte fallback, and every split of a piece into two pieces as a
+    merge in the pieces' order, as transformers' SentencePiece converters write them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prepend +
+                                                [normalizers.Replace(" ", "\u2581")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
+                                  show_progress=False)
+    tokenizer.train_from_iterator([w if prepend else "\u2581" + w for w in text.split()], trainer)
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    spec["model"]["merges"] = [[p[:i], p[i:]] for p, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+                               if p not in specials for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("prepend", [False, True], ids=["gemma-style", "llama2-style"])
+def test_sentencepiece_tokenizers_split_text_as_transformers(llama_cpp, short_text, tmp_path, prepend):
+    """SentencePiece-style BPE (Gemma, Llama 2, Mistral) goes in as llama.cpp's 'llama' tokenizer, scores from
+    the merge ranks: llama.cpp's ids for unseen text (accents that only byte fallback covers, digits, spaces)
+    equal transformers'."""
+    from tests.conftest import tiny_llama
+
+    tok = sentencepiece_bpe(short_text.read_text(), prepend)
+    path = to_gguf(tiny_llama(vocab=len(tok)), tok, tmp_path / "t.gguf", "Q8_0", method="rtn", progress=False)
+    assert gguf.GGUFReader(path).get_field("tokenizer.ggml.model").contents() == "llama"
+    text = "Hello world, 12345 émigré naïve Zürich  two  spaces: the history of the band's album (1998)."
+    ours = tok(text)["input_ids"]
+    assert len(ours) > 30 and tok.convert_tokens_to_ids("<0xC3>") in ours  # byte fallback used
+    assert llama_cpp_tokens(path, text) == ours
+
+
 def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, data_dir):
     argv = [sys.executable, "-m", "slimlm", "eval", str(smollm_f16), "--engine", "llama.cpp", "--eval-seqlen",
             "128", "--eval-windows", "2", "--data-dir", data_dir, "--kld-reference", str(smollm_f16)]
@@ -208,6 +248,6 @@ def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, da
     assert result["ppl"] > 1 and abs(result["kld"]) < 1e-3 and result["ppl"] == pytest.approx(result["ppl_base"], rel=1e-4)
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
-    done = subprocess.run([*argv[:4], str(corrupt), *argv[5:11]], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([*argv[:4], str(corrupt), *argv[5:13]], capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "llama-perplexity failed" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 6

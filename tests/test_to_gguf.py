@@ -50,6 +50,63 @@ def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     assert tensor_bytes(out) <= target and len(kinds) > 1
 
 
+def test_a_run_folder_goes_to_gguf_with_its_zeros(tiny_folder, tmp_path):
+    """`slimlm gguf RUN`: a pruned run's folder is a model like any other; Q4_0 stores 0 exactly (d·(8 - 8)),
+    so RTN keeps every pruned weight at zero, and the file names the run as its source."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert cli("prune", tiny_folder, "--method", "magnitude", "--sparsity", "0.5", "--out", run).returncode == 0
+    done = cli("gguf", run, "--type", "Q4_0", "--method", "rtn", "--out", tmp_path / "r.gguf", "--quiet")
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(tmp_path / "r.gguf")
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    assert up.tensor_type.name == "Q4_0"
+    pruned = load_file(run / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].numpy() == 0
+    decoded = gguf.quants.dequantize(up.data, up.tensor_type)
+    assert pruned.mean() == pytest.approx(0.5, abs=0.01) and np.all(decoded[pruned] == 0)
+    assert json.loads(reader.get_field("slimlm.export").contents())["source"] == str(run)
+
+
+def test_the_file_carries_its_recipe_and_a_replay_writes_the_same_tensors(tiny_folder, tmp_path, data_dir):
+    first = tmp_path / "first.gguf"
+    done = cli("gguf", tiny_folder, "--type", "Q4_K_M", "--method", "gptq", "--nsamples", "2", "--seqlen", "32",
+               "--data-dir", data_dir, "--out", first, "--quiet")
+    assert done.returncode == 0, done.stderr
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(gguf.GGUFReader(first).get_field("slimlm.recipe").contents())
+    first.rename(tmp_path / "kept.gguf")  # the recipe names first.gguf as its out, which must not exist
+    assert cli("run", recipe, "--quiet").returncode == 0
+    ours, theirs = (gguf.GGUFReader(p).tensors for p in (tmp_path / "kept.gguf", first))
+    assert [(t.name, t.tensor_type) for t in ours] == [(t.name, t.tensor_type) for t in theirs]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours, theirs))
+
+
+def test_a_recipe_prunes_then_writes_gguf_and_refuses_what_gguf_cannot_hold(tiny_folder, tmp_path, data_dir):
+    """prune -> gguf in one recipe: the run folder has the pruned weights, the file their Q4_0 form (zeros kept);
+    a step after gguf, or an online rotation before it, is refused before any work."""
+    import yaml
+
+    def recipe(steps, name):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": str(tiny_folder), "data-dir": data_dir, "out": str(tmp_path / name),
+                                        "steps": steps}))
+        return cli("run", path, "--quiet")
+
+    gguf_step = {"gguf": {"type": "Q4_0", "method": "rtn", "out": str(tmp_path / "p.gguf")}}
+    done = recipe([{"prune": {"method": "magnitude", "sparsity": 0.5}}, gguf_step], "pruned")
+    assert done.returncode == 0, done.stderr
+    up = next(t for t in gguf.GGUFReader(tmp_path / "p.gguf").tensors if t.name == "blk.1.ffn_up.weight")
+    decoded = gguf.quants.dequantize(up.data, up.tensor_type)
+    assert (decoded == 0).mean() >= 0.5 and (tmp_path / "pruned" / "recipe.yaml").is_file()
+    for steps, message in [([gguf_step, {"eval": {"eval-windows": 1}}], "only export steps may follow"),
+                           ([{"rotate": {"seed": 0}}, gguf_step], "online down_proj Hadamard")]:
+        (tmp_path / "p.gguf").unlink(missing_ok=True)
+        done = recipe(steps, "refused")
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "p.gguf").exists() and not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", "2bpw", "--method", "rtn"], "smallest types need"),
     (["--size", "lots"], "bits per weight"),

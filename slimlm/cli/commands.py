@@ -173,28 +173,15 @@ def _eval_llama_cpp(args) -> None:
 
 
 def cmd_gguf(args) -> None:
-    import slimlm
-    from slimlm.core.data import check_data
+    """A one-step recipe (``gguf``), written into the file as ``slimlm.recipe``."""
     from slimlm.core.models import model_source
-    from slimlm.formats.source import check_new, check_runtime
-    from slimlm.quant.gguf_sizing import parse_size
+    from slimlm.formats.source import check_runtime
     from slimlm.runs.save import MANIFEST, read_manifest
-    from slimlm.to_gguf import to_gguf
 
-    check_new(args.out)
     model_source(args.model, args.allow_pickle)
     if (Path(args.model) / MANIFEST).is_file():
         check_runtime(read_manifest(args.model), "GGUF")  # a rotated run's online Hadamard has no GGUF form
-    if args.size is not None:
-        parse_size(args.size)
-    if args.method == "gptq" or args.imatrix or args.size:
-        check_data(args.calib, args.data_dir)
-    model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
-    out = to_gguf(model, tokenizer, args.out, args.type, args.method, args.imatrix, calib_source=args.calib,
-                  nsamples=args.nsamples, seqlen=args.seqlen, sampling=args.calib_sampling, seed=args.seed,
-                  data_dir=args.data_dir, act_order=args.act_order, batch_size=args.batch_size, size=args.size,
-                  source=args.model, progress=not args.quiet)
-    print(json.dumps({"out": str(out), "bytes": out.stat().st_size}))
+    _execute("gguf", args)
 
 
 def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:

@@ -278,7 +278,8 @@ def add_gguf_settings(p):
 
 
 STEP_SETTINGS = {"analyze": add_analyze_settings, "rotate": add_rotate_settings, "prune": add_prune_settings,
-                 "quantize": add_quantize_settings, "eval": add_eval_settings, "export": add_export_settings}
+                 "quantize": add_quantize_settings, "eval": add_eval_settings, "export": add_export_settings,
+                 "gguf": add_gguf_settings}
 
 
 def _add_run_args(p):

@@ -1,12 +1,12 @@
-"""Writing a GGUF file: llama hyperparameters, the tokenizer, tensors already encoded, written atomically.
+"""Writing a GGUF file: the architecture's hyperparameters (llama, qwen2, qwen3, gemma3), the tokenizer
+(``formats.gguf_tokenizer``), tensors already encoded, written atomically.
 
-Metadata from the GGUF spec (ggml docs/gguf.md: keys ``llama.*``, ``tokenizer.ggml.*``) with ``gguf.GGUFWriter``.
-Shared by ``formats.gguf`` (exports of saved runs) and ``api.gguf`` (models quantized onto llama.cpp's types).
+Metadata from the GGUF spec (ggml docs/gguf.md: keys ``{arch}.*``) with ``gguf.GGUFWriter``. Shared by
+``formats.gguf`` (exports of saved runs) and ``to_gguf`` (models quantized onto llama.cpp's types).
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -14,12 +14,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_metadata import read_metadata
+from slimlm.formats.gguf_tokenizer import add_tokenizer
 from slimlm.runs.save import atomic_dir, follow_umask
-
-logger = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"  # the file's name inside an output folder
 T = gguf.GGMLQuantizationType
@@ -114,7 +111,7 @@ def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[s
         if any(qtype not in (T.F32, T.F16, T.BF16) for _, _, qtype in tensors):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_llama_config(writer, config, vocab)
-        _add_tokenizer(writer, tokenizer, source, vocab)
+        add_tokenizer(writer, tokenizer, source, vocab)
         writer.add_string("slimlm.export", json.dumps(record))
         if recipe is not None:
             writer.add_string("slimlm.recipe", recipe)
@@ -168,84 +165,6 @@ def _add_gemma3_config(writer: gguf.GGUFWriter, config: dict, rope: dict) -> Non
         writer.add_rope_scaling_factor(float(rope["factor"]))
     if config.get("final_logit_softcapping"):
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-
-
-# tokenizer.json pre-tokenizer steps -> llama.cpp's pre-tokenizer name (which brings its regex and flags). A step is
-# (type, what varies): Digits' individual_digits, ByteLevel's use_regex, Split's regex. The two regexes are the
-# ones Qwen2's and Llama 3's tokenizer.json carry (they differ only in \p{N} vs \p{N}{1,3}).
-_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PRE_TOKENIZERS = {(("ByteLevel", True),): "gpt-2",
-                  (("Digits", True), ("ByteLevel", True)): "smollm",
-                  (("Split", _SPLIT % ""), ("ByteLevel", False)): "qwen2",
-                  (("Split", _SPLIT % "{1,3}"), ("ByteLevel", False)): "llama-bpe"}
-
-
-def _pre_tokenizer(spec: dict, source, tokens: list[str]) -> str:
-    """llama.cpp's pre-tokenizer name. A run made from a GGUF file keeps that file's name (transformers drops it
-    when it reads the file, so the run's tokenizer.json cannot tell); otherwise it is read off the
-    pre-tokenizer's steps (``PRE_TOKENIZERS``); an unknown one is refused, since llama.cpp would split the text
-    differently from the model's own tokenizer."""
-    source = _source_gguf(source)
-    if source is not None:
-        fields = read_metadata(source, ("tokenizer.ggml.pre", "tokenizer.ggml.tokens"))
-        if "tokenizer.ggml.pre" in fields and fields.get("tokenizer.ggml.tokens") == tokens:
-            return fields["tokenizer.ggml.pre"]
-    pre = spec.get("pre_tokenizer") or {}
-    detail = {"Digits": "individual_digits", "ByteLevel": "use_regex"}
-    steps = tuple((s["type"], (s.get("pattern") or {}).get("Regex") if s["type"] == "Split"
-                   else s.get(detail.get(s["type"], ""))) for s in pre.get("pretokenizers", [pre]))
-    if steps not in PRE_TOKENIZERS:
-        raise SlimlmError(f"GGUF: the tokenizer's pre-tokenizer {steps} has no llama.cpp name here "
-                          f"(known: {', '.join(PRE_TOKENIZERS.values())}); llama.cpp would split text differently")
-    return PRE_TOKENIZERS[steps]
-
-
-def _source_gguf(model) -> Path | None:
-    if model in BUILTIN_MODELS:
-        try:
-            return builtin_gguf(model)
-        except SlimlmError:
-            return None
-    return Path(model) if isinstance(model, str) and model.endswith(".gguf") and Path(model).is_file() else None
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tok, source, vocab_size: int) -> None:
-    """``tokenizer.ggml.*`` for a byte-level BPE tokenizer (tokenizer model 'gpt2'): tokens by id (padded to
-    the embedding's rows with unused '[PADi]'), types (control = special added token, user-defined = other
-    added token), merges, special ids, BOS/EOS flags and chat template. ``source``: the model the tokenizer
-    came from (a GGUF file keeps its pre-tokenizer name)."""
-    if tok is None:
-        logger.warning("no tokenizer: the GGUF gets no vocabulary (transformers loads its weights, llama.cpp "
-                       "needs a vocabulary to run it)")
-        return
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        logger.warning("the run's tokenizer is not byte-level BPE: the GGUF gets no vocabulary")
-        return
-    ids = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
-    if max(ids.values()) >= vocab_size:
-        raise SlimlmError(f"the tokenizer has ids up to {max(ids.values())}, the model only {vocab_size} rows")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [gguf.TokenType.UNUSED] * vocab_size
-    for token, i in ids.items():
-        tokens[i], types[i] = token, gguf.TokenType.NORMAL
-    for added in spec["added_tokens"]:
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(spec, source, tokens))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for token_id, add in ((tok.bos_token_id, writer.add_bos_token_id), (tok.eos_token_id, writer.add_eos_token_id),
-                          (tok.unk_token_id, writer.add_unk_token_id), (tok.pad_token_id, writer.add_pad_token_id)):
-        if token_id is not None:
-            add(token_id)
-    sample = tok("a")["input_ids"]
-    writer.add_add_bos_token(bool(sample) and sample[0] == tok.bos_token_id)
-    writer.add_add_eos_token(len(sample) > 1 and sample[-1] == tok.eos_token_id)
-    writer.add_add_space_prefix(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
 
 
 def write_atomic(out: Path, write) -> Path:
