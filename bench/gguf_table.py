@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true", help="skip llama-bench")
     parser.add_argument("--out", default=str(RESULTS / "gguf_table.json"), help="JSON, rewritten after every row")
     parser.add_argument("--speed-pass", metavar="WORK", help="only rerun llama-bench on the files a run left in its "
-                        "WORK folder (printed first) and rewrite --out's pp512/tg128, e.g. once the machine is quiet")
+                        "WORK folder (printed first) and time llama-imatrix again, rewriting --out's pp512/tg128 "
+                        "and imatrix seconds: for a run that shared the machine, once it is quiet")
     args = parser.parse_args()
     if args.speed_pass:
         return speed_pass(Path(args.speed_pass), Path(args.out))
@@ -148,14 +149,21 @@ def write(table: dict, out: Path) -> None:
 
 
 def speed_pass(work: Path, out: Path) -> None:
-    """llama-bench again on every measured row's file, one after the other (the only load, if the machine is
-    quiet); the table records that its speeds came from this pass."""
+    """llama-bench again on every measured row's file, and llama-imatrix timed again (its time is part of every
+    imatrix row's), one after the other: on a quiet machine, the only load. The table records the pass."""
     table = json.loads(out.read_text())
     for name, row in table["rows"].items():
         if "error" not in row and file_for(work, name).is_file():
             row |= speed(file_for(work, name))
             print(json.dumps({name: {k: row[k] for k in ("pp512", "tg128")}}), flush=True)
-    table["protocol"]["speeds"] = "a separate llama-bench pass over the files (--speed-pass)"
+    first = table["protocol"]["imatrix_seconds"]
+    again = timed([_tool("llama-imatrix"), "-m", file_for(work, "F16"), "-f", work / "calib.txt", "-c", 512,
+                   "--chunks", 32, "-t", 2, "-o", work / "imatrix-again.gguf"])
+    for name, row in table["rows"].items():
+        if name.endswith("+ imatrix") and "seconds" in row:
+            row["seconds"] += again - first
+    table["protocol"] |= {"imatrix_seconds": again, "imatrix_seconds_first": first,
+                          "speeds": "a separate llama-bench pass over the files (--speed-pass)"}
     write(table, out)
 
 

@@ -88,8 +88,8 @@ def fisher_diagonal(model, windows: torch.Tensor, progress: bool = True) -> tupl
             with torch.enable_grad():
                 loss = model(input_ids=w, labels=w, use_cache=False).loss
                 grads = torch.autograd.grad(loss, weights)
-            for F, g in zip(fisher.values(), grads):
-                F.addcmul_(g.float(), g.float(), value=1.0 / windows.shape[0])
+            for total, g in zip(fisher.values(), grads):
+                total.addcmul_(g.float(), g.float(), value=1.0 / windows.shape[0])
     finally:
         for h in handles:
             h.remove()
