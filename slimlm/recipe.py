@@ -303,8 +303,6 @@ def _check_step(kind: str, ns) -> None:
         check_new(ns.out)
         if ns.size is not None:
             parse_size(ns.size)
-        if ns.method == "gptq" or ns.imatrix or ns.size:
-            check_source(ns.calib)
 
 
 def _check_order(recipe: Recipe, options: RunOptions) -> None:
@@ -354,6 +352,19 @@ def _runtime_hook(kind: str, ns) -> bool:
         kind == "quantize" and (ns.rotate == "hadamard" or ns.abits is not None))
 
 
+def _check_gguf_input(run, ns) -> None:
+    """A gguf step's calibration text is readable (in about a second, before loading), and a model that is a run
+    needing QuaRot's online Hadamard at inference is refused: GGUF cannot carry it."""
+    from slimlm.core.data import check_data
+    from slimlm.formats.source import check_runtime
+    from slimlm.runs.save import MANIFEST, read_manifest
+
+    if ns.method == "gptq" or ns.imatrix or ns.size:
+        check_data(ns.calib, run.data_dir)
+    if (Path(run.model) / MANIFEST).is_file():
+        check_runtime(read_manifest(run.model), "GGUF")
+
+
 def check(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
     """Everything that can be checked before the model is loaded; errors name their step (``steps[1].prune: ``)
     unless ``name_steps`` is off (a command line has one step, named by the command)."""
@@ -364,6 +375,8 @@ def check(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
     for i, (kind, ns) in enumerate(recipe.steps):
         try:
             _check_step(kind, ns)
+            if kind == "gguf":
+                _check_gguf_input(recipe.run, ns)
         except SlimlmError as e:
             raise SlimlmError(f"steps[{i}].{kind}: {e}" if name_steps else str(e)) from None
         if kind == "analyze" and ns.out is not None:

@@ -175,12 +175,8 @@ def _eval_llama_cpp(args) -> None:
 def cmd_gguf(args) -> None:
     """A one-step recipe (``gguf``), written into the file as ``slimlm.recipe``."""
     from slimlm.core.models import model_source
-    from slimlm.formats.source import check_runtime
-    from slimlm.runs.save import MANIFEST, read_manifest
 
     model_source(args.model, args.allow_pickle)
-    if (Path(args.model) / MANIFEST).is_file():
-        check_runtime(read_manifest(args.model), "GGUF")  # a rotated run's online Hadamard has no GGUF form
     _execute("gguf", args)
 
 
