@@ -5,7 +5,8 @@
 # About 20 minutes on 2 busy cores; slimlm finds the tools there, or in $SLIMLM_LLAMA_CPP if you set it.
 set -euo pipefail
 VERSION=0.3.36   # llama-cpp-python release whose vendor/llama.cpp we build; the tests pin behaviour to it
-TOOLS=(llama-perplexity llama-bench llama-quantize llama-imatrix llama-simple llama-completion)
+TOOLS=(llama-perplexity llama-bench llama-batched-bench llama-quantize llama-imatrix llama-simple llama-completion
+       llama-tokenize)
 
 # Portable flags: no -march=native (a cached build must not crash on a sibling machine); the x86 extensions the
 # kernels need for honest speed figures are turned on only when this CPU has them, and named in the folder.
@@ -21,7 +22,8 @@ if [ -n "${SLIMLM_LLAMA_CPP:-}" ] && [ -x "$SLIMLM_LLAMA_CPP/llama-perplexity" ]
 fi
 ROOT="${SLIMLM_CACHE:-$HOME/.cache/slimlm}/llama.cpp/$VERSION-$ISA"
 BIN="$ROOT/bin"
-if [ -f "$ROOT/.complete" ]; then echo "$BIN"; exit 0; fi
+complete() { [ -f "$ROOT/.complete" ] || return 1; for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done; }
+if complete; then echo "$BIN"; exit 0; fi   # a build missing a tool added since is redone
 
 WORK="$ROOT.partial"
 rm -rf "$WORK" && mkdir -p "$WORK"

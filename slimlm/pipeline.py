@@ -60,6 +60,10 @@ def default_out(recipe: Recipe, model) -> Path:
     if not steps:
         return Path("runs") / f"{name}-rotated"
     kind, ns = steps[-1]
+    if kind == "shrink":
+        budget = f"drop{ns.drop_layers}-{ns.score}" if ns.drop_layers else \
+            f"{ns.method}-{shrink_allocation(ns)}-p{ns.params:g}"
+        return Path("runs") / f"{name}-{budget}"
     if kind == "prune":
         budget = _prune_budget(ns, model)
     else:
@@ -142,6 +146,21 @@ def _quantize(model, tokenizer, run, ns, progress, stream, checkpoint):
         nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir,
         device=run.device, batch_size=ns.batch_size, progress=progress, io=stream, checkpoint=checkpoint,
         sequential=not ns.one_pass)
+
+
+def shrink_allocation(ns) -> str:
+    """A shrink step's width allocation, ``auto`` resolved to its method's own."""
+    return ns.method if ns.allocation == "auto" else ns.allocation
+
+
+def _shrink(model, tokenizer, run, ns, progress):
+    from slimlm.structured.shrink import shrink
+
+    return shrink(model, tokenizer, drop_layers=ns.drop_layers, score=ns.score, iterative=ns.iterative,
+                  params=ns.params, method=ns.method, allocation=shrink_allocation(ns),
+                  compensate=not ns.no_compensate, owl_m=ns.owl_m, calib_source=ns.calib, nsamples=ns.nsamples, seqlen=ns.seqlen,
+                  sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir, device=run.device,
+                  batch_size=ns.batch_size, progress=progress)
 
 
 def _eval(model, tokenizer, run, ns, progress) -> dict:
@@ -269,7 +288,7 @@ def _run_manifest(recipe: Recipe, manifests: list[dict]) -> dict:
 
 
 def _summary(out: Path, manifest: dict) -> dict:
-    keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage")
+    keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage", "removed_layers", "params_kept")
     summary = {"out": str(out), **{k: manifest[k] for k in keys if k in manifest},
                "seconds": round(manifest["timings"]["total"], 2)}
     if "perplexity" in manifest.get("metrics", {}):
@@ -293,6 +312,8 @@ def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("ana
                                                                 stream, checkpoint)
             manifests.append(result.manifest)
             tensors |= result.tensors
+        elif kind == "shrink":
+            manifests.append(_shrink(model, tokenizer, recipe.run, ns, progress).manifest)
         elif kind == "eval":
             perplexity = _eval(model, tokenizer, recipe.run, ns, progress)
             if manifests:

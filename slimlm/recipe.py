@@ -40,7 +40,7 @@ import yaml
 from slimlm.cli.parser import STEP_SETTINGS, add_load_settings, ineffective_option
 from slimlm.errors import SlimlmError, read_json, unknown
 
-COMPRESSION = ("rotate", "prune", "quantize")  # the steps that change the weights; the run folder saves them
+COMPRESSION = ("rotate", "prune", "quantize", "shrink")  # the steps that change the weights; the run folder saves them
 
 
 @dataclass
@@ -276,7 +276,7 @@ def _check_step(kind: str, ns) -> None:
     from slimlm.quant.gguf_sizing import parse_size
     from slimlm.quant.grids import QuantGrid
 
-    if kind in ("prune", "quantize", "analyze"):
+    if kind in ("prune", "quantize", "analyze", "shrink"):
         check_source(ns.calib)
     if kind == "prune":
         get_method(ns.method), _check_allocation(ns)
@@ -293,6 +293,8 @@ def _check_step(kind: str, ns) -> None:
         _check_allocation(ns)
         if ns.allocation != "uniform" and ns.avg_bits is None:
             raise SlimlmError(f"allocation '{ns.allocation}' spreads an average bit-width: give avg-bits too")
+    elif kind == "shrink":
+        _check_shrink(ns)
     elif kind == "analyze":
         parse_target(ns.target)
     elif kind == "eval":
@@ -305,16 +307,27 @@ def _check_step(kind: str, ns) -> None:
             parse_size(ns.size)
 
 
+def _check_shrink(ns) -> None:
+    from slimlm.structured.widths import check_keep
+
+    if (ns.drop_layers is None) == (ns.params is None):
+        raise SlimlmError("give --drop-layers N (depth) or --params FRACTION (width), one of the two")
+    if ns.drop_layers is not None and ns.drop_layers < 1:
+        raise SlimlmError(f"--drop-layers must be at least 1, got {ns.drop_layers}")
+    if ns.params is not None:
+        check_keep(ns.params)
+
+
 def _check_order(recipe: Recipe, options: RunOptions) -> None:
     """The steps' order and the run options fit together (see the module docstring)."""
     kinds = [kind for kind, _ in recipe.steps]
-    compression = [k for k in kinds if k in ("rotate", "prune", "quantize")]
+    compression = [k for k in kinds if k in COMPRESSION]
     for i, (kind, ns) in enumerate(recipe.steps):
         where = f"steps[{i}].{kind}"
         if kind != "export" and "export" in kinds[:i]:
             raise SlimlmError(f"{where}: comes after an export step; exports read the saved run, so they come last")
         if kind == "export" and not compression:
-            raise SlimlmError(f"{where}: nothing to export; the recipe has no rotate, prune or quantize step")
+            raise SlimlmError(f"{where}: nothing to export; the recipe has no rotate, prune, quantize or shrink step")
         if kind == "eval" and compression and not set(compression) & set(kinds[:i]):
             raise SlimlmError(f"{where}: evaluates the model of the run, so it comes after a compression step "
                               "(evaluate the dense model with a recipe of its own)")
@@ -323,6 +336,9 @@ def _check_order(recipe: Recipe, options: RunOptions) -> None:
                 " (the recipe's out is the compressed run's folder)" if compression else " or the recipe's"))
         if kind == "rotate" and ("rotate" in kinds[:i] or {"prune", "quantize"} & set(kinds[:i])):
             raise SlimlmError(f"{where}: rotate once, before any prune or quantize step")
+        if kind == "shrink" and set(kinds[:i]) & {"rotate", "prune", "quantize"}:
+            raise SlimlmError(f"{where}: shrink first: the other steps' rotations, masks and grids would not "
+                              "survive removing heads, channels or layers")
         if kind == "quantize" and ns.rotate != "none" and "rotate" in kinds:
             raise SlimlmError(f"{where}: rotate is '{ns.rotate}' but the recipe has a rotate step already")
         if kind == "gguf" and set(kinds[i + 1:]) - {"export"}:

@@ -24,6 +24,10 @@ def cmd_quantize(args) -> None:
     _execute("quantize", args)
 
 
+def cmd_shrink(args) -> None:
+    _execute("shrink", args)
+
+
 def cmd_analyze(args) -> None:
     _execute("analyze", args)
 

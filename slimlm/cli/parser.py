@@ -37,7 +37,10 @@ CALIB_OPTIONS = ("--calib", "--nsamples", "--seqlen", "--calib-sampling", "--see
 # Options that take effect only together with another choice: (commands, options, in effect?, what they need).
 # One set away from its default where it would change nothing is refused rather than silently ignored.
 ONLY_WITH = [
-    (("prune", "quantize"), EVAL_OPTIONS, lambda a: a.eval, "--eval"),
+    (("prune", "quantize", "shrink"), EVAL_OPTIONS, lambda a: a.eval, "--eval"),
+    (("shrink",), ("--score", "--iterative"), lambda a: a.drop_layers is not None, "--drop-layers"),
+    (("shrink",), ("--method", "--allocation", "--no-compensate"), lambda a: a.params is not None, "--params"),
+    (("shrink",), ("--owl-m",), lambda a: a.allocation == "owl", "--allocation owl"),
     (("eval",), EVAL_OPTIONS, lambda a: not a.tasks or a.ppl, "perplexity (no --tasks, or --tasks with --ppl)"),
     (("eval",), ("--ppl", "--limit", "--tasks-dir", "--num-fewshot"), lambda a: a.tasks, "--tasks"),
     (("prune",), ("--ria-alpha",), lambda a: a.method == "ria", "--method ria"),
@@ -55,7 +58,7 @@ ONLY_WITH = [
     (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
     (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
      "the fisher tables (not with --no-calib or --no-fisher)"),
-    (("prune", "quantize", "analyze", "eval"), ("--no-cache",),
+    (("prune", "quantize", "analyze", "eval", "shrink"), ("--no-cache",),
      lambda a: a.model.endswith(".gguf") or _builtin(a.model), "a .gguf model or the built-in one"),
     (("gguf",), ("--owl-m",), lambda a: False, "prune or analyze"),
     (("gguf",), ("--device",), lambda a: False, "prune, quantize or analyze (slimlm gguf computes on the CPU)"),
@@ -259,6 +262,26 @@ def add_export_settings(p):
                    "exactly, else the run's float dtype), f32, f16, bf16, q8_0, q4_0, q4_1")
 
 
+def add_shrink_settings(p):
+    p.add_argument("--drop-layers", type=int, metavar="N", help="depth: remove N whole decoder layers")
+    p.add_argument("--score", default="influence", choices=["influence", "loss"], help="depth: which layers go "
+                   "first; influence: ShortGPT's 1 - cos(input, output); loss: the measured calibration-loss "
+                   "increase when the layer alone is skipped (slimlm's)")
+    p.add_argument("--iterative", action="store_true", help="depth: remove one layer at a time, scoring the "
+                   "smaller model again each time")
+    p.add_argument("--params", type=float, metavar="FRACTION", help="width: fraction of the decoder layers' "
+                   "parameters to keep (attention head groups and MLP channels are removed)")
+    p.add_argument("--method", default="flap", choices=["flap", "fisher"], help="width: which heads and "
+                   "channels go; flap: FLAP's fluctuation metric; fisher: estimated loss increase (slimlm's)")
+    p.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl", "alphapruning", "flap",
+                                                            "fisher"],
+                   help="width: how many units each layer loses; auto: the method's own (flap: FLAP's global "
+                   "ranking of standardised scores; fisher: global ranking by loss per parameter)")
+    p.add_argument("--no-compensate", action="store_true", help="width: no FLAP bias compensation of the "
+                   "removed channels' mean output")
+    _add_calib_args(p, nsamples=32, seqlen=512)
+
+
 # recipe step kind -> the function adding its settings (the CLI subcommands use the same functions)
 def add_gguf_settings(p):
     from slimlm.quant.gguf_mixes import MIXES
@@ -279,7 +302,7 @@ def add_gguf_settings(p):
 
 STEP_SETTINGS = {"analyze": add_analyze_settings, "rotate": add_rotate_settings, "prune": add_prune_settings,
                  "quantize": add_quantize_settings, "eval": add_eval_settings, "export": add_export_settings,
-                 "gguf": add_gguf_settings}
+                 "gguf": add_gguf_settings, "shrink": add_shrink_settings}
 
 
 def _add_run_args(p):
@@ -311,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "output folder (default runs/<model>-<method>-<budget>)")
     _add_compress_command(sub, "quantize", "quantize weights (RTN, GPTQ), optionally rotated and W4A4",
                           add_quantize_settings, "output folder (default runs/<model>-<method>-w<bits>)")
+
+    _add_compress_command(sub, "shrink", "a smaller dense model: remove decoder layers, or attention heads and "
+                          "MLP channels", add_shrink_settings, "output folder (default "
+                          "runs/<model>-drop<N>-<score> or runs/<model>-<method>-<allocation>-p<params>)")
 
     p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
     _add_model_args(p)

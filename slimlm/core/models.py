@@ -96,9 +96,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: 
 def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from slimlm.core.structure import load_structured
+    from slimlm.runs.save import read_manifest
+
+    record = read_manifest(folder).get("structure")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_structured(folder, record, dtype) if record else AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=None if allow_pickle else True
         )
     except (OSError, ValueError) as e:

@@ -87,9 +87,14 @@ def follow_umask(path: str | Path) -> None:
 
 def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
              tensors: dict[str, dict[str, torch.Tensor]] | None = None, files: dict[str, str] | None = None) -> Path:
-    """Save model, tokenizer, manifest (and extra safetensors and text files, by file name) atomically."""
+    """Save model, tokenizer, manifest (and extra safetensors and text files, by file name) atomically. A model
+    whose linears differ from what its config builds gets their shapes in the manifest (``core.structure``)."""
     from safetensors.torch import save_file
 
+    from slimlm.core.structure import structure_record
+
+    record = structure_record(model)
+    manifest = {k: v for k, v in manifest.items() if k != "structure"} | ({"structure": record} if record else {})
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -1,0 +1,1 @@
+"""Structured compression: remove decoder blocks, heads and MLP channels, or factor weights low-rank."""

@@ -1,0 +1,142 @@
+"""``shrink``: a smaller dense model, by removing decoder blocks (depth) or heads and MLP channels (width).
+
+The result is a dense model any engine runs as it is. Its manifest records what went, the scores that chose
+it and, for width, the shape of every linear (``core.structure``), so ``slimlm.load_model`` rebuilds any
+per-block widths; where the config can say the new shapes (fewer layers; the same widths in every block of a
+Llama), plain ``transformers`` loads the folder too.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from slimlm.analysis.activations import OWL_M
+from slimlm.api import Result, _calibration_for
+from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.errors import SlimlmError, unknown
+from slimlm.runs.save import versions
+from slimlm.structured import depth, width, widths
+
+# model_type -> config switches that give every attention / MLP linear a bias (FLAP's compensation needs one on
+# o_proj and down_proj; a config that cannot say so leaves the counts alone, so plain transformers refuses the
+# folder rather than dropping the biases)
+BIAS_FLAGS = {"llama": ("attention_bias", "mlp_bias")}
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Unique parameters of the whole model and of the linears inside its decoder blocks."""
+    unique = {id(p): p.numel() for p in model.parameters()}
+    decoder = {id(m.weight): m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+               for m in linear_fqns(model).values()}
+    return {"total": sum(unique.values()), "decoder_linears": sum(decoder.values())}
+
+
+def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "influence", iterative: bool = False,
+           params: float | None = None, method: str = "flap", allocation: str = "uniform",
+           compensate: bool = True, owl_m: float = OWL_M, calib: torch.Tensor | None = None, calib_source: str = "wikitext2",
+           nsamples: int = 32, seqlen: int = 512, sampling: str = "random", seed: int = 0,
+           data_dir: str | None = None, device: str = "cpu", batch_size: int | None = None,
+           progress: bool = True) -> Result:
+    """Remove ``drop_layers`` decoder blocks (``score``: influence | loss, ``iterative``), or heads and MLP channels
+    so that ``params`` of the decoder-block parameters stay (``method``: flap | fisher scores which units go,
+    ``allocation``: uniform | owl | alphapruning | flap | fisher how many per block, ``owl_m`` OWL's outlier
+    threshold; ``compensate``: FLAP's bias).
+    The model changes in place; returns the run's ``Result``."""
+    depth.check_llama_like(model)
+    if (drop_layers is None) == (params is None):
+        raise SlimlmError("give either a number of layers to drop or a fraction of parameters to keep")
+    if drop_layers is not None:
+        depth.check_drop(len(decoder_blocks(model)), drop_layers)
+    else:
+        widths.check_keep(params)
+        if method not in width.METHODS:
+            raise unknown("width method", method, width.METHODS)
+        if allocation not in widths.ALLOCATIONS:
+            raise unknown("width allocation", allocation, widths.ALLOCATIONS)
+    torch.manual_seed(seed)
+    start, before = time.perf_counter(), parameter_counts(model)
+    calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling, seed,
+                                         data_dir)
+    if drop_layers is not None:
+        removed, rounds = depth.choose_blocks(model, calib, drop_layers, score, iterative, device, batch_size,
+                                              progress)
+        record = {"axis": "depth", "score": score, "iterative": iterative, "removed_layers": removed,
+                  "rounds": rounds}
+    else:
+        record = _shrink_width(model, calib, params, method, allocation, compensate, owl_m, device, batch_size,
+                               progress)
+    after = parameter_counts(model)
+    manifest = {"kind": "shrink", "method": score if drop_layers is not None else method, **record,
+                "params_before": before, "params": after,
+                "params_kept": after["decoder_linears"] / before["decoder_linears"], "calibration": calib_info,
+                "device": str(device), "seed": seed, "timings": {"total": time.perf_counter() - start},
+                "versions": versions()}
+    return Result(manifest)
+
+
+def _width_fractions(model, allocation: str, keep: float, calib, owl_m, device, batch_size,
+                     progress) -> list[tuple[float, float]]:
+    """Per block (attention, MLP) fractions to remove: OWL's or AlphaPruning's per-linear sparsities at the target
+    ``1 - keep``, parameter-weighted over the block's attention and MLP linears."""
+    from slimlm.allocate import allocate_from_metrics, size_weighted_mean
+    from slimlm.api import allocation_metrics
+
+    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
+    budgets = allocate_from_metrics(metrics, allocation, 1 - keep, "sparsity")
+    sizes = {f: lin.weight.numel() for f, lin in linear_fqns(model).items()}
+    out = []
+    for i in range(len(decoder_blocks(model))):
+        parts = [[f for f in budgets if f.startswith(f"model.layers.{i}.{kind}.")] for kind in ("self_attn", "mlp")]
+        out.append(tuple(size_weighted_mean({f: budgets[f] for f in fs}, sizes) for fs in parts))
+    return out
+
+
+def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, device, batch_size, progress) -> dict:
+    from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
+
+    stats = width.block_statistics(model, calib, device, batch_size, progress)
+    fisher = None
+    if "fisher" in (method, allocation):
+        fisher = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)[0]
+    units = width.block_units(model, method, stats, fisher)
+    ranking = units if allocation != "fisher" or method == "fisher" else width.block_units(model, "fisher", stats,
+                                                                                           fisher)
+    fractions = _width_fractions(model, allocation, keep, calib, owl_m, device, batch_size, progress) \
+        if allocation in ("owl", "alphapruning") else None
+    counts = widths.removal_counts(ranking, allocation, keep, fractions)
+    blocks, prefix = decoder_blocks(model), "model.layers"
+    for i, (block, unit, (heads, channels)) in enumerate(zip(blocks, units, counts)):
+        o, down = stats[f"{prefix}.{i}.self_attn.o_proj"], stats[f"{prefix}.{i}.mlp.down_proj"]
+        width.shrink_block_(block, width.lowest_kept(unit.head_scores, heads),
+                            width.lowest_kept(unit.channel_scores, channels),
+                            o.mean if compensate else None, down.mean if compensate else None)
+    config_follows = _config_follows(model, compensate)
+    return {"axis": "width", "allocation": allocation, "compensate": compensate,
+            "widths": [{"kv_heads": width.layout(b)[0], "heads": width.layout(b)[0] * width.layout(b)[1],
+                        "intermediate": b.mlp.down_proj.in_features} for b in blocks],
+            "plain_transformers": config_follows}
+
+
+def _config_follows(model, compensated: bool) -> bool:
+    """Where every block has the same widths and the config can hold the biases, say the new shapes in the
+    config (plain transformers then loads the folder); returns whether it did."""
+    blocks = decoder_blocks(model)
+    shapes = {(width.layout(b), b.mlp.down_proj.in_features) for b in blocks}
+    flags = BIAS_FLAGS.get(model.config.model_type)
+    if len(shapes) > 1 or (compensated and flags is None):
+        return False
+    ((groups, per_group, head_dim), intermediate), = shapes
+    config = model.config
+    config.num_key_value_heads, config.num_attention_heads = groups, groups * per_group
+    config.head_dim, config.intermediate_size = head_dim, intermediate
+    if compensated:
+        for flag in flags:
+            setattr(config, flag, True)
+        for block in blocks:
+            for lin in (*[getattr(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")],
+                        block.mlp.gate_proj, block.mlp.up_proj):
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+    return True
