@@ -60,8 +60,8 @@ def default_out(recipe: Recipe, model) -> Path:
     if not steps:
         return Path("runs") / f"{name}-rotated"
     kind, ns = steps[-1]
-    if kind == "shrink":
-        budget = f"drop{ns.drop_layers}-{ns.score}" if ns.drop_layers else \
+    if kind in ("shrink", "lowrank"):
+        budget = f"drop{ns.drop_layers}-{ns.score}" if getattr(ns, "drop_layers", None) else \
             f"{ns.method}-{shrink_allocation(ns)}-p{ns.params:g}"
         return Path("runs") / f"{name}-{budget}"
     if kind == "prune":
@@ -149,8 +149,19 @@ def _quantize(model, tokenizer, run, ns, progress, stream, checkpoint):
 
 
 def shrink_allocation(ns) -> str:
-    """A shrink step's width allocation, ``auto`` resolved to its method's own."""
-    return ns.method if ns.allocation == "auto" else ns.allocation
+    """A shrink or lowrank step's allocation, ``auto`` resolved to its method's own."""
+    if ns.allocation != "auto":
+        return ns.allocation
+    return {"svdllm": "uniform"}.get(ns.method, ns.method)
+
+
+def _lowrank(model, tokenizer, run, ns, progress):
+    from slimlm.structured.factorize import lowrank
+
+    return lowrank(model, tokenizer, params=ns.params, method=ns.method, allocation=shrink_allocation(ns),
+                   merge=ns.merge, owl_m=ns.owl_m, calib_source=ns.calib, nsamples=ns.nsamples, seqlen=ns.seqlen,
+                   sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir, device=run.device,
+                   batch_size=ns.batch_size, progress=progress)
 
 
 def _shrink(model, tokenizer, run, ns, progress):
@@ -312,8 +323,9 @@ def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("ana
                                                                 stream, checkpoint)
             manifests.append(result.manifest)
             tensors |= result.tensors
-        elif kind == "shrink":
-            manifests.append(_shrink(model, tokenizer, recipe.run, ns, progress).manifest)
+        elif kind in ("shrink", "lowrank"):
+            step = _shrink if kind == "shrink" else _lowrank
+            manifests.append(step(model, tokenizer, recipe.run, ns, progress).manifest)
         elif kind == "eval":
             perplexity = _eval(model, tokenizer, recipe.run, ns, progress)
             if manifests:

@@ -15,7 +15,7 @@ The run-level keys say which model, how it is loaded and where the run folder go
 ``kind: settings``. Keys are the flag names of the matching command without ``--`` (``eval_windows`` is read
 as ``eval-windows`` too); values are what the flag takes, ``true``/``false`` for switches and a mapping
 ``REGEX: VALUE`` for ``override``; a missing key or ``null`` means the flag's default. Each step is parsed by a
-parser built from the same settings function as its command (``cli.parser.STEP_SETTINGS``), so a recipe accepts
+parser built from the same settings function as its command (``cli.settings.STEP_SETTINGS``), so a recipe accepts
 exactly what the command line does; an unknown key or choice is one error naming its path
 (``steps[0].prune.methd``) and the closest valid name. A recipe that slimlm writes lists every setting,
 defaults included, so that a later change of a default does not change its replay. Relative paths are read
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import yaml
 
-from slimlm.cli.parser import STEP_SETTINGS, add_load_settings, ineffective_option
+from slimlm.cli.parser import ineffective_option
+from slimlm.cli.settings import STEP_SETTINGS, add_load_settings
 from slimlm.errors import SlimlmError, read_json, unknown
 
-COMPRESSION = ("rotate", "prune", "quantize", "shrink")  # the steps that change the weights; the run folder saves them
+COMPRESSION = ("rotate", "prune", "quantize", "shrink", "lowrank")  # the steps that change the weights; the run folder saves them
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _check_step(kind: str, ns) -> None:
     from slimlm.quant.gguf_sizing import parse_size
     from slimlm.quant.grids import QuantGrid
 
-    if kind in ("prune", "quantize", "analyze", "shrink"):
+    if kind in ("prune", "quantize", "analyze", "shrink", "lowrank"):
         check_source(ns.calib)
     if kind == "prune":
         get_method(ns.method), _check_allocation(ns)
@@ -295,6 +296,9 @@ def _check_step(kind: str, ns) -> None:
             raise SlimlmError(f"allocation '{ns.allocation}' spreads an average bit-width: give avg-bits too")
     elif kind == "shrink":
         _check_shrink(ns)
+    elif kind == "lowrank":
+        from slimlm.structured.widths import check_keep
+        check_keep(ns.params)
     elif kind == "analyze":
         parse_target(ns.target)
     elif kind == "eval":
@@ -336,7 +340,7 @@ def _check_order(recipe: Recipe, options: RunOptions) -> None:
                 " (the recipe's out is the compressed run's folder)" if compression else " or the recipe's"))
         if kind == "rotate" and ("rotate" in kinds[:i] or {"prune", "quantize"} & set(kinds[:i])):
             raise SlimlmError(f"{where}: rotate once, before any prune or quantize step")
-        if kind == "shrink" and set(kinds[:i]) & {"rotate", "prune", "quantize"}:
+        if kind in ("shrink", "lowrank") and set(kinds[:i]) & {"rotate", "prune", "quantize", "lowrank"}:
             raise SlimlmError(f"{where}: shrink first: the other steps' rotations, masks and grids would not "
                               "survive removing heads, channels or layers")
         if kind == "quantize" and ns.rotate != "none" and "rotate" in kinds:

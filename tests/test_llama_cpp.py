@@ -3,7 +3,6 @@ they are not built): llama.cpp decodes every type to the same floats as we do, o
 types llama-quantize gives, and llama-perplexity agrees with slimlm's own evaluation of the same file."""
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path

@@ -28,6 +28,29 @@ def cmd_shrink(args) -> None:
     _execute("shrink", args)
 
 
+def cmd_lowrank(args) -> None:
+    _execute("lowrank", args)
+
+
+def cmd_speed(args) -> None:
+    """Speed of MODEL beside its baseline (first), measured in alternating rounds (evaluation.speed)."""
+    from slimlm.evaluation.speed import format_table, measure_speed
+    from slimlm.runs.save import read_manifest
+
+    baseline = args.baseline
+    if baseline is None and Path(args.model).is_dir():
+        baseline = read_manifest(args.model).get("model")
+    if baseline is None:
+        raise SlimlmError(f"--baseline is needed: {args.model} is not a run folder that names its source model")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise SlimlmError(f"--batches takes comma-separated batch sizes, e.g. 1,8; got '{args.batches}'") from None
+    result = measure_speed([baseline, args.model], args.engine, args.prompt_tokens, args.new_tokens, batches,
+                           args.repeats, args.threads, args.device, args.dtype, progress=not args.quiet)
+    print(json.dumps(result) if args.json else format_table(result))
+
+
 def cmd_analyze(args) -> None:
     _execute("analyze", args)
 

@@ -1,0 +1,122 @@
+"""``lowrank``: factor the decoder-block linears into two smaller ones at a global parameter target.
+
+Factors: ``svdllm`` (whitened by each linear's calibration Gram) or ``welore`` (plain SVD of the weights);
+see ``structured.lowrank``. Ranks (``allocation``):
+  * ``uniform``: every matrix keeps the same fraction of its parameters (SVD-LLM's setting);
+  * ``welore``: WeLore's one global threshold on min-max normalised singular values;
+  * ``owl``, ``alphapruning``: those allocators' per-linear budgets, as fractions of parameters kept;
+  * ``fisher``: slimlm's: ``ranks_for_budget`` on each matrix's truncation loss priced in loss units. The
+    output error of keeping rank k is the tail Σ_{i>k} σ_i² of the whitened spectrum (exact, SVD-LLM's identity);
+    a unit of output error in layer l costs about c_l = Σ_ij F_ij / Σ_j ‖X_j‖² of loss, the layer's Fisher
+    diagonal per unit of input energy (F_ij = E[g_i² x_j²]), so loss_l(k) ≈ ½ c_l · tail_l(k).
+Only factorizations that save parameters are made; a matrix whose rank would not stays dense.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from slimlm.analysis.activations import OWL_M
+from slimlm.api import Result, _calibration_for
+from slimlm.core.architectures import linear_fqns
+from slimlm.errors import SlimlmError, unknown
+from slimlm.runs.save import versions
+from slimlm.structured import lowrank as lr
+from slimlm.structured.shrink import parameter_counts
+
+METHODS = ("svdllm", "welore")
+ALLOCATIONS = ("uniform", "welore", "owl", "alphapruning", "fisher")
+
+
+def _spectra(linears, hessians) -> dict[str, torch.Tensor]:
+    """Each linear's singular values: of W S for SVD-LLM (with Grams), else of W."""
+    return {f: lr.whitened_singular_values(lin.weight.data, hessians[f]) if hessians else
+            lr.singular_values(lin.weight.data) for f, lin in linears.items()}
+
+
+def _fisher_losses(model, calib, spectra, whitened: bool, progress) -> dict[str, torch.Tensor]:
+    """Per linear, the estimated loss increase of keeping each rank (see the module docstring): ½ c_l times the
+    output error, which the whitened tail gives exactly and, for plain σ, the weight error times the mean input
+    energy per channel approximates (inputs taken as isotropic)."""
+    from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
+
+    fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
+    losses = {}
+    for f, sigma in spectra.items():
+        energy = sqnorms[f].sum().clamp_min(1e-30)
+        scale = float(fisher[f].sum() / (fisher[f].shape[0] * energy))
+        if not whitened:
+            scale *= float(energy / sqnorms[f].numel())
+        losses[f] = 0.5 * scale * lr.truncation_losses(sigma)
+    return losses
+
+
+def _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress):
+    """owl / alphapruning: per-linear fractions of parameters kept -> ranks."""
+    from slimlm.allocate import allocate_from_metrics
+    from slimlm.api import allocation_metrics
+
+    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
+    kept = allocate_from_metrics(metrics, allocation, keep, "rank")
+    return {f: r if r >= 1 and lr.saves_parameters(out, in_, r) else None
+            for f, (out, in_) in shapes.items() for r in [int(kept[f] * out * in_ / (out + in_))]}
+
+
+def choose_ranks(model, allocation: str, keep: float, spectra: dict, whitened: bool, calib, owl_m=OWL_M,
+                 device="cpu", batch_size=None, progress=True) -> dict[str, int | None]:
+    """FQN -> rank (None: dense) for every decoder-block linear; ``spectra`` are the factoring method's."""
+    linears = linear_fqns(model)
+    shapes = {f: tuple(lin.weight.shape) for f, lin in linears.items()}
+    if allocation == "uniform":
+        return lr.uniform_ranks(shapes, keep)
+    if allocation == "welore":  # WeLore's rule reads the weights' own spectra
+        plain = {f: lr.singular_values(lin.weight.data) for f, lin in linears.items()} if whitened else spectra
+        return lr.welore_ranks(plain, shapes, lr.welore_threshold(plain, shapes, keep))
+    if allocation == "fisher":
+        return lr.ranks_for_budget(_fisher_losses(model, calib, spectra, whitened, progress), shapes, keep)
+    return _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress)
+
+
+def lowrank(model, tokenizer=None, params: float = 0.75, method: str = "svdllm", allocation: str = "uniform",
+            merge: bool = False, owl_m: float = OWL_M, calib: torch.Tensor | None = None,
+            calib_source: str = "wikitext2", nsamples: int = 32, seqlen: int = 512, sampling: str = "random",
+            seed: int = 0, data_dir: str | None = None, device: str = "cpu", batch_size: int | None = None,
+            progress: bool = True) -> Result:
+    """Factor every decoder-block linear of ``model`` in place so that about ``params`` of their parameters stay
+    (see the module docstring for ``method`` and ``allocation``). ``merge``: multiply the factors back into dense
+    weights (the truncation stays, the savings go: for engines that cannot hold factors)."""
+    from slimlm.structured.widths import check_keep
+
+    check_keep(params)
+    if method not in METHODS:
+        raise unknown("low-rank method", method, METHODS)
+    if allocation not in ALLOCATIONS:
+        raise unknown("low-rank allocation", allocation, ALLOCATIONS)
+    torch.manual_seed(seed)
+    start, before, calib_info = time.perf_counter(), parameter_counts(model), None
+    if method == "svdllm" or allocation in ("owl", "fisher"):
+        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                             seed, data_dir)
+    hessians = lr.collect_hessians(model, calib, device, progress, batch_size) if method == "svdllm" else None
+    spectra = _spectra(linear_fqns(model), hessians)
+    ranks = choose_ranks(model, allocation, params, spectra, hessians is not None, calib, owl_m, device,
+                         batch_size, progress)
+    lr.factorize_(model, ranks, "svdllm" if method == "svdllm" else "svd", hessians)
+    if merge:
+        _merge_(model, ranks)
+    after = parameter_counts(model)
+    return Result({"kind": "lowrank", "method": method, "allocation": allocation, "merged": merge,
+                   "ranks": ranks, "params_before": before, "params": after,
+                   "params_kept": after["decoder_linears"] / before["decoder_linears"],
+                   "calibration": calib_info, "device": str(device), "seed": seed,
+                   "timings": {"total": time.perf_counter() - start}, "versions": versions()})
+
+
+def _merge_(model, ranks) -> None:
+    for fqn, rank in ranks.items():
+        if rank is not None:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), name, model.get_submodule(fqn).dense())
+    if not all(isinstance(m, torch.nn.Linear) for m in linear_fqns(model).values()):
+        raise SlimlmError("merging the factors left a factorized linear behind")
