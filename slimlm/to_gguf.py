@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from slimlm.api import _calibration_for
 from slimlm.core.engine import compress_blocks
-from slimlm.core.architectures import linear_fqns
+from slimlm.core.architectures import decoder_blocks, linear_fqns
 from slimlm.errors import SlimlmError
 from slimlm.formats.gguf import rope_interleave
 from slimlm.formats.gguf_blocks import pack
-from slimlm.formats.gguf_writer import (NORM_SHIFT, T, check_architecture, interleaved_heads, tensor_names,
+from slimlm.formats.gguf_writer import (NORM_SHIFT, T, check_architecture, rope_rows, tensor_names,
                                        write_gguf)
 from slimlm.formats.source import check_new
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
@@ -100,7 +100,18 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
               "versions": versions()}
     file_type = gguf.LlamaFileType.ALL_F32 if mix.upper() == "F32" else gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
     return write_gguf(out, config, tokenizer, source, tensors, file_type, record, recipe,
-                      Path(str(source or "model")).name, progress)
+                      Path(str(source or "model")).name, progress, layer_widths(model))
+
+
+def layer_widths(model) -> list[tuple[int, int, int]] | None:
+    """Per decoder layer (heads, KV heads, MLP width) read from the weights, where layers differ
+    (``slimlm shrink`` with a non-uniform allocation); None when the config's single values hold."""
+    widths = []
+    for block in decoder_blocks(model):
+        attn, mlp = block.self_attn, block.mlp
+        widths.append((attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim,
+                       mlp.gate_proj.out_features if hasattr(mlp, "gate_proj") else mlp.up_proj.out_features))
+    return widths if len(set(widths)) > 1 else None
 
 
 def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> dict[str, str]:
@@ -146,8 +157,8 @@ def _compress_fn(method, kinds, fitted, act_order, blocksize, damp):
 def _encode(name: str, W: torch.Tensor, fitted: Fitted | None, kind: str, config: dict, gguf_name):
     """(GGUF name, bytes or array, type) of one tensor; q/k rows reordered to ggml's rotary layout, gemma's
     norm weights stored as 1 + w."""
-    role = name.removesuffix(".weight").rpartition(".")[2]
-    heads = interleaved_heads(config).get(role) if name.endswith(".weight") else None
+    head_dim = rope_rows(config).get(name.rpartition(".")[0].rpartition(".")[2])
+    heads = W.shape[0] // head_dim if head_dim else None
     if fitted is not None:
         data = torch.from_numpy(pack(fitted))
         data = rope_interleave(data, heads) if heads else data

@@ -249,3 +249,33 @@ def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, da
     done = subprocess.run([*argv[:4], str(corrupt), *argv[5:13]], capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "llama-perplexity failed" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 6
+
+
+@pytest.mark.parametrize("shrink_args", [{"drop_layers": 1}, {"params": 0.7, "allocation": "uniform"},
+                                         {"params": 0.7, "allocation": "flap"}],
+                         ids=["depth", "uniform-width", "per-layer-widths"])
+def test_shrunk_models_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_folder, tmp_path, short_text, shrink_args):
+    """A random llama with a layer removed, with the same heads and MLP channels removed from every layer (FLAP's
+    compensation biases on o_proj and down_proj), or with widths that differ per layer (GGUF's per-layer head
+    and MLP-width arrays, which llama.cpp reads for its 'deci' architecture only): llama.cpp loads each as written
+    and its perplexity matches slimlm's within 1%."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.structured.shrink import shrink
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=49152,
+                                  max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tok = AutoTokenizer.from_pretrained(builtin_folder)
+    calib = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    shrink(model, calib=calib, progress=False, **shrink_args)
+    path = to_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0", method="rtn", progress=False)
+    per_layer = "flap" in shrink_args.values()
+    arch = "deci" if per_layer else "llama"
+    assert gguf.GGUFReader(path).get_field("general.architecture").contents() == arch
+    assert isinstance(gguf.GGUFReader(path).get_field(f"{arch}.attention.head_count").contents(), list) == per_layer
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["ppl"]
+    ours = second_half_perplexity(model, tok, short_text, 128, 2)
+    assert abs(ours / theirs - 1) < 0.01, (ours, theirs)

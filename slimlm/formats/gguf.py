@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from slimlm.errors import SlimlmError
 from slimlm.core.linalg import small_op_threads
 from slimlm.formats.codes import recover_grid
-from slimlm.formats.gguf_writer import check_llama, interleaved_heads, tensor_names, write_gguf
+from slimlm.formats.gguf_writer import check_llama, rope_rows, tensor_names, write_gguf
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
 from slimlm.quant.grids import QuantGrid
 
@@ -240,12 +240,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
     gguf_name = tensor_names(config)
-    heads = interleaved_heads(config)
+    head_dims = rope_rows(config)
     writer_args, types, deviation = [], {}, 0.0
     for name, W in tqdm(tensors.items(), desc="gguf", disable=not progress):
         role = name.removesuffix(".weight").rpartition(".")[2]
-        if role in heads:
-            W = rope_interleave(W, heads[role])
+        if role in head_dims:
+            W = rope_interleave(W, W.shape[0] // head_dims[role])
         qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
         if isinstance(qtype, Block):
             with small_op_threads(W.numel()):  # many elementwise passes over one weight

@@ -32,13 +32,14 @@ ROPE_INTERLEAVED = {"llama"}
 NORM_SHIFT = {"gemma3_text": 1.0}
 
 
-def interleaved_heads(config: dict) -> dict[str, int]:
-    """Linear role -> its head count for the weights whose rows llama.cpp wants in ggml's rotary layout (q_proj,
-    k_proj of llama); empty for NEOX-rope architectures."""
+def rope_rows(config: dict) -> dict[str, int]:
+    """Linear role -> head dim, for the q_proj / k_proj rows (weights and biases) llama.cpp wants in ggml's rotary
+    layout (llama); empty for NEOX-rope architectures. A tensor's head count is its rows // head dim, so layers
+    of different widths (``slimlm shrink``) reorder right."""
     if config["model_type"] not in ROPE_INTERLEAVED:
         return {}
-    return {"q_proj": config["num_attention_heads"],
-            "k_proj": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return {"q_proj": head_dim, "k_proj": head_dim}
 
 
 def check_architecture(config: dict) -> str:
@@ -47,8 +48,6 @@ def check_architecture(config: dict) -> str:
     kind = config.get("model_type")
     if kind not in ARCHITECTURES:
         raise SlimlmError(f"GGUF writing supports {', '.join(ARCHITECTURES)} models; this one is '{kind}'")
-    if kind == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
-        raise SlimlmError("GGUF: llama models with biases in the attention or MLP linears are not written")
     if kind == "gemma3_text":
         _check_gemma3(config)
     elif config.get("use_sliding_window"):
@@ -82,6 +81,17 @@ def _rope(config: dict, layer_type: str = "full_attention") -> dict:
     return {"rope_theta": config.get("rope_theta", 10000.0)} | rope
 
 
+def per_layer_architecture(config: dict) -> str:
+    """The llama.cpp architecture for layers of different widths. Its llama graph sizes every layer's tensors from
+    layer 0's head count and MLP width; its 'deci' architecture (Llama blocks of varying width, from DeciLM and
+    Nemotron-NAS) reads the per-layer arrays, with the same tensors and rotary layout."""
+    if config.get("model_type") != "llama":
+        raise SlimlmError(f"GGUF: layers of different widths are written for llama models only (llama.cpp's 'deci' "
+                          f"architecture); this one is '{config.get('model_type')}': shrink with uniform widths")
+    check_architecture(config)
+    return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]
+
+
 def tensor_names(config: dict):
     """HF tensor name -> GGUF name for a supported config (``gguf``'s name map); SlimlmError when it has none."""
     names = gguf.get_tensor_name_map(ARCHITECTURES[config["model_type"]], config["num_hidden_layers"])
@@ -97,11 +107,12 @@ def tensor_names(config: dict):
 
 def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[str, np.ndarray, T]],
                file_type: gguf.LlamaFileType, record: dict, recipe: str | None, name: str,
-               progress: bool = True) -> Path:
-    arch = check_architecture(config)
+               progress: bool = True, widths: list[tuple[int, int, int]] | None = None) -> Path:
     """Write ``tensors`` (GGUF name, data, type) with the llama metadata of ``config``, the ``tokenizer``'s
     vocabulary, ``record`` as the key ``slimlm.export`` and ``recipe`` as ``slimlm.recipe``; atomically (see
-    ``write_atomic``). Returns the file written."""
+    ``write_atomic``). ``widths``: per layer (heads, KV heads, MLP width) where layers differ, written as GGUF's
+    per-layer arrays (``per_layer_architecture``). Returns the file written."""
+    arch = check_architecture(config) if widths is None else per_layer_architecture(config)
     vocab = next(data.shape[0] for gname, data, _ in tensors if gname == "token_embd.weight")
 
     def write(path: Path) -> None:
@@ -110,7 +121,7 @@ def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[s
         writer.add_file_type(file_type)
         if any(qtype not in (T.F32, T.F16, T.BF16) for _, _, qtype in tensors):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_llama_config(writer, config, vocab)
+        _add_llama_config(writer, config, vocab, widths)
         add_tokenizer(writer, tokenizer, source, vocab)
         writer.add_string("slimlm.export", json.dumps(record))
         if recipe is not None:
@@ -131,22 +142,25 @@ def check_llama(config: dict) -> None:
     check_architecture(config)
 
 
-def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int) -> None:
-    """The ``{arch}.*`` hyperparameters (GGUF spec, LLM section) from an HF llama/qwen2/qwen3/gemma3 config."""
+def _add_llama_config(writer: gguf.GGUFWriter, config: dict, vocab: int,
+                      widths: list[tuple[int, int, int]] | None = None) -> None:
+    """The ``{arch}.*`` hyperparameters (GGUF spec, LLM section) from an HF llama/qwen2/qwen3/gemma3 config;
+    per-layer head counts and MLP widths as arrays when ``widths`` gives them."""
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     head_dim = config.get("head_dim") or hidden // heads
     rope = _rope(config)
+    per_layer = [list(column) for column in zip(*widths)] if widths else None
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_feed_forward_length(per_layer[2] if widths else config["intermediate_size"])
+    writer.add_head_count(per_layer[0] if widths else heads)
+    writer.add_head_count_kv(per_layer[1] if widths else config.get("num_key_value_heads") or heads)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(vocab)
-    if head_dim != hidden // heads:
+    if widths or head_dim != hidden // heads:  # llama.cpp would take n_embd / heads (of layer 0)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if config["model_type"] == "gemma3_text":
