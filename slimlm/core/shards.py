@@ -108,7 +108,11 @@ def read_tensors(index: TensorIndex, names: dict[str, str], dtype: torch.dtype) 
 def check_folder(folder: Path, allow_pickle: bool) -> None:
     """Before loading a local folder: pickled weights (``*.bin``, which can run code when unpickled) only
     with ``allow_pickle``; every safetensors shard present with a readable header, and no tensor shaped
-    differently from what the config gives. Each problem is one line instead of a traceback."""
+    differently from what the config gives (with the shapes a structured run's manifest records,
+    ``core.structure``). Each problem is one line instead of a traceback."""
+    from slimlm.core.structure import rebuild_
+    from slimlm.runs.save import read_manifest
+
     if not has_safetensors(folder):
         if not allow_pickle and any(folder.glob("*.bin")):
             raise SlimlmError(f"{folder} holds only pickled weights (*.bin), which can run code when loaded; "
@@ -120,4 +124,7 @@ def check_folder(folder: Path, allow_pickle: bool) -> None:
     except json.JSONDecodeError as e:
         raise SlimlmError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
     if not quantized:  # packed quantized tensors legitimately differ from the float skeleton's shapes
-        check_shapes(skeleton(folder), index, complete=False)
+        model = skeleton(folder)
+        with torch.device("meta"):
+            rebuild_(model, read_manifest(folder).get("structure") or {})
+        check_shapes(model, index, complete=False)

@@ -52,7 +52,8 @@ def from_fractions(units: list[BlockUnits], fractions: list[tuple[float, float]]
 
 def greedy(units: list[BlockUnits], keys: list[tuple[torch.Tensor, torch.Tensor]], remove: float):
     """(groups, channels) removed per block taking units in ascending ``keys`` order (per block: head keys,
-    channel keys) while the parameters removed stay within half a unit of ``remove``."""
+    channel keys), skipping any that would overshoot ``remove`` by more than half the smallest unit (those further
+    on fill the rest), so the parameters removed end within half an MLP channel of ``remove``."""
     entries = []
     for b, (u, (head_keys, channel_keys)) in enumerate(zip(units, keys)):
         entries += [(float(k), b, 0, u.head_cost) for k in head_keys]
@@ -60,10 +61,10 @@ def greedy(units: list[BlockUnits], keys: list[tuple[torch.Tensor, torch.Tensor]
     entries.sort(key=lambda e: e[0])
     counts = [[0, 0] for _ in units]
     limits = [(len(u.head_scores) - 1, len(u.channel_scores) - 1) for u in units]
-    removed = 0
+    removed, slack = 0, min(e[3] for e in entries) / 2
     for _, b, kind, cost in entries:
-        if removed + cost / 2 > remove:
-            continue  # too big for what is left; smaller units further on may still fit
+        if removed + cost > remove + slack:
+            continue
         if counts[b][kind] < limits[b][kind]:
             counts[b][kind] += 1
             removed += cost
@@ -81,14 +82,25 @@ def removal_counts(units: list[BlockUnits], allocation: str, keep: float,
     for ``fisher`` the ``units`` must carry fisher scores."""
     check_keep(keep)
     remove = (1 - keep) * total_params(units)
-    if allocation == "uniform":
-        return from_fractions(units, [(1 - keep, 1 - keep)] * len(units), remove)
-    if allocation in ("owl", "alphapruning"):
-        return from_fractions(units, fractions, remove)
-    if allocation == "flap":
-        return greedy(units, [(_standardised(u.head_scores), _standardised(u.channel_scores)) for u in units],
-                      remove)
-    if allocation == "fisher":
-        return greedy(units, [(u.head_scores / u.head_cost, u.channel_scores / u.channel_cost) for u in units],
-                      remove)
-    raise unknown("width allocation", allocation, ALLOCATIONS)
+    if allocation in ("uniform", "owl", "alphapruning"):
+        counts = from_fractions(units, [(1 - keep, 1 - keep)] * len(units) if allocation == "uniform" else fractions,
+                                remove)
+    elif allocation == "flap":
+        counts = greedy(units, [(_standardised(u.head_scores), _standardised(u.channel_scores)) for u in units],
+                        remove)
+    elif allocation == "fisher":
+        counts = greedy(units, [(u.head_scores / u.head_cost, u.channel_scores / u.channel_cost) for u in units],
+                        remove)
+    else:
+        raise unknown("width allocation", allocation, ALLOCATIONS)
+    _check_reached(units, counts, remove, keep)
+    return counts
+
+
+def _check_reached(units: list[BlockUnits], counts, remove: float, keep: float) -> None:
+    """A target that would take some layer below one head group or one MLP channel is an error, not a miss."""
+    removed = sum(h * u.head_cost + c * u.channel_cost for (h, c), u in zip(counts, units))
+    if remove - removed > max(max(u.head_cost, u.channel_cost) for u in units):
+        least = sum(u.head_cost + u.channel_cost for u in units) / total_params(units)
+        raise SlimlmError(f"--params {keep:g} is below what keeping at least one attention head group and one MLP "
+                          f"channel per layer allows with this allocation (at least {least:.4f})")
