@@ -16,8 +16,10 @@ Reference: Ashkboos et al., "SliceGPT: Compress Large Language Models by Deletin
      columns of every weight above, the embedding's columns and both skip matrices' to d' x d'. Projecting onto
      the top-d' components loses the least signal energy of any d'-dimensional subspace (PCA), exactly the sum of
      the dropped eigenvalues.
-Calibration is sequential (§3.4, "we compute the PCA ... in sequence"): each basis is computed from the signals
-of the model whose earlier parts are already rotated and sliced, so later bases see (and absorb) earlier losses.
+Calibration is sequential, as SliceGPT does: each basis is computed from the signals of the model whose earlier
+parts are already rotated and sliced, so later bases see (and absorb) the losses of earlier slicing. A PCA in d
+dimensions needs many more calibration tokens than d (the paper uses 1024 x 2048): on SmolLM2-135M (d = 576) at
+20% slicing, 8 x 256 tokens gave WikiText-2 perplexity 87 and 128 x 256 gave 48 (dense 27).
 
 The sliced residual has d' coordinates but RMSNorm must still average over the original d: its weight becomes
 the constant sqrt(d/d') and its epsilon eps·d/d', which is exactly w·x/sqrt(‖x‖²/d + eps) with standard modules.
@@ -151,7 +153,7 @@ def _run(fn, x: torch.Tensor, call_args: dict, batch_size: int, width: int, timi
 
 
 def _slice_layer(layer: nn.Module, z: torch.Tensor, A: torch.Tensor, call_args: dict, batch_size: int,
-                 timing: dict) -> tuple[SlicedLayer, torch.Tensor, torch.Tensor, dict]:
+                 timing: dict) -> tuple[SlicedLayer, torch.Tensor, torch.Tensor, tuple[float, float]]:
     """Rotate and slice one decoder layer whose input ``z`` (n, T, d') is in basis ``A`` (d x d').
 
     Both PCAs see the signal this sliced model really produces (§3.4, sequential): M from the residual after
@@ -235,6 +237,7 @@ def slice_(model: nn.Module, calib: torch.Tensor, sparsity: float, device: str |
     emb.weight = nn.Parameter(_project(emb.weight, A.to(home)))
     emb.embedding_dim = kept
     z, layers, records = _project(captured.hidden, A), decoder_blocks(model), []
+    captured.hidden = None  # block 0's inputs live on as z
     for i in tqdm(range(len(layers)), desc="slicegpt", disable=not progress):
         sliced, z, A, (mlp_kept, next_kept) = _slice_layer(layers[i].to(device), z, A, captured.call_args[i],
                                                            batch_size, timing)
