@@ -1,6 +1,6 @@
 """Structured compression of the built-in model at 20% and 35% fewer decoder parameters (issue #14): depth
 (ShortGPT's block influence, slimlm's skip-loss score), width (FLAP, slimlm's Fisher units and allocation), low rank
-(SVD-LLM, WeLore, SVD-LLM with slimlm's Fisher-priced ranks), SliceGPT where it is available.
+(SVD-LLM, WeLore, SVD-LLM with slimlm's Fisher-priced ranks), SliceGPT.
 
 Protocol (bench/common.py): calibration = the first 32 windows of 512 tokens of wikitext2/valid.tokens (depth
 scores: the first 8 of them, as the skip-loss score runs the model's tail once per layer); perplexity on the
@@ -41,7 +41,7 @@ def rows(cut: float) -> dict[str, tuple[str, dict]]:
         "svdllm": ("lowrank", {"params": keep, "method": "svdllm", "allocation": "uniform"}),
         "welore": ("lowrank", {"params": keep, "method": "welore", "allocation": "welore"}),
         "svdllm-fisher (ours)": ("lowrank", {"params": keep, "method": "svdllm", "allocation": "fisher"}),
-        "slicegpt": ("slicegpt", {"sparsity": cut}),
+        "slicegpt": ("shrink", {"params": keep, "method": "slicegpt", "allocation": "uniform"}),
     }
 
 
@@ -50,11 +50,8 @@ def compress(kind: str, settings: dict, model, tok, calib) -> dict:
         from slimlm.structured.shrink import shrink
         depth_calib = calib[:8] if "drop_layers" in settings else calib
         return shrink(model, tok, calib=depth_calib, progress=False, **settings).manifest
-    if kind == "lowrank":
-        from slimlm.structured.factorize import lowrank
-        return lowrank(model, tok, calib=calib, progress=False, **settings).manifest
-    from slimlm.structured.slicegpt import slice_
-    return {"kind": "slicegpt", **slice_(model, calib, progress=False, **settings)}
+    from slimlm.structured.factorize import lowrank
+    return lowrank(model, tok, calib=calib, progress=False, **settings).manifest
 
 
 def folder_bytes(folder: Path) -> int:
@@ -87,20 +84,16 @@ def run_row(name, kind, settings, work: Path, dense, calib, data_dir, eval_windo
     ppl = slimlm.evaluate(model, tok, "wikitext2", 2048, eval_windows, data_dir, progress=False)["perplexity"]
     after = parameter_counts(model)
     folder = work / name.split()[0]
+    slimlm.save(model, tok, folder, slimlm.Result(manifest))
     gguf = None
-    if kind == "shrink":
-        slimlm.save(model, tok, folder, slimlm.Result(manifest))
+    if kind == "shrink" and settings.get("method") != "slicegpt":
         gguf = to_gguf(model, tok, work / f"{folder.name}.f16.gguf", "F16", method="rtn", progress=False)
-    elif kind == "lowrank":
-        slimlm.save(model, tok, folder, slimlm.Result(manifest))
     record = {"row": name, "settings": settings, "perplexity": ppl, "seconds": seconds,
               "decoder_params_ratio": after["decoder_linears"] / before["decoder_linears"],
               "params_ratio": after["total"] / before["total"],
               "removed_layers": manifest.get("removed_layers"), "widths": manifest.get("widths")}
-    if folder.exists():
-        record["file_ratio"] = folder_bytes(folder) / folder_bytes(dense[0])
-        record |= speeds(dense, (folder, gguf), repeats)
-    return record
+    record["file_ratio"] = folder_bytes(folder) / folder_bytes(dense[0])
+    return record | speeds(dense, (folder, gguf), repeats)
 
 
 def quantized_pair(best: dict, work: Path, data_dir: str, repeats: int) -> dict:
@@ -170,6 +163,7 @@ def main() -> None:
     dense_ppl = slimlm.evaluate(model, tok, "wikitext2", 2048, args.eval_windows, args.data_dir,
                                 progress=False)["perplexity"]
     model.save_pretrained(work / "dense")
+    tok.save_pretrained(work / "dense")
     dense = (work / "dense", to_gguf(model, tok, work / "dense.f16.gguf", "F16", method="rtn", progress=False))
     results = {"eval_windows": args.eval_windows, "dense_perplexity": dense_ppl, "rows": []}
     out = Path(args.out)

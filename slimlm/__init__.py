@@ -14,6 +14,9 @@ from slimlm.api import (Result, analyze, apply_runtime, calibration, evaluate, p
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.core.models import load_model  # noqa: E402
 from slimlm.to_gguf import to_gguf  # noqa: E402
+from slimlm.structured.shrink import shrink  # noqa: E402
+from slimlm.structured.factorize import lowrank  # noqa: E402
+from slimlm.evaluation.speed import measure_speed  # noqa: E402
 
 __all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
-           "plan_budgets", "prune", "quantize", "save", "to_gguf"]
+           "lowrank", "measure_speed", "plan_budgets", "prune", "quantize", "save", "shrink", "to_gguf"]

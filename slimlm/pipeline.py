@@ -1,11 +1,11 @@
 """Running a recipe: check every setting, load the model once, run the steps in order, save the run once, export.
 
-``execute`` is what ``slimlm prune``, ``quantize``, ``analyze`` and ``run`` all do (the first three turn their
-command line into a one-step recipe, ``recipe.from_args``), so a command and the replay of the recipe it wrote
+``execute`` is what ``slimlm prune``, ``quantize``, ``shrink``, ``lowrank``, ``analyze`` and ``run`` all do (all but
+``run`` turn their command line into a one-step recipe, ``recipe.from_args``), so a command and the replay of the recipe it wrote
 share one code path and give bit-identical weights on the same machine.
 
 Order: every step is checked before the model is loaded (its errors name the step, ``steps[1].quantize: ...``);
-the rotate / prune / quantize / eval / analyze steps run in order on the one in-memory model (or, with
+the shrink / lowrank / rotate / prune / quantize / eval / analyze steps run in order on the one in-memory model (or, with
 ``--offload disk``, on blocks streamed from disk); the run folder (weights, tokenizer, ``slimlm.json``,
 ``recipe.yaml``) is written once, atomically, after them; export steps then read the saved run.
 
@@ -152,7 +152,7 @@ def shrink_allocation(ns) -> str:
     """A shrink or lowrank step's allocation, ``auto`` resolved to its method's own."""
     if ns.allocation != "auto":
         return ns.allocation
-    return {"svdllm": "uniform"}.get(ns.method, ns.method)
+    return {"svdllm": "uniform", "slicegpt": "uniform"}.get(ns.method, ns.method)
 
 
 def _lowrank(model, tokenizer, run, ns, progress):

@@ -22,11 +22,12 @@ defaults included, so that a later change of a default does not change its repla
 from the current folder, as on the command line.
 
 Step kinds: ``analyze`` (an analysis folder: the step's ``out``, or the recipe's when nothing is compressed),
-``rotate`` (QuaRot, before any pruning or quantization), ``prune``, ``quantize``, ``eval`` (perplexity of the
-model as it is at that point), ``gguf`` (the model as it is, onto llama.cpp's types: one file, its ``out``; it
+``shrink`` and ``lowrank`` (structured: they change the model's shapes, so they come before the others that
+compress), ``rotate`` (QuaRot, before any pruning or quantization), ``prune``, ``quantize``, ``eval``
+(perplexity of the model as it is at that point), ``gguf`` (the model as it is, onto llama.cpp's types: one file, its ``out``; it
 leaves the weights at the file's values, so only exports follow it), ``export`` (reads the saved run, so export
-steps come last). ``pipeline.execute`` runs a recipe; ``from_args`` turns a ``slimlm prune/quantize/analyze/gguf``
-command line into a recipe, so the command and its replay share one code path.
+steps come last). ``pipeline.execute`` runs a recipe; ``from_args`` turns a ``slimlm prune/quantize/shrink/lowrank/
+analyze/gguf`` command line into a recipe, so the command and its replay share one code path.
 """
 from __future__ import annotations
 

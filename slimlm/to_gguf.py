@@ -65,12 +65,14 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     out = check_new(out)
     config = model.config.to_dict()
     check_architecture(config)
+    _check_plain_linears(model)
     start = time.perf_counter()
     weights = _file_tensors(model, config)
     gguf_name = tensor_names(config)
     gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
     target = None if size is None else parse_size(size)
-    uses_data = method == "gptq" or imatrix or target is not None
+    float_mix = mix.upper() in ("F16", "F32")  # nothing to round: GPTQ has no work and needs no data
+    uses_data = (method == "gptq" and not float_mix) or imatrix or target is not None
     types = named_mix(mix, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
                       config["num_hidden_layers"], gqa, has_imatrix=uses_data)
     calib_info, fitted = None, {}
@@ -80,7 +82,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     if target is not None:
         types |= _sized_types(model, weights, types, target, calib, gguf_name, progress)
     kinds = {n: TYPES.get(types[gguf_name(n)]) for n in weights}  # None: a float type
-    if method == "gptq" or imatrix:
+    if (method == "gptq" and not float_mix) or imatrix:
         linears = linear_fqns(model)
         compress = _compress_fn(method, kinds, fitted, act_order, blocksize, damp)
         compress_blocks(model, calib, compress, {f for f in linears if f"{f}.weight" in weights},
@@ -93,7 +95,8 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
                for name, W in weights.items()]
     nbytes = sum(data.nbytes for _, data, _ in tensors)
     params = sum(W.numel() for W in weights.values())
-    record = {"format": "gguf", "source": source, "mix": mix.upper(), "method": method, "imatrix": imatrix,
+    record = {"format": "gguf", "source": source, "mix": mix.upper(), "method": None if float_mix else method,
+              "imatrix": imatrix,
               "size": None if target is None else {"target": size, "allocation": "fisher"},
               "act_order": act_order, "calibration": calib_info, "types": types, "tensor_bytes": nbytes,
               "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
@@ -101,6 +104,19 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     file_type = gguf.LlamaFileType.ALL_F32 if mix.upper() == "F32" else gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
     return write_gguf(out, config, tokenizer, source, tensors, file_type, record, recipe,
                       Path(str(source or "model")).name, progress, layer_widths(model))
+
+
+def _check_plain_linears(model) -> None:
+    """llama.cpp's graphs hold one matrix per projection and identity skip connections: low-rank factors and
+    SliceGPT's skip matrices have no GGUF form."""
+    from slimlm.core.structure import SHORTCUTS, describe
+
+    record = describe(model)
+    if any("rank" in spec for spec in record.values()):
+        raise SlimlmError("GGUF holds one matrix per projection and this model has low-rank factors: "
+                          "run lowrank with --merge to write a GGUF")
+    if any(fqn.rpartition(".")[2] in SHORTCUTS for fqn in record):
+        raise SlimlmError("GGUF cannot hold SliceGPT's skip matrices (llama.cpp's skip connections are identities)")
 
 
 def layer_widths(model) -> list[tuple[int, int, int]] | None:

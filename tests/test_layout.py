@@ -68,6 +68,7 @@ def test_no_module_is_much_over_400_lines():
 
 def test_public_api_is_unchanged():
     for name in ("Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
-                 "plan_budgets", "prune", "quantize", "save", "__version__"):
+                 "plan_budgets", "prune", "quantize", "save", "shrink", "lowrank", "measure_speed", "to_gguf",
+                 "__version__"):
         assert name in slimlm.__all__ and hasattr(slimlm, name)
     assert callable(slimlm.prune) and callable(slimlm.evaluate)  # no subpackage shadows an API function

@@ -146,6 +146,32 @@ def test_saved_results_reload_with_the_same_logits(tiny_folder, tmp_path, shrink
         assert torch.equal(logits(plain, ids), logits(model, ids))
 
 
+def test_slicegpt_shrink_keeps_at_most_the_target_and_reloads_only_through_slimlm(tiny_folder, tmp_path):
+    _, tok = slimlm.load_model(str(tiny_folder))
+    model, ids = tiny_llama(layers=3, vocab=49152), windows(4, 32, 49152)
+    dense = parameter_counts(model)["decoder_linears"]
+    per_hidden_unit = dense // 64  # every Llama linear has exactly one side on the residual stream
+    result = shrink(model, tok, calib=ids, params=0.6, method="slicegpt", progress=False)
+    kept = result.manifest["sliced_hidden"]
+    assert parameter_counts(model)["decoder_linears"] == per_hidden_unit * kept + 3 * 2 * kept ** 2  # + skips
+    assert result.manifest["params_kept"] <= 0.6 < (per_hidden_unit * (kept + 8) + 6 * (kept + 8) ** 2) / dense
+    slimlm.save(model, tok, tmp_path / "run", result)
+    reloaded, _ = slimlm.load_model(str(tmp_path / "run"))
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    manifest = json.loads((tmp_path / "run" / "slimlm.json").read_text())
+    assert manifest["structure"]["config"]["hidden_size"] == kept and "model.layers.2.mlp_shortcut" in \
+        manifest["structure"]["linears"]
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="mismatched"):  # it would otherwise drop the skip matrices silently
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    from slimlm.to_gguf import to_gguf
+
+    with pytest.raises(SlimlmError, match="skip matrices"):
+        to_gguf(reloaded, tok, tmp_path / "x.gguf", "F16", method="rtn", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_bad_inputs_are_refused():
     model = tiny_llama(layers=2)
     with pytest.raises(SlimlmError, match="between 1 and 1"):
@@ -166,6 +192,8 @@ def test_bad_inputs_are_refused():
     (["--params", "0.5", "--drop-layers", "1"], "one of the two"),
     (["--drop-layers", "1", "--method", "fisher"], "--method only applies with --params"),
     (["--params", "0.001"], "at least one attention head group"),
+    (["--params", "0.5", "--method", "slicegpt", "--allocation", "fisher"], "allocation 'fisher' does not apply"),
+    (["--params", "0.001", "--method", "slicegpt"], "SliceGPT cannot keep only 0.001"),
 ])
 def test_cli_bad_inputs_give_one_line_and_write_nothing(tiny_folder, tmp_path, data_dir, argv, message):
     out = tmp_path / "out"

@@ -154,12 +154,15 @@ def add_shrink_settings(p):
                    "smaller model again each time")
     p.add_argument("--params", type=float, metavar="FRACTION", help="width: fraction of the decoder layers' "
                    "parameters to keep (attention head groups and MLP channels are removed)")
-    p.add_argument("--method", default="flap", choices=["flap", "fisher"], help="width: which heads and "
-                   "channels go; flap: FLAP's fluctuation metric; fisher: estimated loss increase (slimlm's)")
+    p.add_argument("--method", default="flap", choices=["flap", "fisher", "slicegpt"], help="width: which heads "
+                   "and channels go; flap: FLAP's fluctuation metric; fisher: estimated loss increase (slimlm's); "
+                   "slicegpt: instead narrow the residual stream to its principal directions (SliceGPT; loads "
+                   "through slimlm only, no GGUF)")
     p.add_argument("--allocation", default="auto", choices=["auto", "uniform", "owl", "alphapruning", "flap",
                                                             "fisher"],
                    help="width: how many units each layer loses; auto: the method's own (flap: FLAP's global "
-                   "ranking of standardised scores; fisher: global ranking by loss per parameter)")
+                   "ranking of standardised scores; fisher: global ranking by loss per parameter; slicegpt: "
+                   "uniform, its only one)")
     p.add_argument("--no-compensate", action="store_true", help="width: no FLAP bias compensation of the "
                    "removed channels' mean output")
     _add_calib_args(p, nsamples=32, seqlen=512)

@@ -73,15 +73,18 @@ def check_shapes(model: nn.Module, index: TensorIndex, complete: bool = True) ->
                               f"but the model's config gives {list(tensor.shape)}")
 
 
-def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model built from ``folder/config.json`` with every parameter on the meta device (no memory)."""
+def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32, structure: dict | None = None) -> nn.Module:
+    """The model built from ``folder/config.json`` (and a structured run's recorded ``structure``,
+    ``core.structure``) with every parameter on the meta device (no memory)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from slimlm.core.structure import build
 
     try:
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = build(config, structure or {}, dtype)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SlimlmError(f"cannot read the config of {folder}: {first}") from e
@@ -110,7 +113,6 @@ def check_folder(folder: Path, allow_pickle: bool) -> None:
     with ``allow_pickle``; every safetensors shard present with a readable header, and no tensor shaped
     differently from what the config gives (with the shapes a structured run's manifest records,
     ``core.structure``). Each problem is one line instead of a traceback."""
-    from slimlm.core.structure import rebuild_
     from slimlm.runs.save import read_manifest
 
     if not has_safetensors(folder):
@@ -124,7 +126,5 @@ def check_folder(folder: Path, allow_pickle: bool) -> None:
     except json.JSONDecodeError as e:
         raise SlimlmError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
     if not quantized:  # packed quantized tensors legitimately differ from the float skeleton's shapes
-        model = skeleton(folder)
-        with torch.device("meta"):
-            rebuild_(model, read_manifest(folder).get("structure") or {})
+        model = skeleton(folder, structure=read_manifest(folder).get("structure"))
         check_shapes(model, index, complete=False)

@@ -11,7 +11,8 @@ Engines:
     batch size and prints one JSON line. Only one model is in memory at a time, and a process's peak memory is
     that one model's.
   * ``llama.cpp``: ``llama-bench`` on ``.gguf`` files: pp (the prompt in one batch) and tg (one sequence decoding
-    token by token). It has no batched decoding, so decode speeds at batch > 1 are recorded as not measured.
+    token by token); decode at batch > 1 from ``llama-batched-bench`` (that many sequences, each its own prompt,
+    decoding together: its speed_tg is their tokens per second, as the transformers figure is).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ ENGINES = ("transformers", "llama.cpp")
 SEED = 0
 RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "prefill_tok_s", "ttft_s", "peak_rss_bytes",
               "peak_cuda_bytes")
-NOT_BATCHED = "not measured: llama-bench decodes one sequence only"
 TTFT_DERIVED = "derived: prompt_tokens / prefill_tok_s + 1 / decode_tok_s at batch 1 (llama-bench times them apart)"
 # Runs argv[1:] and prints its exit status, output and peak RSS as one JSON line. RUSAGE_CHILDREN of this small
 # process covers that one child only (see _run_with_peak).
@@ -259,13 +259,35 @@ def _llama_bench_run(path: str, settings: dict) -> dict:
     pp, tg = _bench_results(out, path)
     if s["device"] != "cpu" and "CUDA" not in pp.get("backends", ""):
         raise SlimlmError(f"this llama.cpp build runs on {pp.get('backends')}, not {s['device']}")
-    notes = {"ttft_s": TTFT_DERIVED, **{f"decode_tok_s.{b}": NOT_BATCHED for b in s["batches"] if b != 1}}
+    batched, batched_peak = _batched_decode(path, s, [b for b in s["batches"] if b != 1])
+    notes = {"ttft_s": TTFT_DERIVED}
     if s["device"] != "cpu":
         notes["peak_cuda_bytes"] = "not measured: llama-bench does not report device memory"
     return {"params": pp["model_n_params"], "nonzero_params": None, "size_bytes": os.path.getsize(path),
             "prefill_tok_s": pp["avg_ts"], "ttft_s": s["prompt_tokens"] / pp["avg_ts"] + 1 / tg["avg_ts"],
-            "decode_tok_s": {str(b): tg["avg_ts"] if b == 1 else None for b in s["batches"]},
-            "peak_rss_bytes": peak, "peak_cuda_bytes": None, "notes": notes}
+            "decode_tok_s": {"1": tg["avg_ts"]} | batched, "peak_rss_bytes": max(peak, batched_peak),
+            "peak_cuda_bytes": None, "notes": notes}
+
+
+def _batched_decode(path: str, s: dict, batches: list[int]) -> tuple[dict[str, float], int]:
+    """Decode tokens/s of ``batches`` parallel sequences (llama-batched-bench, its jsonl ``speed_tg``) and the
+    run's peak RSS; nothing to run for batch 1 alone."""
+    from slimlm.evaluation.llama_cpp import tool
+
+    if not batches:
+        return {}, 0
+    context = max(batches) * (s["prompt_tokens"] + s["new_tokens"]) + 16  # every sequence's prompt and tokens
+    args = ["-m", path, "-c", context, "-b", 2048, "-ub", 512, "-npp", s["prompt_tokens"], "-ntg", s["new_tokens"],
+            "-npl", ",".join(map(str, batches)), "-t", s["threads"], "-ngl", 0 if s["device"] == "cpu" else 99,
+            "--output-format", "jsonl"]
+    rc, out, err, peak = _run_with_peak([str(tool("llama-batched-bench")), *map(str, args)])
+    if rc != 0:
+        raise SlimlmError(f"llama.cpp llama-batched-bench failed on {path} (exit {rc}): {_last_error(err)}")
+    try:
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return {str(b): next(r["speed_tg"] for r in lines if r["pl"] == b) for b in batches}, peak
+    except (ValueError, KeyError, StopIteration) as e:
+        raise SlimlmError(f"llama-batched-bench printed no decode result for {path}") from e
 
 
 def _bench_results(text: str, path: str) -> tuple[dict, dict]:

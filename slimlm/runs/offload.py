@@ -25,7 +25,7 @@ from slimlm.core.models import DTYPES
 from slimlm.core.shards import INDEX, TensorIndex, check_shapes, expected_tensors, has_safetensors, read_tensors, skeleton, tensor_index
 from slimlm.errors import SlimlmError
 from slimlm.runs.resume import clear_checkpoint, write_tensors
-from slimlm.runs.save import replace_dir, write_manifest
+from slimlm.runs.save import read_manifest, replace_dir, write_manifest
 
 
 @dataclass
@@ -75,7 +75,7 @@ def load_streamed(name: str, dtype: str, folder: Path):
                           f"{name} is not one")
     if dtype not in DTYPES:
         raise SlimlmError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    model = skeleton(source, DTYPES[dtype])
+    model = skeleton(source, DTYPES[dtype], read_manifest(source).get("structure"))  # structured runs too
     index = tensor_index(source)
     check_shapes(model, index)
     prefix = adapter_for(model).blocks

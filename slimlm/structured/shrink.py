@@ -1,8 +1,9 @@
-"""``shrink``: a smaller dense model, by removing decoder blocks (depth) or heads and MLP channels (width).
+"""``shrink``: a smaller dense model, by removing decoder blocks (depth), heads and MLP channels (width), or
+the residual stream's weakest principal directions (SliceGPT).
 
-The result is a dense model any engine runs as it is. Its manifest records what went, the scores that chose
-it and, for width, the shape of every linear (``core.structure``), so ``slimlm.load_model`` rebuilds any
-per-block widths; where the config can say the new shapes (fewer layers; the same widths in every block of a
+The result is a dense model. Its manifest records what went, the scores that chose it and, for width, the
+shape of every linear (``core.structure``), so ``slimlm.load_model`` rebuilds any per-block widths and SliceGPT's
+skip matrices; where the config can say the new shapes (fewer layers; the same widths in every block of a
 Llama), plain ``transformers`` loads the folder too.
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ from slimlm.api import Result, _calibration_for
 from slimlm.core.architectures import decoder_blocks, linear_fqns
 from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
-from slimlm.structured import depth, width, widths
+from slimlm.structured import depth, slicegpt, width, widths
+
+METHODS = (*width.METHODS, "slicegpt")
 
 # model_type -> config switches that give every attention / MLP linear a bias (FLAP's compensation needs one on
 # o_proj and down_proj; a config that cannot say so leaves the counts alone, so plain transformers refuses the
@@ -42,7 +45,8 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
     """Remove ``drop_layers`` decoder blocks (``score``: influence | loss, ``iterative``), or heads and MLP channels
     so that ``params`` of the decoder-block parameters stay (``method``: flap | fisher scores which units go,
     ``allocation``: uniform | owl | alphapruning | flap | fisher how many per block, ``owl_m`` OWL's outlier
-    threshold; ``compensate``: FLAP's bias).
+    threshold; ``compensate``: FLAP's bias; ``method`` slicegpt instead narrows the residual stream of every
+    block alike, as SliceGPT does, so its allocation is uniform).
     The model changes in place; returns the run's ``Result``."""
     depth.check_llama_like(model)
     if (drop_layers is None) == (params is None):
@@ -51,10 +55,14 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
         depth.check_drop(len(decoder_blocks(model)), drop_layers)
     else:
         widths.check_keep(params)
-        if method not in width.METHODS:
-            raise unknown("width method", method, width.METHODS)
+        if method not in METHODS:
+            raise unknown("width method", method, METHODS)
         if allocation not in widths.ALLOCATIONS:
             raise unknown("width allocation", allocation, widths.ALLOCATIONS)
+        if method == "slicegpt" and allocation != "uniform":
+            raise SlimlmError(f"SliceGPT slices every block's residual alike; allocation '{allocation}' does not "
+                              "apply (use uniform)")
+        sparsity = slicegpt.sparsity_for_params(model, params) if method == "slicegpt" else None
     torch.manual_seed(seed)
     start, before = time.perf_counter(), parameter_counts(model)
     calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling, seed,
@@ -64,6 +72,8 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
                                               progress)
         record = {"axis": "depth", "score": score, "iterative": iterative, "removed_layers": removed,
                   "rounds": rounds}
+    elif method == "slicegpt":
+        record = _slice(model, calib, sparsity, device, batch_size, progress)
     else:
         record = _shrink_width(model, calib, params, method, allocation, compensate, owl_m, device, batch_size,
                                progress)
@@ -74,6 +84,13 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
                 "device": str(device), "seed": seed, "timings": {"total": time.perf_counter() - start},
                 "versions": versions()}
     return Result(manifest)
+
+
+def _slice(model, calib, sparsity, device, batch_size, progress) -> dict:
+    done = slicegpt.slice_(model, calib, sparsity, device, batch_size, progress)
+    energy = [[r["attn_kept_variance"], r["mlp_kept_variance"]] for r in done["layers"]]
+    return {"axis": "width", "allocation": "uniform", "sparsity": sparsity, "hidden": done["hidden"],
+            "sliced_hidden": done["sliced_hidden"], "kept_energy": energy, "plain_transformers": False}
 
 
 def _width_fractions(model, allocation: str, keep: float, calib, owl_m, device, batch_size,

@@ -23,7 +23,8 @@ dimensions needs many more calibration tokens than d (the paper uses 1024 x 2048
 
 The sliced residual has d' coordinates but RMSNorm must still average over the original d: its weight becomes
 the constant sqrt(d/d') and its epsilon eps·d/d', which is exactly w·x/sqrt(‖x‖²/d + eps) with standard modules.
-The model's config is left as it was (hidden size d); ``slice_``'s record says what a loader needs.
+The model's config keeps the dense hidden size d; a saved run records the sliced sizes in its manifest
+(``core.structure``), which ``slimlm.load_model`` follows and plain transformers refuses.
 """
 from __future__ import annotations
 
@@ -34,42 +35,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimlm.core.architectures import decoder_blocks
+from slimlm.core.architectures import block_linears, decoder_blocks
 from slimlm.core.engine import DEFAULT_BATCH_TOKENS, _batches, capture_inputs
+from slimlm.core.structure import SlicedLayer, attention_branch, mlp_branch
 from slimlm.errors import SlimlmError
 from slimlm.quant.rotate import ROTATABLE, fuse_norms_
 
 ROUND_TO = 8  # SliceGPT keeps d' a multiple of 8 (GPU-friendly shapes); applied when d >= 64
 PCA_DTYPE = torch.float64
-
-
-def _attention(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    return layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
-
-
-def _mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return layer.mlp(layer.post_attention_layernorm(x))
-
-
-class SlicedLayer(nn.Module):
-    """A Llama-family decoder layer whose skip connections are (d' x d') linears (SliceGPT §3.4, Fig. 4).
-
-    The residual enters in basis A_l, the attention's writer and ``attn_shortcut`` (M_lᵀ A_l) both produce basis
-    M_l, the MLP's writer and ``mlp_shortcut`` (A_{l+1}ᵀ M_l) basis A_{l+1}. Called like the decoder layer it
-    replaces (hidden states, then the model's keyword arguments); returns the hidden states tensor.
-    """
-
-    def __init__(self, layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: torch.Tensor):
-        super().__init__()
-        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
-        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
-        self.attn_shortcut, self.mlp_shortcut = _linear(attn_shortcut), _linear(mlp_shortcut)
-        if hasattr(layer, "attention_type"):  # models with sliding-window layers pick their mask by it
-            self.attention_type = layer.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        x = self.attn_shortcut(hidden_states) + _attention(self, hidden_states, kwargs)
-        return self.mlp_shortcut(x) + _mlp(self, x)
 
 
 def _linear(weight: torch.Tensor) -> nn.Linear:
@@ -165,18 +138,18 @@ def _slice_layer(layer: nn.Module, z: torch.Tensor, A: torch.Tensor, call_args: 
     for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
         _read_(lin, A)
     _shrink_norm_(layer.input_layernorm, d, kept)
-    r = _run(lambda x, kw: _project(x, A.T) + _attention(layer, x, kw), z, call_args, batch_size, d, timing)
+    r = _run(lambda x, kw: _project(x, A.T) + attention_branch(layer, x, kw), z, call_args, batch_size, d, timing)
     M, mlp_kept = _basis(r, kept, batch_size, timing)
     _write_(attn.o_proj, M)
     u = _project(r, M)
     for lin in (mlp.gate_proj, mlp.up_proj):
         _read_(lin, M)
     _shrink_norm_(layer.post_attention_layernorm, d, kept)
-    s = _run(lambda x, kw: _project(x, M.T) + _mlp(layer, x), u, call_args, batch_size, d, timing)
+    s = _run(lambda x, kw: _project(x, M.T) + mlp_branch(layer, x), u, call_args, batch_size, d, timing)
     A_next, next_kept = _basis(s, kept, batch_size, timing)
     _write_(mlp.down_proj, A_next)
     dtype = attn.o_proj.weight.dtype
-    sliced = SlicedLayer(layer, (M.T @ A).to(dtype), (A_next.T @ M).to(dtype))
+    sliced = SlicedLayer(layer, _linear((M.T @ A).to(dtype)), _linear((A_next.T @ M).to(dtype)))
     return sliced, _project(s, A_next), A_next, (mlp_kept, next_kept)
 
 
@@ -193,6 +166,34 @@ def param_counts(model: nn.Module) -> dict[str, int]:
                 linears += 0 if name.endswith("_shortcut") else count
     return {"embedding": emb.numel(), "lm_head": 0 if head is emb else head.numel(), "decoder_linears": linears,
             "shortcuts": shortcuts, "total": sum(p.numel() for p in model.parameters())}
+
+
+READERS, WRITERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
+
+
+def sliced_params(model: nn.Module, kept: int) -> int:
+    """Decoder-block parameters once the residual is ``kept`` wide: readers lose input columns, writers output
+    rows (and bias entries), and every block gains two kept x kept skip matrices (§3.4)."""
+    total = 0
+    for layer in decoder_blocks(model):
+        for name, lin in block_linears(layer).items():
+            leaf = name.rpartition(".")[2]
+            rows = kept if leaf in WRITERS else lin.out_features
+            cols = kept if leaf in READERS else lin.in_features
+            total += rows * cols + (rows if lin.bias is not None else 0)
+    return total + 2 * len(decoder_blocks(model)) * kept * kept
+
+
+def sparsity_for_params(model: nn.Module, keep: float) -> float:
+    """The smallest slicing (d' a multiple of 8, ``sliced_dim``) that keeps at most ``keep`` of the decoder
+    blocks' parameters, counting the skip matrices it adds; refused when even the narrowest residual does not."""
+    d = model.get_input_embeddings().embedding_dim
+    dense, step = sliced_params(model, d) - 2 * len(decoder_blocks(model)) * d * d, ROUND_TO if d >= 64 else 1
+    for kept in range(d - d % step, 0, -step):
+        if sliced_params(model, kept) <= keep * dense:
+            return 1 - kept / d
+    raise SlimlmError(f"SliceGPT cannot keep only {keep:g} of the decoder parameters: even a {step}-wide residual "
+                      "keeps more")
 
 
 def _check(model: nn.Module, calib, sparsity) -> None:
@@ -219,8 +220,7 @@ def slice_(model: nn.Module, calib: torch.Tensor, sparsity: float, device: str |
     ``calib``: (n, T) token ids. ``sparsity``: fraction of the hidden size d removed, d' = ``sliced_dim``.
     Each decoder layer becomes a ``SlicedLayer``; lm_head is untied from the embedding (the final norm's scale
     and basis differ from the embedding's). One layer at a time is on ``device``. Returns a JSON-able record:
-    d, d', each basis' shape and kept energy fraction, parameter counts before and after, timings (s), and the
-    ``loader`` settings a rebuilt model needs (hidden_size d', head_dim, rms_norm_eps, untied head).
+    d, d', each basis' shape and kept energy fraction, parameter counts before and after, timings (s).
     """
     _check(model, calib, sparsity)
     home, start = next(model.parameters()).device, time.perf_counter()
@@ -231,7 +231,6 @@ def slice_(model: nn.Module, calib: torch.Tensor, sparsity: float, device: str |
     fuse_norms_(model)
     d = captured.hidden.shape[-1]
     kept = sliced_dim(d, sparsity)
-    eps = model.get_submodule("model.norm").variance_epsilon
     A, attn_kept = _basis(captured.hidden, kept, batch_size, timing)
     emb = model.get_input_embeddings()
     emb.weight = nn.Parameter(_project(emb.weight, A.to(home)))
@@ -254,6 +253,4 @@ def slice_(model: nn.Module, calib: torch.Tensor, sparsity: float, device: str |
             "calibration": {"nsamples": calib.shape[0], "seqlen": calib.shape[1], "sequential": True},
             "params": {"before": before, "after": after, "total_ratio": after["total"] / before["total"],
                        "decoder_ratio": (after["decoder_linears"] + after["shortcuts"]) / before["decoder_linears"]},
-            "loader": {"hidden_size": kept, "head_dim": layers[0].self_attn.head_dim,
-                       "rms_norm_eps": eps * d / kept, "tie_word_embeddings": False},
             "timing": timing}
