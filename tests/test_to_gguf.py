@@ -34,6 +34,17 @@ def test_file_decodes_to_the_models_new_weights(tiny_folder, tmp_path, data_dir)
     assert record["method"] == "gptq" and record["mix"] == "Q4_K_M" and record["calibration"]["nsamples"] == 2
 
 
+def test_a_float_file_needs_no_calibration_and_records_no_method(tiny_folder, tmp_path):
+    import slimlm
+
+    model, tok = slimlm.load_model(str(tiny_folder))
+    path = slimlm.to_gguf(model, tok, tmp_path / "f16.gguf", "F16", data_dir=str(tmp_path / "no-data"),
+                          progress=False)  # default method gptq: nothing to round, so the missing data is not read
+    record = json.loads(gguf.GGUFReader(path).get_field("slimlm.export").contents())
+    assert record["method"] is None and record["calibration"] is None
+    assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1} == {"F16"}
+
+
 def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     """All-Q8_0 minus 20 kB: the block matrices (78 kB in Q8_0) must give some of it up, and the file meets it."""
     def tensor_bytes(path):
