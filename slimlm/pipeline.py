@@ -1,12 +1,12 @@
 """Running a recipe: check every setting, load the model once, run the steps in order, save the run once, export.
 
-``execute`` is what ``slimlm prune``, ``quantize``, ``shrink``, ``lowrank``, ``analyze`` and ``run`` all do (all but
-``run`` turn their command line into a one-step recipe, ``recipe.from_args``), so a command and the replay of the recipe it wrote
-share one code path and give bit-identical weights on the same machine.
+``execute`` is what ``slimlm prune``, ``quantize``, ``shrink``, ``lowrank``, ``analyze`` and ``run`` all do (all
+but ``run`` turn their command line into a one-step recipe, ``recipe.from_args``), so a command and the replay of
+the recipe it wrote share one code path and give bit-identical weights on the same machine.
 
 Order: every step is checked before the model is loaded (its errors name the step, ``steps[1].quantize: ...``);
-the shrink / lowrank / rotate / prune / quantize / eval / analyze steps run in order on the one in-memory model (or, with
-``--offload disk``, on blocks streamed from disk); the run folder (weights, tokenizer, ``slimlm.json``,
+the shrink / lowrank / rotate / prune / quantize / eval / analyze steps run in order on the one in-memory model
+(or, with ``--offload disk``, on blocks streamed from disk); the run folder (weights, tokenizer, ``slimlm.json``,
 ``recipe.yaml``) is written once, atomically, after them; export steps then read the saved run.
 
 Manifest: that of the last compression step (each ``eval`` step records its perplexity in the manifest of the

@@ -194,6 +194,7 @@ def test_bad_inputs_are_refused():
     (["--params", "0.001"], "at least one attention head group"),
     (["--params", "0.5", "--method", "slicegpt", "--allocation", "fisher"], "allocation 'fisher' does not apply"),
     (["--params", "0.001", "--method", "slicegpt"], "SliceGPT cannot keep only 0.001"),
+    (["--params", "0.5", "--method", "slicegpt", "--no-compensate"], "--no-compensate only applies with --method"),
 ])
 def test_cli_bad_inputs_give_one_line_and_write_nothing(tiny_folder, tmp_path, data_dir, argv, message):
     out = tmp_path / "out"

@@ -41,6 +41,7 @@ ONLY_WITH = [
     (("prune", "quantize", "shrink", "lowrank"), EVAL_OPTIONS, lambda a: a.eval, "--eval"),
     (("shrink",), ("--score", "--iterative"), lambda a: a.drop_layers is not None, "--drop-layers"),
     (("shrink",), ("--method", "--allocation", "--no-compensate"), lambda a: a.params is not None, "--params"),
+    (("shrink",), ("--no-compensate",), lambda a: a.method != "slicegpt", "--method flap or fisher"),
     (("shrink", "lowrank"), ("--owl-m",), lambda a: a.allocation == "owl", "--allocation owl"),
     (("lowrank",), CALIB_OPTIONS, lambda a: a.method == "svdllm" or a.allocation in ("owl", "fisher"),
      "--method svdllm or --allocation owl or fisher"),

@@ -62,6 +62,8 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
         if method == "slicegpt" and allocation != "uniform":
             raise SlimlmError(f"SliceGPT slices every block's residual alike; allocation '{allocation}' does not "
                               "apply (use uniform)")
+        if method == "slicegpt" and not compensate:
+            raise SlimlmError("compensate applies to removed heads and channels (flap, fisher), not to SliceGPT")
         sparsity = slicegpt.sparsity_for_params(model, params) if method == "slicegpt" else None
     torch.manual_seed(seed)
     start, before = time.perf_counter(), parameter_counts(model)

@@ -19,7 +19,8 @@ Reference: Ashkboos et al., "SliceGPT: Compress Large Language Models by Deletin
 Calibration is sequential, as SliceGPT does: each basis is computed from the signals of the model whose earlier
 parts are already rotated and sliced, so later bases see (and absorb) the losses of earlier slicing. A PCA in d
 dimensions needs many more calibration tokens than d (the paper uses 1024 x 2048): on SmolLM2-135M (d = 576) at
-20% slicing, 8 x 256 tokens gave WikiText-2 perplexity 87 and 128 x 256 gave 48 (dense 27).
+20% slicing, 8 x 256 calibration tokens gave WikiText-2 perplexity 87 and 32 x 256 gave 50 (dense 27; two
+windows of 512 tokens, measured during development, not a bench row).
 
 The sliced residual has d' coordinates but RMSNorm must still average over the original d: its weight becomes
 the constant sqrt(d/d') and its epsilon eps·d/d', which is exactly w·x/sqrt(‖x‖²/d + eps) with standard modules.
