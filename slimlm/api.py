@@ -24,7 +24,11 @@ from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity,
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import packed_bytes
-from slimlm.quant.rotate import attach_online_down_, quantize_activations_, rotate_
+from slimlm.quant import intactkv
+from slimlm.quant.outliers import TransformSettings, transforming
+from slimlm.quant.rotate import rotate_
+from slimlm.quant.runtime import RUNTIME_FILE, Runtime, runtime_record
+from slimlm.quant.runtime import attach_ as attach_runtime_
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
 
@@ -277,7 +281,10 @@ def _by_grid(grids: dict[str, QuantGrid], group: dict) -> dict[QuantGrid, list[s
 
 def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_size: int | None = 128,
              symmetric: bool = True, scale_dtype: str | None = None, act_order: bool = False,
-             abits: int | None = None, act_clip: float = 1.0, rotate: str | None = None,
+             abits: int | None = None, act_clip: float | None = None, rotate: str | None = None,
+             transform: str | None = None, alpha: float | None = None, weight_clip: float | None = None,
+             act_symmetric: bool | None = None, kvbits: int | None = None, kv_clip: float = 1.0,
+             intact_kv: str | None = None, intact_prefix: str | None = None,
              avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
              overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
              calib_source: str = "wikitext2", nsamples: int = 128,
@@ -300,23 +307,31 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     quantizer = get_quantizer(method)
     if rotate not in (None, "none", "hadamard"):
         raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
-    QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)  # validates before any work
+    runtime = Runtime(transform, alpha, weight_clip, abits, act_clip, act_symmetric, kvbits, kv_clip,
+                      kvbits is not None and (rotate == "hadamard" or transform == "duquant"), intact_kv,
+                      intact_prefix).resolved()
+    runtime.check(model)
+    if transform is not None and rotate == "hadamard":
+        raise SlimlmError("choose one: QuaRot's rotation (rotate='hadamard') or a transform")
+    pivot_ids = intactkv.pivot_tokens(tokenizer, intact_kv, intact_prefix) if intact_kv else None
+    QuantGrid(wbits, symmetric, group_size, runtime.weight_clip, scale_dtype)  # validates before any work
     if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
         raise unknown("allocation", allocation, ALLOCATORS)
     apply_overrides(dict.fromkeys(linear_fqns(model)), overrides)  # a regex that matches no layer fails here
     for bits in (overrides or {}).values():
         QuantGrid(bits, symmetric, group_size, scale_dtype=scale_dtype)
-    if abits is not None:
-        QuantGrid(abits, True, None, act_clip)
-    if io is not None and (rotate == "hadamard" or abits is not None or (avg_bits is not None
-                                                                         and allocation != "uniform")):
-        raise SlimlmError("--offload disk quantizes weights block by block only: no --rotate, --abits, or "
-                          "--avg-bits with a non-uniform allocation")
+    if io is not None and (rotate == "hadamard" or abits or kvbits or transform or intact_kv
+                           or (avg_bits is not None and allocation != "uniform")):
+        raise SlimlmError("--offload disk quantizes weights block by block only: no --rotate, --transform, "
+                          "--abits, --kvbits, --intact-kv or --avg-bits with a non-uniform allocation")
+    if checkpoint is not None and transform is not None:
+        raise SlimlmError("a run with a transform cannot resume: its transforms are kept in memory until saved")
     torch.manual_seed(seed)
     start, timings, calib_info = time.perf_counter(), {}, None
     rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
+    pivots = intactkv.pivot_cache(model, pivot_ids) if pivot_ids else None  # full precision, before rounding
     layers = linear_fqns(model)
-    if quantizer.needs_data or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
+    if quantizer.needs_data or transform or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
     bits = {fqn: wbits for fqn in layers}
@@ -326,7 +341,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         continuous = allocate_from_metrics(metrics, allocation, avg_bits, "bits", **(allocation_options or {}))
         bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
     bits = apply_overrides(bits, overrides)
-    grids = {fqn: QuantGrid(b, symmetric, group_size, scale_dtype=scale_dtype) for fqn, b in bits.items()}
+    grids = {fqn: QuantGrid(b, symmetric, group_size, runtime.weight_clip, scale_dtype) for fqn, b in bits.items()}
     losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
 
     options = GPTQOptions(blocksize, damp, act_order)
@@ -340,19 +355,22 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                     losses[fqn] = loss
         return True
 
-    if quantizer.needs_data:
-        timings |= compress_blocks(model, calib, compress, set(layers), hessian=True, device=device,
-                                   batch_size=batch_size, progress=progress, io=io, checkpoint=checkpoint,
-                                   sequential=sequential)
+    sites = {}
+    if transform:
+        compress = transforming(model, TransformSettings(transform, runtime.alpha, seed=seed), compress, sites)
+    if quantizer.needs_data or transform:
+        timings |= compress_blocks(model, calib, compress, set(layers), hessian=quantizer.needs_data,
+                                   device=device, batch_size=batch_size, progress=progress, io=io,
+                                   checkpoint=checkpoint, sequential=sequential, window_mean=transform == "duquant")
     else:
         timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress)
-    if abits is not None:
-        quantize_activations_(model, abits, act_clip)
+    entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids)
+    attach_runtime_(model, {"abits": abits, "act_clip": runtime.act_clip, **entries}, tensors)
     timings["total"] = time.perf_counter() - start
     manifest = {
         "kind": "quantize", "method": method, "wbits": wbits, "group_size": group_size, "symmetric": symmetric,
         "scale_dtype": scale_dtype,
-        "act_order": act_order, "abits": abits, "act_clip": act_clip, "rotation": rotation,
+        "act_order": act_order, "abits": abits, "act_clip": runtime.act_clip, "rotation": rotation, **entries,
         # achieved parameter-weighted mean bit-width (mixed precision stays at or under avg_bits)
         "bits": sum(bits[f] * layers[f].weight.numel() for f in layers)
         / sum(lin.weight.numel() for lin in layers.values()),
@@ -364,17 +382,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         "layers": {f: {"bits": bits[f], **({"gptq_loss": losses[f]} if f in losses else {})} for f in layers},
         "storage": storage_report(model, grids),
     }
-    return Result(manifest)
-
-
-def apply_runtime(model, manifest: dict) -> None:
-    """Re-attach what a saved run needs at inference beyond its weights: QuaRot's online Hadamard on the
-    down_proj inputs and the simulated activation quantization (neither lives in the safetensors)."""
-    rotation = manifest.get("rotation") or {}
-    if rotation.get("online_down"):
-        attach_online_down_(model, seed=rotation["seed"])
-    if manifest.get("abits"):
-        quantize_activations_(model, manifest["abits"], manifest.get("act_clip", 1.0))
+    return Result(manifest, {RUNTIME_FILE: tensors} if tensors else {})
 
 
 def _adds_bos(tokenizer) -> bool | None:

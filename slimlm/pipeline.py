@@ -26,7 +26,7 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 from slimlm.recipe import (COMPRESSION, Recipe, RunOptions, allocation_options, budgets_map, check, dumps, grid_group,
-                           override_map, relocated)
+                           override_map, relocated, runtime_options)
 from slimlm.runs.save import RECIPE
 
 
@@ -68,7 +68,10 @@ def default_out(recipe: Recipe, model) -> Path:
         budget = _prune_budget(ns, model)
     else:
         budget = f"w{ns.avg_bits:g}" if ns.avg_bits else f"w{ns.wbits}" + (f"a{ns.abits}" if ns.abits else "")
-        budget += "-override" if ns.override else ""
+        budget += (f"kv{ns.kvbits}" if ns.kvbits else "") + ("-override" if ns.override else "")
+        budget += f"-intact-{ns.intact_kv}" if ns.intact_kv else ""
+        method = ns.method if ns.transform == "none" else f"{ns.transform}-{ns.method}"
+        return Path("runs") / f"{name}-{method}-{budget}"
     return Path("runs") / f"{name}-{ns.method}-{budget}"
 
 
@@ -141,7 +144,7 @@ def _quantize(model, tokenizer, run, ns, progress, stream, checkpoint):
     return slimlm.quantize(
         model, tokenizer, method=ns.method, wbits=ns.wbits, group_size=grid_group(ns), symmetric=not ns.asym,
         scale_dtype=ns.scale_dtype, act_order=ns.act_order, abits=ns.abits, act_clip=ns.act_clip,
-        rotate=ns.rotate, avg_bits=ns.avg_bits, allocation=ns.allocation,
+        rotate=ns.rotate, **runtime_options(ns), avg_bits=ns.avg_bits, allocation=ns.allocation,
         allocation_options=allocation_options(ns), overrides=override_map(ns), calib_source=ns.calib,
         nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir,
         device=run.device, batch_size=ns.batch_size, progress=progress, io=stream, checkpoint=checkpoint,

@@ -240,6 +240,13 @@ def relocated(recipe: Recipe, out: str) -> Recipe:
 
 # ---------------------------------------------------------------- what a step's settings mean
 
+def runtime_options(ns) -> dict:
+    """A quantize step's outlier, KV-cache and IntactKV settings as ``slimlm.quantize`` keywords."""
+    return {"transform": None if ns.transform == "none" else ns.transform, "alpha": ns.alpha,
+            "weight_clip": ns.weight_clip, "act_symmetric": None if ns.act_grid is None else ns.act_grid == "sym",
+            "kvbits": ns.kvbits, "kv_clip": ns.kv_clip, "intact_kv": ns.intact_kv, "intact_prefix": ns.intact_prefix}
+
+
 def grid_group(ns) -> int | None:
     """The ``group_size`` a step's ``group-size`` means (-1: per output channel)."""
     return None if ns.group_size in (-1, 0) else ns.group_size
@@ -277,6 +284,7 @@ def _check_step(kind: str, ns) -> None:
     from slimlm.pruning.spec import check_budget_options, check_sparsity, parse_pattern
     from slimlm.quant.gguf_sizing import parse_size
     from slimlm.quant.grids import QuantGrid
+    from slimlm.quant.runtime import Runtime
 
     if kind in ("prune", "quantize", "analyze", "shrink", "lowrank"):
         check_source(ns.calib)
@@ -290,8 +298,8 @@ def _check_step(kind: str, ns) -> None:
             QuantGrid(ns.wbits, not ns.asym, grid_group(ns), scale_dtype=ns.scale_dtype)
     elif kind == "quantize":
         QuantGrid(ns.wbits, not ns.asym, grid_group(ns), scale_dtype=ns.scale_dtype)
-        if ns.abits is not None:
-            QuantGrid(ns.abits, True, None, ns.act_clip)
+        Runtime(**{k: v for k, v in runtime_options(ns).items() if k != "kvbits"}, abits=ns.abits,
+                act_clip=ns.act_clip, kvbits=ns.kvbits).resolved().validate()
         _check_allocation(ns)
         if ns.allocation != "uniform" and ns.avg_bits is None:
             raise SlimlmError(f"allocation '{ns.allocation}' spreads an average bit-width: give avg-bits too")
@@ -370,7 +378,8 @@ def _check_order(recipe: Recipe, options: RunOptions) -> None:
 def _runtime_hook(kind: str, ns) -> bool:
     """Whether a step leaves hooks that run at inference (see ``api.apply_runtime``)."""
     return (kind == "rotate" and not ns.no_online_down) or (
-        kind == "quantize" and (ns.rotate == "hadamard" or ns.abits is not None))
+        kind == "quantize" and (ns.rotate == "hadamard" or ns.abits is not None or ns.kvbits is not None
+                                or ns.transform != "none" or ns.intact_kv is not None))
 
 
 def _check_gguf_input(run, ns) -> None:

@@ -95,10 +95,14 @@ def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_fo
     (["--wbits", "4", "--abits", "1"], "bits must be an integer in 2..8"),
     (["--group-size", "-5"], "group_size must be a positive integer"),
     (["--allocation", "magic", "--avg-bits", "3.5"], "unknown allocation"),
+    (["--kvbits", "9"], "KV-cache quantization: bits must be an integer in 2..8"),
+    (["--abits", "4", "--act-clip", "1.5"], "clip_ratio must be in (0, 1]"),
+    (["--method", "rtn", "--transform", "duquant", "--alpha", "2"], "alpha must be in [0, 1]"),
 ])
-def test_bad_quantize_input(capsys, tmp_path, tiny_folder, argv, message):
+def test_bad_quantize_input(capsys, tmp_path, tiny_folder, data_dir, argv, message):
     out = tmp_path / "q"
-    code, _, err = run(capsys, "quantize", str(tiny_folder), "--out", str(out), "--quiet", *argv)
+    code, _, err = run(capsys, "quantize", str(tiny_folder), "--out", str(out), "--data-dir", data_dir, "--quiet",
+                       *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -114,6 +118,21 @@ def test_quantize_cli_writes_storage_and_evals(capsys, tmp_path, tiny_folder, da
     assert manifest["method"] == "gptq" and manifest["act_order"] and not manifest["symmetric"]
     assert manifest["storage"]["quantized_linear_bytes_per_param"] < 1.0  # 4-bit codes + g32 scales/zeros
     assert manifest["metrics"]["perplexity"]["perplexity"] > 1
+
+
+def test_outlier_quantized_run_evaluates_to_the_same_perplexity(capsys, tmp_path, tiny_folder, data_dir):
+    out = tmp_path / "duq"
+    code, stdout, err = run(capsys, "quantize", str(tiny_folder), "--method", "rtn", "--wbits", "4", "--abits", "4",
+                            "--kvbits", "4", "--transform", "duquant", "--intact-kv", "bos", "--group-size", "-1",
+                            "--out", str(out), "--data-dir", data_dir, "--nsamples", "2", "--seqlen", "32",
+                            "--eval", "--eval-seqlen", "64", "--eval-windows", "2", "--quiet")
+    assert code == 0, err
+    measured = json.loads(stdout.strip().splitlines()[-1])["perplexity"]
+    assert (out / "runtime.safetensors").is_file()
+    code, stdout, err = run(capsys, "eval", str(out), "--data-dir", data_dir, "--eval-seqlen", "64",
+                            "--eval-windows", "2", "--quiet")
+    assert code == 0, err
+    assert json.loads(stdout)["perplexity"] == measured
 
 
 def test_export_cli_round_trip(capsys, tmp_path, tiny_folder, data_dir):

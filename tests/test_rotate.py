@@ -8,6 +8,7 @@ import torch
 from slimlm.quant import rotate as rot
 from slimlm.errors import SlimlmError
 from slimlm.quant.hadamard import random_hadamard
+from slimlm.quant import transforms
 from slimlm.quant.rotate import attach_online_down_, fuse_norms_, quantize_activations_, rotate_
 from tests.conftest import tiny_llama, tiny_opt
 
@@ -139,7 +140,7 @@ def test_online_rotation_runs_before_activation_quantization(monkeypatch):
     """Even when quantize_activations_ hooks are registered first, the quantizer sees x H, not x."""
     model = prepare(tiny_llama())
     seen = []
-    monkeypatch.setattr(rot, "quantize_activations", lambda x, bits, clip: seen.append(x) or x)
+    monkeypatch.setattr(transforms, "quantize_activations", lambda x, bits, clip, symmetric: seen.append(x) or x)
     quantize_activations_(model, 4, targets="layers.0.mlp.down_proj")
     rotate_(model, seed=2)
     raw = []

@@ -149,7 +149,8 @@ def cmd_eval(args) -> None:
     if not tasks or args.ppl:
         check_data(args.eval_dataset, args.data_dir)
     model, tokenizer = slimlm.load_model(args.model, args.dtype, args.allow_pickle, cache=not args.no_cache)
-    slimlm.apply_runtime(model, read_manifest(args.model) if Path(args.model).is_dir() else {})
+    if folder.is_dir():
+        slimlm.apply_runtime(model, read_manifest(folder), folder)
     metrics = {}
     if not tasks or args.ppl:
         metrics["perplexity"] = _eval(model, tokenizer, args, args.batch_size)

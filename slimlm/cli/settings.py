@@ -107,10 +107,26 @@ def add_quantize_settings(p):
     p.add_argument("--one-pass", action="store_true",
                    help="GPTQ: calibrate every block on the dense model's activations (one pass, ~half the time)")
     p.add_argument("--abits", type=int, help="simulated per-token activation quantization (e.g. 4 for W4A4)")
-    p.add_argument("--act-clip", type=float, default=1.0, help="with --abits: activation clipping ratio "
-                   "(1: no clipping)")
+    p.add_argument("--act-clip", type=float, help="with --abits: activation clipping ratio (default: the "
+                   "transform's, DuQuant 0.9; otherwise 1, no clipping)")
+    p.add_argument("--act-grid", choices=["sym", "asym"], help="with --abits: symmetric or asymmetric per-token "
+                   "grid (default: the transform's, DuQuant asym; otherwise sym as QuaRot)")
+    p.add_argument("--kvbits", type=int, help="simulated KV-cache quantization after RoPE, per head and token, "
+                   "asymmetric (e.g. 4 for W4A4KV4)")
+    p.add_argument("--kv-clip", type=float, default=1.0, help="with --kvbits: KV clipping ratio (1: none)")
     p.add_argument("--rotate", default="none", choices=["none", "hadamard"],
                    help="hadamard: QuaRot's rotation before quantizing")
+    p.add_argument("--transform", default="none", choices=["none", "smoothquant", "duquant"],
+                   help="outlier-aware transform of each linear's input, calibrated block by block: smoothquant "
+                   "(per-channel scales folded into the norms) or duquant (smoothing, block rotations, zigzag "
+                   "permutation, second rotation; online)")
+    p.add_argument("--alpha", type=float, help="with --transform: smoothing exponent (default: SmoothQuant 0.5, "
+                   "DuQuant 0.6)")
+    p.add_argument("--weight-clip", type=float, help="weight clipping ratio (default: the transform's, DuQuant "
+                   "0.8; otherwise 1)")
+    p.add_argument("--intact-kv", choices=["bos", "prefix"], help="IntactKV: start every sequence from the "
+                   "full-precision model's KV cache of [BOS] (bos) or of [BOS] + --intact-prefix (prefix)")
+    p.add_argument("--intact-prefix", help="with --intact-kv prefix: the fixed text (e.g. a system prompt)")
     p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
     _add_calib_args(p)
     add_allocation_args(p)

@@ -103,7 +103,7 @@ def run_block(block: nn.Module, inputs: torch.Tensor, call_args: dict, batch_siz
     return out
 
 
-def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
+def _collect_stats(linears: dict[str, nn.Linear], hessian: bool, window_mean: bool = False):
     """Hook each linear to accumulate input statistics; linears fed the same tensor (q/k/v,
     gate/up) share one accumulator, so each statistic is computed once per distinct input."""
     accs: dict[str, Accumulator] = {}
@@ -116,7 +116,7 @@ def _collect_stats(linears: dict[str, nn.Linear], hessian: bool):
                 if last["x"] is x:
                     accs[name] = last["acc"]
                 else:
-                    accs[name] = Accumulator(x.shape[-1], hessian, x.device)
+                    accs[name] = Accumulator(x.shape[-1], hessian, x.device, window_mean)
             if last["x"] is not x:
                 accs[name].add(x)
             last["x"], last["acc"] = x, accs[name]
@@ -153,13 +153,15 @@ class BlockIO(Protocol):
 def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressFn, targets: set[str],
                     hessian: bool = False, device: str | torch.device = "cpu",
                     batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
-                    checkpoint: Checkpoint | None = None, sequential: bool = True) -> dict[str, float]:
+                    checkpoint: Checkpoint | None = None, sequential: bool = True,
+                    window_mean: bool = False) -> dict[str, float]:
     """Calibrate and compress ``model`` in place, block by block.
 
     ``compress({fqn: linear}, stats) -> bool`` is called once per set of linears in ``targets`` that read the
     same input (q/k/v, gate/up; every other linear alone), with their shared statistics, so a method can share
     work across them (GPTQ sweeps their stacked rows once); it changes the weights in place and returns whether
-    it changed any. ``hessian`` asks for the (in, in) Hessian besides the channel norms. ``io`` streams block
+    it changed any. ``hessian`` asks for the (in, in) Hessian besides the channel norms, ``window_mean`` for
+    the input averaged over windows (``LayerStats.window_mean``). ``io`` streams block
     weights in and out (see ``BlockIO``); ``checkpoint`` saves each finished block and the next block's inputs,
     and restarts after the last finished block of an interrupted run. Returns timings (seconds): ``capture``,
     ``forward`` (all block passes), ``compress``.
@@ -188,7 +190,7 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         block.to(device)
         linears = {f"{prefix}.{i}.{name}": lin for name, lin in block_linears(block).items()}
         linears = {fqn: lin for fqn, lin in linears.items() if fqn in targets}
-        accs, handles, last = _collect_stats(linears, hessian)
+        accs, handles, last = _collect_stats(linears, hessian, window_mean)
         t = time.perf_counter()
         try:
             run_block(block, x, captured.call_args[i], batch_size, out=y)

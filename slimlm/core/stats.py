@@ -42,12 +42,17 @@ class LayerStats:
     ``sqnorm[j]`` = ‖X_j‖₂², the squared L2 norm of input channel j over every token (Wanda, RIA, OWL).
     ``hessian`` = (2/n)·Σ_t x_t x_tᵀ, the layer-wise reconstruction Hessian (SparseGPT, GPTQ), or None.
     ``total[j]`` = Σ_t x_tj, for the channel means and variances (FLAP's fluctuation and bias compensation).
+    ``absmax[j]`` = max_t |x_tj| (SmoothQuant's and DuQuant's smoothing scales, DuQuant's channel ranking).
+    ``window_mean`` = the input averaged over calibration windows, position by position (T, n), or None:
+    DuQuant calibrates its rotations on this one tensor.
     """
 
     ntokens: int
     sqnorm: torch.Tensor
     hessian: torch.Tensor | None = None
     total: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    window_mean: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -60,16 +65,22 @@ class LayerStats:
 
 
 class Accumulator:
-    def __init__(self, width: int, hessian: bool, device):
-        self.ntokens = 0
+    def __init__(self, width: int, hessian: bool, device, window_mean: bool = False):
+        self.ntokens, self.windows = 0, 0
         # with a Hessian the channel norms are its Gram's diagonal, so only one of the two is accumulated
         self.xtx = torch.zeros(width, width, dtype=ACCUM_DTYPE, device=device) if hessian else None
         self.sqnorm = None if hessian else torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
         self.total = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
+        self.absmax = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
+        self.window_sum = 0 if window_mean else None
         self._stats = None
 
     def add(self, x: torch.Tensor) -> None:
+        if self.window_sum is not None:  # (windows, T, n): one sum per position
+            self.window_sum = self.window_sum + x.reshape(-1, *x.shape[-2:]).to(ACCUM_DTYPE).sum(0)
+            self.windows += x.reshape(-1, *x.shape[-2:]).shape[0]
         x = x.reshape(-1, x.shape[-1]).to(ACCUM_DTYPE)
+        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
         self.ntokens += x.shape[0]
         self.total += x.sum(0)
         if self.xtx is None:
@@ -80,9 +91,12 @@ class Accumulator:
     def stats(self) -> LayerStats:
         """Finalised statistics; computed once, as linears that share an input share this object."""
         if self._stats is None:
+            mean = None if self.window_sum is None else self.window_sum / self.windows
             if self.xtx is None:
-                self._stats = LayerStats(self.ntokens, self.sqnorm, total=self.total)
+                self._stats = LayerStats(self.ntokens, self.sqnorm, total=self.total, absmax=self.absmax,
+                                         window_mean=mean)
             else:  # Σ_t x_tj² is the Gram's diagonal
                 self._stats = LayerStats(self.ntokens, torch.diagonal(self.xtx).clone(),
-                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens), self.total)
+                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens), self.total,
+                                         self.absmax, mean)
         return self._stats

@@ -143,14 +143,15 @@ def measure_in_process(name: str, prompt_tokens: int, new_tokens: int, batches: 
                        device: str = "cpu", dtype: str = "float32") -> dict:
     """One round in this process: load, warm up, time greedy decoding at each batch size (batch 1 among them).
     Meant for a fresh process, whose peak memory is then the model's."""
-    from slimlm.api import apply_runtime
+    from slimlm.quant.runtime import apply_runtime
     from slimlm.core.models import load_model
     from slimlm.runs.save import read_manifest
 
     batches = sorted({1, *batches})
     torch.set_num_threads(threads)
     model, _ = load_model(name, dtype)
-    apply_runtime(model, read_manifest(name) if Path(name).is_dir() else {})  # a run's online rotation costs time
+    if Path(name).is_dir():  # a run's online transforms and quantizers cost time
+        apply_runtime(model, read_manifest(name), name)
     model.to(device)
     sample = _size(model)
     vocab = model.get_input_embeddings().num_embeddings

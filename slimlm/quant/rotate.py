@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
 from slimlm.core.architectures import decoder_blocks, linear_fqns
-from slimlm.quant.grids import QuantGrid, quantize_activations
+from slimlm.quant.grids import QuantGrid
 from slimlm.quant.hadamard import has_hadamard, random_hadamard
+from slimlm.quant.transforms import set_activation_quant_
 
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
 ONLINE_ATTR = "_slimlm_online_rotation"  # set on each down_proj that carries the online hook (its handle)
@@ -210,25 +211,24 @@ def rotate_(model: nn.Module, seed: int = 0, online_down: bool = True, value_hea
             "online_down": _kind(downs[0].in_features) if online_down else None}
 
 
-def quantize_activations_(model: nn.Module, bits: int, clip_ratio: float = 1.0, targets=None) -> list:
-    """Fake-quantize the inputs of decoder-block linears per token (symmetric, one scale per token computed on
-    the fly, QuaRot §3), to simulate W4A4/W4A8 inference. Returns the hook handles (``.remove()`` undoes it).
+def quantize_activations_(model: nn.Module, bits: int, clip_ratio: float = 1.0, targets=None,
+                          symmetric: bool = True) -> list:
+    """Fake-quantize the inputs of decoder-block linears per token (one scale per token computed on the fly,
+    symmetric as in QuaRot §3, or asymmetric as in DuQuant), to simulate W4A4/W4A8 inference. Returns the hook
+    handles (``.remove()`` undoes it).
 
     ``targets``: names of linears to hook, fully qualified (``model.layers.0.mlp.down_proj``) or as a suffix
-    (``mlp.down_proj``, ``q_proj``); None hooks every linear inside the decoder blocks. The online rotation
-    hook of ``attach_online_down_`` runs first whatever the call order, so the rotated input is quantized.
+    (``mlp.down_proj``, ``q_proj``); None hooks every linear inside the decoder blocks. The quantizer runs after
+    the linear's online transform (``quant.transforms``) and after QuaRot's online rotation, whatever the call
+    order, so the transformed input is what gets quantized.
     """
     try:
-        QuantGrid(bits, clip_ratio=clip_ratio)
-    except ValueError as e:
+        QuantGrid(bits, symmetric, clip_ratio=clip_ratio)
+    except SlimlmError as e:
         raise SlimlmError(f"activation quantization: {e}") from e
     targets = [targets] if isinstance(targets, str) else targets
     chosen = [lin for name, lin in linear_fqns(model).items()
               if targets is None or any(name == t or name.endswith("." + t) for t in targets)]
     if not chosen:
         raise SlimlmError(f"no decoder linear matches targets {targets!r}")
-
-    def hook(module, args):
-        return (quantize_activations(args[0], bits, clip_ratio),) + args[1:]
-
-    return [lin.register_forward_pre_hook(hook) for lin in chosen]
+    return [set_activation_quant_(lin, bits, clip_ratio, symmetric) for lin in chosen]

@@ -1,0 +1,105 @@
+"""Outlier-aware transforms inside the block loop: each set of linears that read one input is transformed from
+its calibration statistics, then quantized on its transformed Hessian (``quantize`` wraps its callback here).
+
+For a set of linears reading X (q/k/v, o_proj, gate/up, down_proj), a transform T (``quant.transforms``) makes
+them read X T and hold W T⁻ᵀ. Scales right after a norm are folded into it (free at inference); everything
+else runs online in the linears' input hooks. GPTQ then needs the Hessian of X T, which is Tᵀ H T: no second
+calibration pass.
+
+Methods (``TRANSFORMS``): ``smoothquant`` (``quant.smoothquant``: the sets after a norm only, as the paper),
+``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂). Llama-family models only: the fold
+into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's (1 + w) is refused, as for QuaRot's rotation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimlm.core.architectures import block_of
+from slimlm.core.stats import LayerStats
+from slimlm.errors import SlimlmError
+from slimlm.quant.duquant import MAX_STEPS, dual_transform
+from slimlm.quant.smoothquant import smoothing_scales
+from slimlm.quant.transforms import Op, set_transform_, transform_hessian, transform_weight
+
+TRANSFORMS = ("smoothquant", "duquant")
+# the norm whose output each set of linears reads (names inside a Llama-family block)
+NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """``alpha``: the smoothing exponent (SmoothQuant's α); ``steps``: DuQuant's greedy rotation steps per
+    rotation; ``seed``: the random part of DuQuant's rotations."""
+
+    name: str
+    alpha: float
+    steps: int = MAX_STEPS
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in TRANSFORMS:
+            raise SlimlmError(f"unknown transform '{self.name}'; choose one of {', '.join(TRANSFORMS)}")
+        smoothing_scales(torch.ones(1), [torch.ones(1, 1)], self.alpha)  # alpha in [0, 1]
+        if self.steps < 0:
+            raise SlimlmError(f"rotation steps must be >= 0, got {self.steps}")
+
+
+def _norm_for(model: nn.Module, group: dict[str, nn.Linear]) -> nn.Module | None:
+    """The norm whose output is the group's input, when the group holds all of that norm's readers."""
+    block = block_of(next(iter(group)))
+    names = {fqn[len(block) + 1:] for fqn in group}
+    for norm, readers in NORM_READERS.items():
+        if names == set(readers):
+            return model.get_submodule(f"{block}.{norm}")
+    return None
+
+
+def group_transform(model: nn.Module, group: dict[str, nn.Linear], stats: LayerStats,
+                    settings: TransformSettings) -> list[Op]:
+    """The ops for one set of linears from its input statistics ([] when the method leaves it alone)."""
+    norm = _norm_for(model, group)
+    if settings.name == "smoothquant" and norm is None:
+        return []
+    s = smoothing_scales(stats.absmax, [lin.weight for lin in group.values()], settings.alpha)
+    ops = [Op("scale", (1 / s,), fused=norm is not None)]
+    if settings.name == "duquant":
+        ops += dual_transform(stats.window_mean / s, settings.steps, settings.seed)
+    return ops
+
+
+def apply_group_(model: nn.Module, group: dict[str, nn.Linear], ops: list[Op]) -> None:
+    """Fold the fused scale into the norm, transform every weight, hook the online ops on every linear."""
+    fused = [op for op in ops if op.fused]
+    if fused:
+        norm = _norm_for(model, group)
+        with torch.no_grad():
+            norm.weight.copy_(norm.weight.double().mul(fused[0].tensors[0].double()))
+    for lin in group.values():
+        with torch.no_grad():
+            lin.weight.copy_(transform_weight(lin.weight, ops))
+        set_transform_(lin, ops)
+
+
+def transformed_stats(stats: LayerStats, ops: list[Op]) -> LayerStats:
+    """The statistics of the transformed input X T (the Hessian; channel norms from its diagonal)."""
+    if stats.hessian is None:
+        return stats
+    H = transform_hessian(stats.hessian, ops)
+    return LayerStats(stats.ntokens, torch.diagonal(H) * stats.ntokens / 2, H)
+
+
+def transforming(model: nn.Module, settings: TransformSettings, compress, sites: dict[str, list[Op]]):
+    """A block-loop callback that transforms each set of linears before ``compress`` quantizes it; ``sites``
+    collects every transformed linear's ops (FQN -> ops) for the run record."""
+    def transform_then_compress(group, stats):
+        ops = group_transform(model, group, stats, settings)
+        if ops:
+            apply_group_(model, group, ops)
+            sites.update(dict.fromkeys(group, ops))
+            stats = transformed_stats(stats, ops)
+        return bool(compress(group, stats)) or bool(ops)
+    return transform_then_compress

@@ -1,0 +1,140 @@
+"""What a quantized model runs at inference besides its weights, recorded in the run and re-attached on load.
+
+A W4A4KV4 run is more than its safetensors: online input transforms (DuQuant's rotations, QuaRot's down_proj
+Hadamard), per-token activation quantizers, KV-cache quantizers and IntactKV's full-precision pivot cache all
+live in hooks. ``Runtime`` holds the user's settings with each method's defaults resolved; ``runtime_record`` writes
+them into the manifest (and their tensors into ``runtime.safetensors`` beside the model); ``apply_runtime``
+puts every piece back on a reloaded model, so that it computes what was measured at quantize time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimlm.core.architectures import linear_fqns
+from slimlm.errors import SlimlmError
+from slimlm.quant import intactkv
+from slimlm.quant.grids import QuantGrid
+from slimlm.quant.hadamard import random_hadamard
+from slimlm.quant.kvcache import attention_modules, quantize_kv_
+from slimlm.quant.outliers import TRANSFORMS
+from slimlm.quant.rotate import ROTATABLE, attach_online_down_, quantize_activations_
+from slimlm.quant.transforms import from_record, set_transform_
+
+RUNTIME_FILE = "runtime.safetensors"
+KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_proj (2) rotations
+# per method: (smoothing alpha, weight clip, activation clip, symmetric activations), the papers' settings:
+# SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations (§1.1)
+DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False)}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    transform: str | None = None
+    alpha: float | None = None
+    weight_clip: float | None = None
+    abits: int | None = None
+    act_clip: float | None = None
+    act_symmetric: bool | None = None
+    kvbits: int | None = None
+    kv_clip: float = 1.0
+    key_rotation: bool = False  # per-head Hadamard on queries and keys after RoPE (QuaRot, DuQuant)
+    intact_kv: str | None = None
+    intact_prefix: str | None = None
+
+    def resolved(self) -> Runtime:
+        if self.transform not in (None, *TRANSFORMS):
+            raise SlimlmError(f"unknown transform '{self.transform}'; choose one of {', '.join(TRANSFORMS)}")
+        alpha, weight_clip, act_clip, symmetric = DEFAULTS[self.transform]
+        if self.alpha is not None and self.transform is None:
+            raise SlimlmError("alpha is the smoothing exponent of a transform; it needs transform=smoothquant "
+                              "or duquant")
+        return replace(self, alpha=self.alpha if self.alpha is not None else alpha,
+                       weight_clip=self.weight_clip if self.weight_clip is not None else weight_clip,
+                       act_clip=self.act_clip if self.act_clip is not None else act_clip,
+                       act_symmetric=self.act_symmetric if self.act_symmetric is not None else symmetric)
+
+    def validate(self) -> None:
+        """The settings' own ranges (bits 2..8, clips in (0, 1]); ``check`` adds the model's part."""
+        QuantGrid(8, clip_ratio=self.weight_clip)
+        for what, bits, clip in (("activation", self.abits, self.act_clip), ("KV-cache", self.kvbits, self.kv_clip)):
+            try:
+                QuantGrid(bits if bits is not None else 8, clip_ratio=clip)
+            except SlimlmError as e:
+                raise SlimlmError(f"{what} quantization: {e}") from None
+        if self.intact_kv is not None and self.intact_kv not in intactkv.MODES:
+            raise SlimlmError(f"unknown IntactKV mode '{self.intact_kv}'; choose {' or '.join(intactkv.MODES)}")
+
+    def check(self, model: nn.Module) -> None:
+        """Every setting valid for ``model``, before anything changes it."""
+        self.validate()
+        if self.kvbits is not None or self.intact_kv is not None:
+            attention_modules(model)
+        if self.transform is not None and model.config.model_type not in ROTATABLE:
+            raise SlimlmError(f"transform {self.transform} supports {', '.join(ROTATABLE)}; got "
+                              f"'{model.config.model_type}'")
+
+
+def key_rotation(model: nn.Module, seed: int) -> torch.Tensor:
+    return random_hadamard(attention_modules(model)[0].head_dim, seed + KEY_SEED_OFFSET, torch.float64)
+
+
+def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None,
+           pivot_ids: list[int] | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest entries of ``runtime`` and the tensors to save in ``RUNTIME_FILE`` (empty: no file)."""
+    from slimlm.quant.transforms import to_record
+
+    sites_record, tensors = to_record(sites)
+    if pivots is not None:
+        tensors |= intactkv.to_tensors(pivots)
+    entries = {
+        "transform": {"method": runtime.transform, "alpha": runtime.alpha, "sites": sites_record}
+        if runtime.transform else None,
+        "weight_clip": runtime.weight_clip,
+        "act_symmetric": runtime.act_symmetric,
+        "kv_cache": {"bits": runtime.kvbits, "clip": runtime.kv_clip, "symmetric": False,
+                     "key_rotation": "hadamard" if runtime.key_rotation else None, "seed": seed}
+        if runtime.kvbits is not None else None,
+        "intact_kv": {"mode": runtime.intact_kv, "prefix": runtime.intact_prefix, "tokens": pivot_ids}
+        if pivots is not None else None,
+    }
+    return entries, tensors
+
+
+def attach_(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a run's online transforms, activation and KV quantizers and pivot cache on ``model``."""
+    transform = manifest.get("transform")
+    if transform:
+        linears = linear_fqns(model)
+        for fqn, ops in from_record(transform["sites"], tensors).items():
+            set_transform_(linears[fqn], ops)
+    if manifest.get("abits"):
+        quantize_activations_(model, manifest["abits"], manifest.get("act_clip", 1.0),
+                              symmetric=manifest.get("act_symmetric", True))
+    kv = manifest.get("kv_cache")
+    if kv:
+        rotation = key_rotation(model, kv["seed"]) if kv.get("key_rotation") else None
+        quantize_kv_(model, kv["bits"], kv["clip"], rotation)
+    if manifest.get("intact_kv"):
+        intactkv.attach_(model, intactkv.from_tensors(tensors))
+
+
+def apply_runtime(model: nn.Module, manifest: dict, folder: str | Path | None = None) -> None:
+    """Re-attach what a saved run needs at inference beyond its weights: QuaRot's online Hadamard on the
+    down_proj inputs, online transforms, the simulated activation and KV-cache quantizers, IntactKV's pivot
+    cache (none of them lives in the model's safetensors). ``folder``: the run folder, needed when the run
+    has tensors of its own (``runtime.safetensors``: transforms, IntactKV)."""
+    rotation = manifest.get("rotation") or {}
+    if rotation.get("online_down"):
+        attach_online_down_(model, seed=rotation["seed"])
+    tensors = {}
+    if manifest.get("transform") or manifest.get("intact_kv"):
+        if folder is None or not (Path(folder) / RUNTIME_FILE).is_file():
+            raise SlimlmError(f"this run's transforms and pivot cache live in its {RUNTIME_FILE}; pass the run "
+                              "folder")
+        from safetensors.torch import load_file
+        tensors = load_file(Path(folder) / RUNTIME_FILE)
+    attach_(model, manifest, tensors)

@@ -1,0 +1,65 @@
+"""IntactKV: prepending the full-precision pivot cache equals running the pivots as part of the input."""
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from slimlm.errors import SlimlmError
+from slimlm.quant import intactkv
+from slimlm.quant.kvcache import kv_specs_, quantize_kv_
+
+
+class Tokenizer:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 100 for c in text]}
+
+
+def ids(n=2, T=20):
+    return torch.randint(3, 128, (n, T), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("mode,prefix", [("bos", None), ("prefix", "be brief")])
+@torch.no_grad()
+def test_unquantized_model_with_intact_pivots_equals_the_plain_model(mode, prefix):
+    model = tiny_llama()
+    pivots = intactkv.pivot_tokens(Tokenizer(), mode, prefix)
+    assert pivots[0] == 1 and len(pivots) == (1 if mode == "bos" else 9)
+    x = ids()
+    full = model(input_ids=torch.cat([torch.tensor([pivots] * 2), x], 1)).logits[:, len(pivots):]
+    intactkv.attach_(model, intactkv.pivot_cache(model, pivots))
+    assert torch.allclose(model(input_ids=x).logits, full, atol=1e-5)
+    intactkv.detach_(model)
+    assert not torch.allclose(model(input_ids=x).logits, full, atol=1e-3)
+
+
+@torch.no_grad()
+def test_pivot_entries_stay_exact_under_kv_quantization():
+    model = tiny_llama()
+    cache = intactkv.pivot_cache(model, [1, 5, 6])
+    quantize_kv_(model, 2)
+    intactkv.attach_(model, cache)
+    assert all(spec.intact == 3 for spec in kv_specs_(model))
+    seen = []
+    spec = kv_specs_(model)[0]
+    original = spec._quantize
+    spec._quantize = lambda t: seen.append((t, original(t))) or seen[-1][1]
+    model(input_ids=ids(1))
+    key_in, key_out = seen[0]
+    assert key_in.shape[-2] == 3 + 20
+    assert torch.equal(key_out[..., :3, :], cache[0][0]) and not torch.equal(key_out[..., 3:, :], key_in[..., 3:, :])
+
+
+def test_tensors_round_trip_and_bad_inputs():
+    model = tiny_llama()
+    cache = intactkv.pivot_cache(model, [1])
+    back = intactkv.from_tensors(intactkv.to_tensors(cache))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, cache))
+    with pytest.raises(SlimlmError, match="prefix text"):
+        intactkv.pivot_tokens(Tokenizer(), "prefix")
+    with pytest.raises(SlimlmError, match="prefix text"):
+        intactkv.pivot_tokens(Tokenizer(), "bos", "hello")
+    with pytest.raises(SlimlmError, match="unknown IntactKV mode"):
+        intactkv.pivot_tokens(Tokenizer(), "eos")
+    with pytest.raises(SlimlmError, match="has 1 layers"):
+        intactkv.attach_(model, cache[:1])
