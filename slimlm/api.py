@@ -25,7 +25,7 @@ from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import packed_bytes
 from slimlm.quant import intactkv
-from slimlm.quant.outliers import TransformSettings, transforming
+from slimlm.quant.outliers import transform_callbacks
 from slimlm.quant.rotate import rotate_
 from slimlm.quant.runtime import RUNTIME_FILE, Runtime, runtime_record
 from slimlm.quant.runtime import attach_ as attach_runtime_
@@ -284,7 +284,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
              abits: int | None = None, act_clip: float | None = None, rotate: str | None = None,
              transform: str | None = None, alpha: float | None = None, weight_clip: float | None = None,
              act_symmetric: bool | None = None, kvbits: int | None = None, kv_clip: float = 1.0,
-             intact_kv: str | None = None, intact_prefix: str | None = None,
+             intact_kv: str | None = None, intact_prefix: str | None = None, epochs: int = 15,
              avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
              overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
              calib_source: str = "wikitext2", nsamples: int = 128,
@@ -355,16 +355,18 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                     losses[fqn] = loss
         return True
 
-    sites = {}
+    sites, learned, prepare = {}, {}, None
     if transform:
-        compress = transforming(model, TransformSettings(transform, runtime.alpha, seed=seed), compress, sites)
+        compress, prepare = transform_callbacks(model, runtime, QuantGrid(wbits, symmetric, group_size), compress,
+                                                sites, learned, seed, epochs)
     if quantizer.needs_data or transform:
         timings |= compress_blocks(model, calib, compress, set(layers), hessian=quantizer.needs_data,
                                    device=device, batch_size=batch_size, progress=progress, io=io,
-                                   checkpoint=checkpoint, sequential=sequential, window_mean=transform == "duquant")
+                                   checkpoint=checkpoint, sequential=sequential and prepare is None,
+                                   window_mean=transform == "duquant", prepare=prepare)
     else:
         timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress)
-    entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids)
+    entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids, learned)
     attach_runtime_(model, {"abits": abits, "act_clip": runtime.act_clip, **entries}, tensors)
     timings["total"] = time.perf_counter() - start
     manifest = {

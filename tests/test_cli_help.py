@@ -89,7 +89,7 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["gguf", "m", "--out", "o.gguf", "--method", "rtn", "--size", "6bpw", "--batch-size", "2"],
      "--batch-size only applies with --method gptq or --imatrix"),
     (["gguf", "m", "--out", "o.gguf", "--method", "rtn", "--nsamples", "8"], "--nsamples only applies with"),
-    (["quantize", "m", "--alpha", "0.5"], "--alpha only applies with --transform smoothquant or duquant"),
+    (["quantize", "m", "--alpha", "0.5"], "--alpha only applies with --transform smoothquant, duquant or flatquant"),
     (["quantize", "m", "--intact-kv", "bos", "--intact-prefix", "hi"],
      "--intact-prefix only applies with --intact-kv prefix"),
     (["quantize", "m", "--kv-clip", "0.9"], "--kv-clip only applies with --kvbits"),

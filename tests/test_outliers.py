@@ -63,16 +63,21 @@ def test_smoothing_and_rotations_beat_plain_rounding_with_outliers():
     assert error("duquant", 4, 4, "gptq") < error(None, 4, 4, "gptq")
 
 
-def test_transformed_runs_reload_identically(tmp_path):
+@pytest.mark.parametrize("transform", ["duquant", "flatquant"])
+def test_transformed_runs_reload_identically(tmp_path, transform):
     from transformers import AutoModelForCausalLM
 
     model = outlier_llama()
     result = slimlm.quantize(model, Tokenizer(), method="gptq", wbits=4, abits=4, kvbits=4, group_size=None,
-                             transform="duquant", intact_kv="bos", calib=ids(), progress=False)
+                             transform=transform, intact_kv="bos", calib=ids(), progress=False, epochs=2)
     manifest = result.manifest
-    assert manifest["transform"]["method"] == "duquant" and manifest["transform"]["alpha"] == 0.6
-    assert (manifest["weight_clip"], manifest["act_clip"], manifest["act_symmetric"]) == (0.8, 0.9, False)
-    assert manifest["kv_cache"]["key_rotation"] == "hadamard" and manifest["intact_kv"]["tokens"] == [1]
+    assert manifest["transform"]["method"] == transform and manifest["intact_kv"]["tokens"] == [1]
+    if transform == "duquant":
+        assert manifest["transform"]["alpha"] == 0.6 and manifest["kv_cache"]["key_rotation"] == "hadamard"
+        assert (manifest["weight_clip"], manifest["act_clip"], manifest["act_symmetric"]) == (0.8, 0.9, False)
+    else:
+        assert manifest["kv_cache"]["key_rotation"] == "learned" and len(manifest["kv_cache"]["clips"]) == 2
+        assert len(manifest["act_clips"]) == 14 and manifest["transform"]["training"]["epochs"] == 2
     quantized = logits(model)
     out = slimlm.save(model, None, tmp_path / "run", result)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

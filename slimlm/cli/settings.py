@@ -116,12 +116,15 @@ def add_quantize_settings(p):
     p.add_argument("--kv-clip", type=float, default=1.0, help="with --kvbits: KV clipping ratio (1: none)")
     p.add_argument("--rotate", default="none", choices=["none", "hadamard"],
                    help="hadamard: QuaRot's rotation before quantizing")
-    p.add_argument("--transform", default="none", choices=["none", "smoothquant", "duquant"],
+    p.add_argument("--transform", default="none", choices=["none", "smoothquant", "duquant", "flatquant"],
                    help="outlier-aware transform of each linear's input, calibrated block by block: smoothquant "
-                   "(per-channel scales folded into the norms) or duquant (smoothing, block rotations, zigzag "
-                   "permutation, second rotation; online)")
+                   "(per-channel scales folded into the norms), duquant (smoothing, block rotations, zigzag "
+                   "permutation, second rotation; online) or flatquant (learned affine transforms and clipping, "
+                   "trained per block against the full-precision block)")
     p.add_argument("--alpha", type=float, help="with --transform: smoothing exponent (default: SmoothQuant 0.5, "
-                   "DuQuant 0.6)")
+                   "DuQuant 0.6; FlatQuant 0.3, its scales' starting point)")
+    p.add_argument("--epochs", type=int, default=15, help="with --transform flatquant: training epochs per block "
+                   "(the paper's 15)")
     p.add_argument("--weight-clip", type=float, help="weight clipping ratio (default: the transform's, DuQuant "
                    "0.8; otherwise 1)")
     p.add_argument("--intact-kv", choices=["bos", "prefix"], help="IntactKV: start every sequence from the "

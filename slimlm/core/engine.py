@@ -154,17 +154,19 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
                     hessian: bool = False, device: str | torch.device = "cpu",
                     batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
                     checkpoint: Checkpoint | None = None, sequential: bool = True,
-                    window_mean: bool = False) -> dict[str, float]:
+                    window_mean: bool = False, prepare: Callable | None = None) -> dict[str, float]:
     """Calibrate and compress ``model`` in place, block by block.
 
     ``compress({fqn: linear}, stats) -> bool`` is called once per set of linears in ``targets`` that read the
     same input (q/k/v, gate/up; every other linear alone), with their shared statistics, so a method can share
     work across them (GPTQ sweeps their stacked rows once); it changes the weights in place and returns whether
     it changed any. ``hessian`` asks for the (in, in) Hessian besides the channel norms, ``window_mean`` for
-    the input averaged over windows (``LayerStats.window_mean``). ``io`` streams block
-    weights in and out (see ``BlockIO``); ``checkpoint`` saves each finished block and the next block's inputs,
-    and restarts after the last finished block of an interrupted run. Returns timings (seconds): ``capture``,
-    ``forward`` (all block passes), ``compress``.
+    the input averaged over windows (``LayerStats.window_mean``). ``prepare(i, block, inputs, outputs,
+    call_args, stats)``, if given, runs after the statistics pass and before ``compress``: block-level
+    calibration such as FlatQuant's training (``outputs``: the block's outputs before any change; ``stats``:
+    {fqn: LayerStats}). ``io`` streams block weights in and out (see ``BlockIO``); ``checkpoint`` saves each
+    finished block and the next block's inputs, and restarts after the last finished block of an interrupted
+    run. Returns timings (seconds): ``capture``, ``forward`` (all block passes), ``compress``.
 
     ``sequential`` (the GPTQ/SparseGPT/Wanda reference code's choice): each block is calibrated on the outputs
     of the already compressed blocks before it, which costs a second pass per block. ``sequential=False``
@@ -201,6 +203,9 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         timing["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         changed = False
+        if prepare is not None:
+            prepare(i, block, x, y, captured.call_args[i], {fqn: accs[fqn].stats() for fqn in linears})
+            changed = True
         for stats, group in _by_input(linears, accs):
             changed |= bool(compress(group, stats))
         accs.clear()

@@ -37,19 +37,22 @@ class KVQuant:
     key_rotation: torch.Tensor | None = None   # R (d, d): k -> k R
     query_rotation: torch.Tensor | None = None  # R⁻ᵀ: q -> q R⁻ᵀ
     intact: int = 0  # leading positions kept exact (IntactKV)
+    value_clip: float | None = None  # None: ``clip`` for values too
 
     def __call__(self, query, key, value):
         if self.key_rotation is not None:
             query = query @ self.query_rotation.to(query)
             key = key @ self.key_rotation.to(key)
         if self.bits is not None:
-            key, value = self._quantize(key), self._quantize(value)
+            key = self._quantize(key)
+            value = self._quantize(value, self.clip if self.value_clip is None else self.value_clip)
         return query, key, value
 
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, clip: float | None = None) -> torch.Tensor:
         """(batch, heads, positions, head_dim): one asymmetric grid per (head, position)."""
         p = min(self.intact, x.shape[-2])
-        q = quantize_activations(x[..., p:, :], self.bits, self.clip, symmetric=False).to(x.dtype)
+        clip = self.clip if clip is None else clip
+        q = quantize_activations(x[..., p:, :], self.bits, clip, symmetric=False).to(x.dtype)
         return torch.cat([x[..., :p, :], q], dim=-2) if p else q
 
 

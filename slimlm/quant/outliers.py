@@ -7,11 +7,13 @@ else runs online in the linears' input hooks. GPTQ then needs the Hessian of X T
 calibration pass.
 
 Methods (``TRANSFORMS``): ``smoothquant`` (``quant.smoothquant``: the sets after a norm only, as the paper),
-``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂). Llama-family models only: the fold
+``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂), ``flatquant`` (``quant.flatquant``:
+learned per block, before its linears are quantized, through the engine's ``prepare`` step). Llama-family models only: the fold
 into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's (1 + w) is refused, as for QuaRot's rotation).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +23,13 @@ from slimlm.core.architectures import block_of
 from slimlm.core.stats import LayerStats
 from slimlm.errors import SlimlmError
 from slimlm.quant.duquant import MAX_STEPS, dual_transform
+from slimlm.quant.kvcache import kv_specs_
 from slimlm.quant.smoothquant import smoothing_scales
 from slimlm.quant.transforms import Op, set_transform_, transform_hessian, transform_weight
 
-TRANSFORMS = ("smoothquant", "duquant")
+log = logging.getLogger(__name__)
+
+TRANSFORMS = ("smoothquant", "duquant", "flatquant")
 # the norm whose output each set of linears reads (names inside a Llama-family block)
 NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
@@ -94,12 +99,52 @@ def transformed_stats(stats: LayerStats, ops: list[Op]) -> LayerStats:
 
 def transforming(model: nn.Module, settings: TransformSettings, compress, sites: dict[str, list[Op]]):
     """A block-loop callback that transforms each set of linears before ``compress`` quantizes it; ``sites``
-    collects every transformed linear's ops (FQN -> ops) for the run record."""
+    collects every transformed linear's ops (FQN -> ops) for the run record. FlatQuant's ops are already in
+    ``sites`` and in the weights (its block-level training, ``flat_preparer``): only the Hessian follows them."""
     def transform_then_compress(group, stats):
-        ops = group_transform(model, group, stats, settings)
+        if settings.name == "flatquant":
+            ops = sites.get(next(iter(group)), [])
+        else:
+            ops = group_transform(model, group, stats, settings)
+            if ops:
+                apply_group_(model, group, ops)
+                sites.update(dict.fromkeys(group, ops))
         if ops:
-            apply_group_(model, group, ops)
-            sites.update(dict.fromkeys(group, ops))
             stats = transformed_stats(stats, ops)
         return bool(compress(group, stats)) or bool(ops)
     return transform_then_compress
+
+
+def flat_preparer(settings: TransformSettings, grid, abits, act_symmetric: bool, kvbits, sites: dict,
+                  learned: dict, epochs: int):
+    """The engine's ``prepare`` callback for FlatQuant: train and fix each block's transforms on the
+    full-precision block's inputs and outputs, log its loss; fills ``sites`` (FQN -> ops) and ``learned``
+    (activation clips by FQN; per block index: its ``KVQuant``, value transform, losses and seconds)."""
+    from slimlm.quant.flatquant import calibrate_block_
+
+    learned["epochs"] = epochs
+
+    def prepare(i, block, inputs, outputs, call_args, stats):
+        prefix = block_of(next(iter(stats))) + "."
+        absmax = {fqn[len(prefix):]: s.absmax for fqn, s in stats.items()}
+        rec = calibrate_block_(block, inputs, outputs, call_args, absmax, grid, abits, act_symmetric, kvbits,
+                               settings.seed, epochs, settings.alpha)
+        sites.update({prefix + name: ops for name, ops in rec["ops"].items()})
+        learned.setdefault("act_clips", {}).update({prefix + n: c for n, c in rec["act_clips"].items()})
+        learned.setdefault("blocks", {})[i] = rec
+        log.info("flatquant block %d: loss %.4g -> %.4g in %.0f s", i, *rec["loss"], rec["seconds"])
+    return prepare
+
+
+def transform_callbacks(model: nn.Module, runtime, grid, compress, sites: dict, learned: dict, seed: int,
+                        epochs: int):
+    """(compress, prepare) for the engine: ``compress`` wrapped by ``transforming``, and FlatQuant's block
+    training as ``prepare`` (None for the other methods). ``runtime``: the run's ``quant.runtime.Runtime``."""
+    settings = TransformSettings(runtime.transform, runtime.alpha, seed=seed)
+    prepare = None
+    if runtime.transform == "flatquant":
+        if runtime.kvbits is not None:
+            kv_specs_(model)  # the attention wrapper that calls each block's key/value quantizer
+        prepare = flat_preparer(settings, grid, runtime.abits, runtime.act_symmetric, runtime.kvbits, sites,
+                                learned, epochs)
+    return transforming(model, settings, compress, sites), prepare

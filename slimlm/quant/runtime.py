@@ -19,16 +19,18 @@ from slimlm.errors import SlimlmError
 from slimlm.quant import intactkv
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.hadamard import random_hadamard
-from slimlm.quant.kvcache import attention_modules, quantize_kv_
+from slimlm.quant.kvcache import attention_modules, kv_specs_, quantize_kv_
 from slimlm.quant.outliers import TRANSFORMS
 from slimlm.quant.rotate import ROTATABLE, attach_online_down_, quantize_activations_
-from slimlm.quant.transforms import from_record, set_transform_
+from slimlm.quant.transforms import from_record, set_activation_quant_, set_transform_
 
 RUNTIME_FILE = "runtime.safetensors"
 KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_proj (2) rotations
 # per method: (smoothing alpha, weight clip, activation clip, symmetric activations), the papers' settings:
 # SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations (§1.1)
-DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False)}
+# FlatQuant: α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC); symmetric activations (§2)
+DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False),
+            "flatquant": (0.3, 1.0, 1.0, True)}
 
 
 @dataclass(frozen=True)
@@ -82,21 +84,35 @@ def key_rotation(model: nn.Module, seed: int) -> torch.Tensor:
     return random_hadamard(attention_modules(model)[0].head_dim, seed + KEY_SEED_OFFSET, torch.float64)
 
 
-def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None,
-           pivot_ids: list[int] | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The manifest entries of ``runtime`` and the tensors to save in ``RUNTIME_FILE`` (empty: no file)."""
+def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None, pivot_ids: list[int] | None,
+                   learned: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest entries of ``runtime`` and the tensors to save in ``RUNTIME_FILE`` (empty: no file).
+    ``learned``: FlatQuant's per-linear activation clips and per-block KV quantizers and value transforms
+    (``outliers.flat_preparer``); the pivot cache's values are moved into the blocks' value bases."""
     from slimlm.quant.transforms import to_record
 
     sites_record, tensors = to_record(sites)
+    blocks = (learned or {}).get("blocks", {})
     if pivots is not None:
+        pivots = [(k, v @ blocks[i]["values"].to(v)) if i in blocks else (k, v) for i, (k, v) in enumerate(pivots)]
         tensors |= intactkv.to_tensors(pivots)
+    kv_learned = runtime.kvbits is not None and bool(blocks)
+    if kv_learned:
+        tensors |= {f"kv.{i}.key_rotation": rec["kv"].key_rotation.contiguous() for i, rec in blocks.items()}
     entries = {
-        "transform": {"method": runtime.transform, "alpha": runtime.alpha, "sites": sites_record}
+        "transform": {"method": runtime.transform, "alpha": runtime.alpha, "sites": sites_record,
+                      **({"training": {"epochs": learned["epochs"],
+                                       "block_losses": [list(blocks[i]["loss"]) for i in sorted(blocks)],
+                                       "block_seconds": [blocks[i]["seconds"] for i in sorted(blocks)]}}
+                         if blocks else {})}
         if runtime.transform else None,
         "weight_clip": runtime.weight_clip,
         "act_symmetric": runtime.act_symmetric,
-        "kv_cache": {"bits": runtime.kvbits, "clip": runtime.kv_clip, "symmetric": False,
-                     "key_rotation": "hadamard" if runtime.key_rotation else None, "seed": seed}
+        "act_clips": (learned or {}).get("act_clips"),
+        "kv_cache": {"bits": runtime.kvbits, "clip": runtime.kv_clip, "symmetric": False, "seed": seed,
+                     "key_rotation": "learned" if kv_learned else "hadamard" if runtime.key_rotation else None,
+                     **({"clips": [[blocks[i]["kv"].clip, blocks[i]["kv"].value_clip] for i in sorted(blocks)]}
+                        if kv_learned else {})}
         if runtime.kvbits is not None else None,
         "intact_kv": {"mode": runtime.intact_kv, "prefix": runtime.intact_prefix, "tokens": pivot_ids}
         if pivots is not None else None,
@@ -112,12 +128,20 @@ def attach_(model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor]) 
         for fqn, ops in from_record(transform["sites"], tensors).items():
             set_transform_(linears[fqn], ops)
     if manifest.get("abits"):
-        quantize_activations_(model, manifest["abits"], manifest.get("act_clip", 1.0),
-                              symmetric=manifest.get("act_symmetric", True))
+        symmetric = manifest.get("act_symmetric", True)
+        quantize_activations_(model, manifest["abits"], manifest.get("act_clip", 1.0), symmetric=symmetric)
+        linears = linear_fqns(model)
+        for fqn, clip in (manifest.get("act_clips") or {}).items():
+            set_activation_quant_(linears[fqn], manifest["abits"], clip, symmetric)
     kv = manifest.get("kv_cache")
     if kv:
-        rotation = key_rotation(model, kv["seed"]) if kv.get("key_rotation") else None
+        rotation = key_rotation(model, kv["seed"]) if kv.get("key_rotation") == "hadamard" else None
         quantize_kv_(model, kv["bits"], kv["clip"], rotation)
+    if kv and kv.get("key_rotation") == "learned":
+        for i, (spec, (k_clip, v_clip)) in enumerate(zip(kv_specs_(model), kv["clips"])):
+            K = tensors[f"kv.{i}.key_rotation"]
+            spec.key_rotation, spec.query_rotation = K, torch.linalg.inv(K.double()).mT.float()
+            spec.clip, spec.value_clip = k_clip, v_clip
     if manifest.get("intact_kv"):
         intactkv.attach_(model, intactkv.from_tensors(tensors))
 
