@@ -4,7 +4,7 @@ Weight-only RTN and GPTQ (symmetric grids) at W4 g128, W3 g128 and W2 g64; W4A4 
 128, 4-bit per-token activations, no clipping) with RTN, with RTN after the Hadamard rotation and with GPTQ
 after it; mixed precision at 3.5 average bits from the uniform, alphapruning and fisher allocators (GPTQ g128);
 joint Wanda / SparseGPT 50% + W4 g128. ``bytes/param`` is the packed storage of the whole model
-(``api.storage_report``: codes, scales, zero points, masks, and the float embeddings and norms).
+(``quant.packing.storage_report``: codes, scales, zero points, masks, and the float embeddings and norms).
 
 The built-in model's weights were dequantized from a Q4_1 GGUF (asymmetric 4-bit, blocks of 32), so an
 asymmetric 4-bit grid with groups of 32 would reproduce them almost exactly; these rows use symmetric grids

@@ -23,7 +23,7 @@ from slimlm.pruning.methods import get_method
 from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity, parse_pattern
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
-from slimlm.quant.packing import packed_bytes
+from slimlm.quant.packing import storage_report
 from slimlm.quant import intactkv
 from slimlm.quant.outliers import transform_callbacks
 from slimlm.quant.rotate import rotate_
@@ -249,28 +249,6 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
     return Result(manifest, {"nm_permutations.safetensors": perms} if perms else {})
 
 
-def storage_report(model, grids: dict[str, QuantGrid], densities: dict[str, float] | None = None) -> dict:
-    """Real bytes of the compressed model: packed codes + scales + zero points (+ 1-bit masks) for the
-    quantized linears, everything else at its stored dtype; shared (tied) tensors counted once."""
-    linears = linear_fqns(model)
-    quantized = {fqn: packed_bytes(tuple(linears[fqn].weight.shape), grid, (densities or {}).get(fqn))
-                 for fqn, grid in grids.items()}
-    skip = {id(linears[f].weight) for f in grids}
-    seen, other_bytes, params = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        params += p.numel()
-        if id(p) not in skip:
-            other_bytes += p.numel() * p.element_size()
-    linear_params = sum(linears[f].weight.numel() for f in grids)
-    total = sum(quantized.values()) + other_bytes
-    return {"total_bytes": total, "bytes_per_param": total / params,
-            "quantized_linear_bytes_per_param": sum(quantized.values()) / linear_params,
-            "other_bytes": other_bytes, "params": params}
-
-
 def _by_grid(grids: dict[str, QuantGrid], group: dict) -> dict[QuantGrid, list[str]]:
     """The FQNs of ``group`` by their grid (mixed precision can give q, k and v different bit-widths)."""
     by_grid: dict[QuantGrid, list[str]] = {}
@@ -284,7 +262,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
              abits: int | None = None, act_clip: float | None = None, rotate: str | None = None,
              transform: str | None = None, alpha: float | None = None, weight_clip: float | None = None,
              act_symmetric: bool | None = None, kvbits: int | None = None, kv_clip: float = 1.0,
-             intact_kv: str | None = None, intact_prefix: str | None = None, epochs: int = 15,
+             intact_kv: str | None = None, intact_prefix: str | None = None, lwc: bool = False,
+             epochs: int | None = None,
              avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
              overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
              calib_source: str = "wikitext2", nsamples: int = 128,
@@ -303,16 +282,20 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
     ``sequential=False`` calibrates every block on the dense model's activations in one pass
     (``core.engine.compress_blocks``).
+
+    Weight-activation quantization: ``abits`` (per token), ``kvbits`` (KV cache per head and token), ``transform``
+    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``), ``weight_clip``,
+    ``act_clip``, ``act_symmetric``, ``kv_clip`` (None: the transform's defaults, ``quant.runtime.DEFAULTS``),
+    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``). The result's tensors hold what
+    a reloaded model needs to compute the same thing (``apply_runtime``).
     """
     quantizer = get_quantizer(method)
     if rotate not in (None, "none", "hadamard"):
         raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
     runtime = Runtime(transform, alpha, weight_clip, abits, act_clip, act_symmetric, kvbits, kv_clip,
                       kvbits is not None and (rotate == "hadamard" or transform == "duquant"), intact_kv,
-                      intact_prefix).resolved()
-    runtime.check(model)
-    if transform is not None and rotate == "hadamard":
-        raise SlimlmError("choose one: QuaRot's rotation (rotate='hadamard') or a transform")
+                      intact_prefix, lwc).resolved()
+    runtime.check(model, rotate == "hadamard", io is not None, checkpoint is not None)
     pivot_ids = intactkv.pivot_tokens(tokenizer, intact_kv, intact_prefix) if intact_kv else None
     QuantGrid(wbits, symmetric, group_size, runtime.weight_clip, scale_dtype)  # validates before any work
     if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
@@ -320,12 +303,9 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     apply_overrides(dict.fromkeys(linear_fqns(model)), overrides)  # a regex that matches no layer fails here
     for bits in (overrides or {}).values():
         QuantGrid(bits, symmetric, group_size, scale_dtype=scale_dtype)
-    if io is not None and (rotate == "hadamard" or abits or kvbits or transform or intact_kv
-                           or (avg_bits is not None and allocation != "uniform")):
-        raise SlimlmError("--offload disk quantizes weights block by block only: no --rotate, --transform, "
-                          "--abits, --kvbits, --intact-kv or --avg-bits with a non-uniform allocation")
-    if checkpoint is not None and transform is not None:
-        raise SlimlmError("a run with a transform cannot resume: its transforms are kept in memory until saved")
+    if io is not None and avg_bits is not None and allocation != "uniform":
+        raise SlimlmError("--offload disk quantizes weights block by block only: no --avg-bits with a non-uniform "
+                          "allocation")
     torch.manual_seed(seed)
     start, timings, calib_info = time.perf_counter(), {}, None
     rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None

@@ -244,7 +244,8 @@ def runtime_options(ns) -> dict:
     """A quantize step's outlier, KV-cache and IntactKV settings as ``slimlm.quantize`` keywords."""
     return {"transform": None if ns.transform == "none" else ns.transform, "alpha": ns.alpha,
             "weight_clip": ns.weight_clip, "act_symmetric": None if ns.act_grid is None else ns.act_grid == "sym",
-            "kvbits": ns.kvbits, "kv_clip": ns.kv_clip, "intact_kv": ns.intact_kv, "intact_prefix": ns.intact_prefix}
+            "kvbits": ns.kvbits, "kv_clip": ns.kv_clip, "intact_kv": ns.intact_kv, "intact_prefix": ns.intact_prefix,
+            "lwc": ns.lwc}
 
 
 def grid_group(ns) -> int | None:

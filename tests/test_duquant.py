@@ -54,3 +54,17 @@ def test_dual_transform_keeps_the_product_and_flattens_a_planted_outlier():
 
 def test_block_size_divides_the_width():
     assert (block_size(4096), block_size(576), block_size(1536), block_size(64)) == (128, 96, 128, 64)
+
+
+def test_learned_clipping_lowers_the_quantized_block_error():
+    from slimlm.quant.duquant import fit_lwc_
+    from slimlm.quant.grids import QuantGrid
+    from tests.test_flatquant import block_data
+    from tests.conftest import tiny_llama
+
+    block, x, y, call_args, _ = block_data(tiny_llama())
+    before = {n: p.clone() for n, p in block.named_parameters()}
+    first, last = fit_lwc_(block, QuantGrid(3), 4, False, 0.9, x, y, call_args, epochs=4)
+    assert last < first
+    changed = [n for n, p in block.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(n.endswith("proj.weight") for n in changed)  # only the clipped weights move

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from slimlm.core.engine import capture_inputs
-from slimlm.quant.flatquant import (Affine, FlatBlock, finalize_, kron_dims, ste_fake_quant, train_block_)
+from slimlm.quant.blockfit import ste_fake_quant
+from slimlm.quant.flatquant import Affine, FlatBlock, finalize_, kron_dims, train_block_
 from slimlm.quant.grids import QuantGrid, fake_quant
 from tests.conftest import tiny_llama
 

@@ -63,16 +63,19 @@ def test_smoothing_and_rotations_beat_plain_rounding_with_outliers():
     assert error("duquant", 4, 4, "gptq") < error(None, 4, 4, "gptq")
 
 
-@pytest.mark.parametrize("transform", ["duquant", "flatquant"])
-def test_transformed_runs_reload_identically(tmp_path, transform):
+@pytest.mark.parametrize("transform,lwc", [("duquant", False), ("duquant", True), ("flatquant", False)])
+def test_transformed_runs_reload_identically(tmp_path, transform, lwc):
     from transformers import AutoModelForCausalLM
 
     model = outlier_llama()
     result = slimlm.quantize(model, Tokenizer(), method="gptq", wbits=4, abits=4, kvbits=4, group_size=None,
-                             transform=transform, intact_kv="bos", calib=ids(), progress=False, epochs=2)
+                             transform=transform, lwc=lwc, intact_kv="bos", calib=ids(), progress=False, epochs=2)
     manifest = result.manifest
     assert manifest["transform"]["method"] == transform and manifest["intact_kv"]["tokens"] == [1]
-    if transform == "duquant":
+    if lwc:
+        assert manifest["weight_clip"] == 1.0 and manifest["transform"]["alpha"] == 0.5
+        assert len(manifest["transform"]["training"]["block_losses"]) == 2
+    elif transform == "duquant":
         assert manifest["transform"]["alpha"] == 0.6 and manifest["kv_cache"]["key_rotation"] == "hadamard"
         assert (manifest["weight_clip"], manifest["act_clip"], manifest["act_symmetric"]) == (0.8, 0.9, False)
     else:
@@ -95,6 +98,7 @@ def test_transformed_runs_reload_identically(tmp_path, transform):
     ({"abits": 4, "act_clip": 0}, "activation quantization: clip_ratio"),
     ({"transform": "duquant", "rotate": "hadamard"}, "choose one"),
     ({"intact_kv": "bos"}, "tokenizer with a BOS"),
+    ({"transform": "flatquant", "lwc": True}, "DuQuant's option"),
 ])
 def test_bad_settings_change_nothing(kwargs, message):
     model = tiny_llama()

@@ -123,8 +123,10 @@ def add_quantize_settings(p):
                    "trained per block against the full-precision block)")
     p.add_argument("--alpha", type=float, help="with --transform: smoothing exponent (default: SmoothQuant 0.5, "
                    "DuQuant 0.6; FlatQuant 0.3, its scales' starting point)")
-    p.add_argument("--epochs", type=int, default=15, help="with --transform flatquant: training epochs per block "
-                   "(the paper's 15)")
+    p.add_argument("--lwc", action="store_true", help="with --transform duquant: learn each weight row's clipping "
+                   "range per block (DuQuant+LWC) instead of the fixed 0.8")
+    p.add_argument("--epochs", type=int, help="training epochs per block of --transform flatquant (default 15, "
+                   "the paper's) or of --lwc (default 20)")
     p.add_argument("--weight-clip", type=float, help="weight clipping ratio (default: the transform's, DuQuant "
                    "0.8; otherwise 1)")
     p.add_argument("--intact-kv", choices=["bos", "prefix"], help="IntactKV: start every sequence from the "

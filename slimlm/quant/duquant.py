@@ -23,7 +23,9 @@ rotation must tile the channels exactly.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
 from slimlm.quant.hadamard import random_orthogonal
 from slimlm.quant.transforms import Op
 
@@ -93,3 +95,42 @@ def dual_transform(x: torch.Tensor, steps: int = MAX_STEPS, seed: int = 0) -> li
     idx = zigzag_permutation(x1.abs().amax(0), b)
     R2 = greedy_rotation(x1[:, idx], b, steps, seed + steps)
     return [Op("blockrot", (R1.float(),)), Op("perm", (idx,)), Op("blockrot", (R2.float(),))]
+
+
+LWC_EPOCHS, LWC_LR, LWC_INIT = 20, 1e-2, 4.0
+
+
+def fit_lwc_(block: nn.Module, grid, abits: int | None, act_symmetric: bool, act_clip: float, inputs, targets,
+             call_args: dict, epochs: int = LWC_EPOCHS, lr: float = LWC_LR) -> tuple[float, float]:
+    """DuQuant+LWC (OmniQuant's learnable weight clipping, DuQuant's run_lwc.sh settings): per output channel,
+    clip each transformed weight row to [σ(β)·min, σ(γ)·max] (γ = β = 4 at the start), trained with AdamW at
+    lr 1e-2, no weight decay, constant rate, one window per step, ``epochs`` (20) epochs, on the MSE between the
+    quantized block's output and the full-precision block's output on the same inputs; the activations are
+    fake-quantized as at inference. Call it after the block's transforms are in place; the learned ranges are
+    baked into the weights. Returns the first and last epoch's mean loss."""
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    lwc = nn.ParameterDict({n.replace(".", "_"): nn.Parameter(torch.full((m.out_features, 2), LWC_INIT))
+                            for n, m in linears.items()})
+
+    def ratios(name):
+        r = torch.sigmoid(lwc[name.replace(".", "_")])
+        return r[:, :1], r[:, 1:]
+
+    def params():
+        return {f"{n}.weight": fake_quant_weight(m.weight, grid, *ratios(n)) for n, m in linears.items()}
+
+    def quantize_input(module, args):
+        clip = torch.tensor(act_clip)
+        return (ste_fake_quant(args[0], abits, act_symmetric, clip, clip),) + args[1:]
+
+    handles = [m.register_forward_pre_hook(quantize_input) for m in linears.values()] if abits else []
+    try:
+        losses = fit_block_(block, params, [{"params": list(lwc.values()), "lr": lr}], inputs, targets, call_args,
+                            epochs, batch=1, weight_decay=0.0, normalized=False, eta_min_ratio=None)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for n, m in linears.items():
+            m.weight.copy_(clamp_rows(m.weight, *ratios(n)))
+    return losses

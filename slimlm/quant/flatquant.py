@@ -21,19 +21,16 @@ the weights rounded by RTN or GPTQ on the transformed Hessian (``outliers.transf
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
 from slimlm.quant.hadamard import random_orthogonal
 from slimlm.quant.kvcache import KV_ATTR, KVQuant
 from slimlm.quant.transforms import Op, transform_weight
-
-log = logging.getLogger(__name__)
 
 EPOCHS, LR, BATCH, DIAG_ALPHA, CLIP_INIT = 15, 5e-3, 4, 0.3, 4.0
 ATTN, O, MLP, DOWN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", \
@@ -47,24 +44,6 @@ def kron_dims(n: int) -> tuple[int, int]:
         a += 1
     b = math.isqrt(a * a - n)
     return a - b, a + b
-
-
-def _round_ste(z: torch.Tensor) -> torch.Tensor:
-    return z + (torch.round(z) - z).detach()
-
-
-def ste_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, hi_ratio, lo_ratio) -> torch.Tensor:
-    """Per-row (last dim) fake quantization with ``grids.quant_params``' formulas, the range scaled by the clip
-    ratios (tensors broadcastable to (..., 1)), differentiable in x and in the ratios (straight-through round)."""
-    hi = x.amax(-1, keepdim=True).clamp(min=0) * hi_ratio
-    lo = x.amin(-1, keepdim=True).clamp(max=0) * lo_ratio
-    levels = 2 ** bits - 1
-    if symmetric:
-        scale = (torch.maximum(hi, -lo) / (levels / 2)).clamp(min=1e-8)
-        return torch.clamp(_round_ste(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
-    scale = ((hi - lo) / levels).clamp(min=1e-8)
-    zero = _round_ste(-lo / scale)
-    return (torch.clamp(_round_ste(x / scale) + zero, 0, levels) - zero) * scale
 
 
 class Affine(nn.Module):
@@ -102,10 +81,6 @@ class KronAffine(nn.Module):
 
     def factors(self, inverse_transpose: bool = False):
         return self.a.matrix(inverse_transpose), self.b.matrix(inverse_transpose)
-
-
-def _logit_init(n: int) -> nn.Parameter:
-    return nn.Parameter(torch.full((n,), CLIP_INIT))
 
 
 class FlatBlock(nn.Module):
@@ -159,14 +134,6 @@ class FlatBlock(nn.Module):
                 "k": self.k.matrix(), "k_it": self.k.matrix(True)}
 
 
-def _fake_quant_weight(W: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, ratios):
-    hi, lo = ratios
-    if group_size is None:
-        return ste_fake_quant(W, bits, symmetric, hi, lo)
-    groups = W.unflatten(-1, (-1, group_size))
-    return ste_fake_quant(groups, bits, symmetric, hi[:, None], lo[:, None]).flatten(-2)
-
-
 def _weights(block: nn.Module, flat: FlatBlock, m: dict, grid) -> dict[str, torch.Tensor]:
     """The block's parameters as the quantized, transformed block uses them (differentiable in ``flat``)."""
     attn, mlp, diag = block.self_attn, block.mlp, flat.diag
@@ -183,8 +150,7 @@ def _weights(block: nn.Module, flat: FlatBlock, m: dict, grid) -> dict[str, torc
          "mlp.gate_proj": cols(mlp.gate_proj.weight, diag["mlp"], m["mlp_it"]),
          "mlp.up_proj": cols(mlp.up_proj.weight * diag["down"][:, None], diag["mlp"], m["mlp_it"]),
          "mlp.down_proj": cols(mlp.down_proj.weight, diag["down"], m["down_it"])}
-    params = {f"{n}.weight": _fake_quant_weight(w, grid.bits, grid.symmetric, grid.group_size, flat.lwc_ratios(n))
-              for n, w in W.items()}
+    params = {f"{n}.weight": fake_quant_weight(w, grid, *flat.lwc_ratios(n)) for n, w in W.items()}
     params["input_layernorm.weight"] = block.input_layernorm.weight * diag["attn"]
     params["post_attention_layernorm.weight"] = block.post_attention_layernorm.weight * diag["mlp"]
     if attn.v_proj.bias is not None:
@@ -223,51 +189,30 @@ def _training_hooks(block: nn.Module, flat: FlatBlock, m: dict, abits: int | Non
     return handles
 
 
-def _forward(block, params, x, call_args):
-    args, kwargs = call_args
-    out = functional_call(block, params, (x, *args), kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def train_block_(block: nn.Module, flat: FlatBlock, inputs: torch.Tensor, targets: torch.Tensor, call_args: dict,
                  grid, abits: int | None, act_symmetric: bool, kvbits: int | None, epochs: int = EPOCHS,
                  lr: float = LR, batch: int = BATCH) -> tuple[float, float]:
     """Fit ``flat`` so that the quantized block maps ``inputs`` to ``targets`` (the full-precision block's
-    outputs); returns the mean loss of the first and of the last epoch. ``call_args``: the block's call arguments
-    by batch size (the engine's capture; causal masks and rotary tables broadcast over the batch)."""
-    n = inputs.shape[0]
-    clip = {id(p) for p in flat.clip_parameters()}
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in flat.parameters() if id(p) not in clip], "lr": lr},
-        {"params": flat.clip_parameters(), "lr": 10 * lr}])
-    steps = epochs * math.ceil(n / batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr * 1e-3)
-    block.requires_grad_(False)
+    outputs) with the paper's optimizer and schedule (``blockfit.fit_block_``); returns the mean loss of the
+    first and of the last epoch."""
     m: dict = {}
+
+    def params():
+        m.update(flat.matrices())
+        return _weights(block, flat, m, grid)
+
+    clip = {id(p) for p in flat.clip_parameters()}
+    groups = [{"params": [p for p in flat.parameters() if id(p) not in clip], "lr": lr},
+              {"params": flat.clip_parameters(), "lr": 10 * lr}]
     handles = _training_hooks(block, flat, m, abits, act_symmetric, kvbits)
-    epoch_losses = []
     try:
-        with torch.enable_grad():
-            for _ in range(epochs):
-                total = 0.0
-                for s in range(0, n, batch):
-                    e = min(s + batch, n)
-                    m.update(flat.matrices())
-                    args = call_args.get(e - s) or next(iter(call_args.values()))
-                    out = _forward(block, _weights(block, flat, m, grid), inputs[s:e], args)
-                    loss = (out - targets[s:e]).square().mean()
-                    optimizer.zero_grad()
-                    (loss / loss.detach()).backward()  # the reference code's normalisation: d log(MSE)
-                    optimizer.step()
-                    schedule.step()
-                    total += loss.item() * (e - s)
-                epoch_losses.append(total / n)
+        return fit_block_(block, params, groups, inputs, targets, call_args, epochs, batch, weight_decay=0.01,
+                          normalized=True)
     finally:
         for h in handles:
             h.remove()
         if hasattr(block.self_attn, KV_ATTR):
             delattr(block.self_attn, KV_ATTR)
-    return epoch_losses[0], epoch_losses[-1]
 
 
 @torch.no_grad()
@@ -293,9 +238,7 @@ def finalize_(block: nn.Module, flat: FlatBlock, kvbits: int | None):
     for name, name_ops in ops.items():
         lin = modules[name]
         W = transform_weight(lin.weight, name_ops)
-        hi, lo = flat.lwc_ratios(name)
-        lin.weight.copy_(torch.clamp(W, W.amin(1, keepdim=True).clamp(max=0) * lo,
-                                     W.amax(1, keepdim=True).clamp(min=0) * hi))
+        lin.weight.copy_(clamp_rows(W, *flat.lwc_ratios(name)))
         set_transform_(lin, name_ops)
     sites = {**dict.fromkeys(ATTN, "attn"), O: "o", **dict.fromkeys(MLP, "mlp"), DOWN: "down"}
     act_clips = {name: flat.lac_ratio(site).item() for name, site in sites.items()}

@@ -14,6 +14,7 @@ into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's (1 + w) is refused, as for Qu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class TransformSettings:
     alpha: float
     steps: int = MAX_STEPS
     seed: int = 0
+    lwc: bool = False  # DuQuant+LWC: learned weight clipping per block (``duquant.fit_lwc_``)
 
     def __post_init__(self):
         if self.name not in TRANSFORMS:
@@ -51,6 +53,8 @@ class TransformSettings:
         smoothing_scales(torch.ones(1), [torch.ones(1, 1)], self.alpha)  # alpha in [0, 1]
         if self.steps < 0:
             raise SlimlmError(f"rotation steps must be >= 0, got {self.steps}")
+        if self.lwc and self.name != "duquant":
+            raise SlimlmError("learned weight clipping (lwc) is DuQuant's option; FlatQuant learns its own")
 
 
 def _norm_for(model: nn.Module, group: dict[str, nn.Linear]) -> nn.Module | None:
@@ -102,7 +106,7 @@ def transforming(model: nn.Module, settings: TransformSettings, compress, sites:
     collects every transformed linear's ops (FQN -> ops) for the run record. FlatQuant's ops are already in
     ``sites`` and in the weights (its block-level training, ``flat_preparer``): only the Hessian follows them."""
     def transform_then_compress(group, stats):
-        if settings.name == "flatquant":
+        if settings.name == "flatquant" or settings.lwc:  # transformed by the block-level step already
             ops = sites.get(next(iter(group)), [])
         else:
             ops = group_transform(model, group, stats, settings)
@@ -136,13 +140,44 @@ def flat_preparer(settings: TransformSettings, grid, abits, act_symmetric: bool,
     return prepare
 
 
+def lwc_preparer(model: nn.Module, settings: TransformSettings, grid, runtime, sites: dict, learned: dict,
+                 epochs: int):
+    """The engine's ``prepare`` callback for DuQuant+LWC: transform every set of linears of the block from its
+    statistics, then learn and bake the block's weight clipping (``duquant.fit_lwc_``), logging its loss."""
+    from slimlm.quant.duquant import fit_lwc_
+
+    learned["epochs"] = epochs
+
+    def prepare(i, block, inputs, outputs, call_args, stats):
+        start = time.perf_counter()
+        groups: dict[int, tuple[LayerStats, dict]] = {}
+        for fqn, s in stats.items():  # linears that read one input share one LayerStats
+            groups.setdefault(id(s), (s, {}))[1][fqn] = model.get_submodule(fqn)
+        for s, group in groups.values():
+            ops = group_transform(model, group, s, settings)
+            apply_group_(model, group, ops)
+            sites.update(dict.fromkeys(group, ops))
+        loss = fit_lwc_(block, grid, runtime.abits, runtime.act_symmetric, runtime.act_clip, inputs, outputs,
+                        call_args, epochs)
+        learned.setdefault("blocks", {})[i] = {"loss": loss, "seconds": time.perf_counter() - start}
+        log.info("duquant lwc block %d: loss %.4g -> %.4g", i, *loss)
+    return prepare
+
+
 def transform_callbacks(model: nn.Module, runtime, grid, compress, sites: dict, learned: dict, seed: int,
-                        epochs: int):
-    """(compress, prepare) for the engine: ``compress`` wrapped by ``transforming``, and FlatQuant's block
-    training as ``prepare`` (None for the other methods). ``runtime``: the run's ``quant.runtime.Runtime``."""
-    settings = TransformSettings(runtime.transform, runtime.alpha, seed=seed)
+                        epochs: int | None):
+    """(compress, prepare) for the engine: ``compress`` wrapped by ``transforming``, and the block-level training
+    (FlatQuant, DuQuant+LWC) as ``prepare`` (None for the others). ``runtime``: the run's ``runtime.Runtime``;
+    ``epochs`` None: the method's own (FlatQuant 15, LWC 20)."""
+    from slimlm.quant.duquant import LWC_EPOCHS
+    from slimlm.quant.flatquant import EPOCHS
+
+    settings = TransformSettings(runtime.transform, runtime.alpha, seed=seed, lwc=runtime.lwc)
     prepare = None
-    if runtime.transform == "flatquant":
+    if settings.lwc:
+        prepare = lwc_preparer(model, settings, grid, runtime, sites, learned, epochs or LWC_EPOCHS)
+    elif runtime.transform == "flatquant":
+        epochs = epochs or EPOCHS
         if runtime.kvbits is not None:
             kv_specs_(model)  # the attention wrapper that calls each block's key/value quantizer
         prepare = flat_preparer(settings, grid, runtime.abits, runtime.act_symmetric, runtime.kvbits, sites,

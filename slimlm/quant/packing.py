@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import CODE_DTYPE, QuantGrid
 
@@ -68,3 +69,25 @@ def packed_bytes(shape: tuple[int, int], grid: QuantGrid, mask_density: float | 
         raise SlimlmError(f"mask_density is the kept fraction, in (0, 1]; got {mask_density!r}")
     zeros = 0 if grid.symmetric else ngroups * _word_bytes(out, grid.bits)
     return codes + out * ngroups * 2 + zeros
+
+
+def storage_report(model, grids: dict[str, QuantGrid], densities: dict[str, float] | None = None) -> dict:
+    """Real bytes of the compressed model: packed codes + scales + zero points (+ 1-bit masks) for the
+    quantized linears, everything else at its stored dtype; shared (tied) tensors counted once."""
+    linears = linear_fqns(model)
+    quantized = {fqn: packed_bytes(tuple(linears[fqn].weight.shape), grid, (densities or {}).get(fqn))
+                 for fqn, grid in grids.items()}
+    skip = {id(linears[f].weight) for f in grids}
+    seen, other_bytes, params = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params += p.numel()
+        if id(p) not in skip:
+            other_bytes += p.numel() * p.element_size()
+    linear_params = sum(linears[f].weight.numel() for f in grids)
+    total = sum(quantized.values()) + other_bytes
+    return {"total_bytes": total, "bytes_per_param": total / params,
+            "quantized_linear_bytes_per_param": sum(quantized.values()) / linear_params,
+            "other_bytes": other_bytes, "params": params}

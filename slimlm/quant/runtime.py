@@ -29,8 +29,9 @@ KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_pro
 # per method: (smoothing alpha, weight clip, activation clip, symmetric activations), the papers' settings:
 # SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations (§1.1)
 # FlatQuant: α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC); symmetric activations (§2)
+# DuQuant+LWC (run_lwc.sh): α 0.5, the weight clipping learned instead of fixed
 DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False),
-            "flatquant": (0.3, 1.0, 1.0, True)}
+            "duquant+lwc": (0.5, 1.0, 0.9, False), "flatquant": (0.3, 1.0, 1.0, True)}
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,14 @@ class Runtime:
     key_rotation: bool = False  # per-head Hadamard on queries and keys after RoPE (QuaRot, DuQuant)
     intact_kv: str | None = None
     intact_prefix: str | None = None
+    lwc: bool = False
 
     def resolved(self) -> Runtime:
         if self.transform not in (None, *TRANSFORMS):
             raise SlimlmError(f"unknown transform '{self.transform}'; choose one of {', '.join(TRANSFORMS)}")
-        alpha, weight_clip, act_clip, symmetric = DEFAULTS[self.transform]
+        if self.lwc and self.transform != "duquant":
+            raise SlimlmError("learned weight clipping (lwc) is DuQuant's option; FlatQuant learns its own")
+        alpha, weight_clip, act_clip, symmetric = DEFAULTS["duquant+lwc" if self.lwc else self.transform]
         if self.alpha is not None and self.transform is None:
             raise SlimlmError("alpha is the smoothing exponent of a transform; it needs transform=smoothquant "
                               "or duquant")
@@ -70,9 +74,17 @@ class Runtime:
         if self.intact_kv is not None and self.intact_kv not in intactkv.MODES:
             raise SlimlmError(f"unknown IntactKV mode '{self.intact_kv}'; choose {' or '.join(intactkv.MODES)}")
 
-    def check(self, model: nn.Module) -> None:
-        """Every setting valid for ``model``, before anything changes it."""
+    def check(self, model: nn.Module, rotated: bool = False, streamed: bool = False, resumed: bool = False) -> None:
+        """Every setting valid for ``model`` and the run (QuaRot's rotation, disk offload, resume), before
+        anything changes it."""
         self.validate()
+        if self.transform is not None and rotated:
+            raise SlimlmError("choose one: QuaRot's rotation (rotate='hadamard') or a transform")
+        if streamed and (rotated or self.abits or self.kvbits or self.transform or self.intact_kv):
+            raise SlimlmError("--offload disk quantizes weights block by block only: no --rotate, --transform, "
+                              "--abits, --kvbits or --intact-kv")
+        if resumed and self.transform is not None:
+            raise SlimlmError("a run with a transform cannot resume: its transforms are kept in memory until saved")
         if self.kvbits is not None or self.intact_kv is not None:
             attention_modules(model)
         if self.transform is not None and model.config.model_type not in ROTATABLE:
@@ -94,13 +106,14 @@ def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None
     sites_record, tensors = to_record(sites)
     blocks = (learned or {}).get("blocks", {})
     if pivots is not None:
-        pivots = [(k, v @ blocks[i]["values"].to(v)) if i in blocks else (k, v) for i, (k, v) in enumerate(pivots)]
+        pivots = [(k, v @ blocks[i]["values"].to(v)) if "values" in blocks.get(i, {}) else (k, v)
+                  for i, (k, v) in enumerate(pivots)]
         tensors |= intactkv.to_tensors(pivots)
-    kv_learned = runtime.kvbits is not None and bool(blocks)
+    kv_learned = runtime.kvbits is not None and any(rec.get("kv") for rec in blocks.values())
     if kv_learned:
         tensors |= {f"kv.{i}.key_rotation": rec["kv"].key_rotation.contiguous() for i, rec in blocks.items()}
     entries = {
-        "transform": {"method": runtime.transform, "alpha": runtime.alpha, "sites": sites_record,
+        "transform": {"method": runtime.transform, "alpha": runtime.alpha, "lwc": runtime.lwc, "sites": sites_record,
                       **({"training": {"epochs": learned["epochs"],
                                        "block_losses": [list(blocks[i]["loss"]) for i in sorted(blocks)],
                                        "block_seconds": [blocks[i]["seconds"] for i in sorted(blocks)]}}
