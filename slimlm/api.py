@@ -262,7 +262,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
              abits: int | None = None, act_clip: float | None = None, rotate: str | None = None,
              transform: str | None = None, alpha: float | None = None, weight_clip: float | None = None,
              act_symmetric: bool | None = None, kvbits: int | None = None, kv_clip: float = 1.0,
-             intact_kv: str | None = None, intact_prefix: str | None = None, lwc: bool = False,
+             intact_kv: str | None = None, intact_prefix: str | None = None, calibrate_kv: bool = False,
+             lwc: bool = False,
              epochs: int | None = None,
              avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
              overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
@@ -286,7 +287,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     Weight-activation quantization: ``abits`` (per token), ``kvbits`` (KV cache per head and token), ``transform``
     (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``), ``weight_clip``,
     ``act_clip``, ``act_symmetric``, ``kv_clip`` (None: the transform's defaults, ``quant.runtime.DEFAULTS``),
-    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``). The result's tensors hold what
+    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``; ``calibrate_kv`` tunes its cache on
+    the calibration windows, IntactKV+Cal). The result's tensors hold what
     a reloaded model needs to compute the same thing (``apply_runtime``).
     """
     quantizer = get_quantizer(method)
@@ -311,9 +313,12 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
     pivots = intactkv.pivot_cache(model, pivot_ids) if pivot_ids else None  # full precision, before rounding
     layers = linear_fqns(model)
-    if quantizer.needs_data or transform or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
+    if calibrate_kv and not intact_kv:
+        raise SlimlmError("calibrate_kv tunes IntactKV's cache: it needs intact_kv")
+    if quantizer.needs_data or transform or calibrate_kv or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
+    reference = intactkv.reference_outputs(model, calib, pivots) if calibrate_kv else None
     bits = {fqn: wbits for fqn in layers}
     if avg_bits is not None:
         metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress,
@@ -348,6 +353,10 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress)
     entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids, learned)
     attach_runtime_(model, {"abits": abits, "act_clip": runtime.act_clip, **entries}, tensors)
+    if reference is not None:  # the quantized model's pivot cache, tuned to its layer outputs
+        tensors |= intactkv.to_tensors(intactkv.calibrate_(model, reference, calib, intactkv.from_tensors(tensors),
+                                                           progress=progress))
+        entries["intact_kv"]["calibrated"] = True
     timings["total"] = time.perf_counter() - start
     manifest = {
         "kind": "quantize", "method": method, "wbits": wbits, "group_size": group_size, "symmetric": symmetric,

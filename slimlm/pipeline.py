@@ -148,7 +148,7 @@ def _quantize(model, tokenizer, run, ns, progress, stream, checkpoint):
         allocation_options=allocation_options(ns), overrides=override_map(ns), calib_source=ns.calib,
         nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir,
         device=run.device, batch_size=ns.batch_size, progress=progress, io=stream, checkpoint=checkpoint,
-        sequential=not ns.one_pass, epochs=ns.epochs)
+        sequential=not ns.one_pass, epochs=ns.epochs, calibrate_kv=ns.calibrate_kv)
 
 
 def shrink_allocation(ns) -> str:

@@ -95,6 +95,7 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["quantize", "m", "--kv-clip", "0.9"], "--kv-clip only applies with --kvbits"),
     (["quantize", "m", "--act-grid", "asym"], "--act-grid only applies with --abits"),
     (["quantize", "m", "--lwc"], "--lwc only applies with --transform duquant"),
+    (["quantize", "m", "--calibrate-kv"], "--calibrate-kv only applies with --intact-kv"),
     (["quantize", "m", "--transform", "duquant", "--epochs", "3"], "--epochs only applies with --transform flatquant"),
 ])
 def test_options_without_effect_are_refused(capsys, argv, message):

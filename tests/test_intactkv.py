@@ -43,7 +43,7 @@ def test_pivot_entries_stay_exact_under_kv_quantization():
     seen = []
     spec = kv_specs_(model)[0]
     original = spec._quantize
-    spec._quantize = lambda t: seen.append((t, original(t))) or seen[-1][1]
+    spec._quantize = lambda t, *clip: seen.append((t, original(t, *clip))) or seen[-1][1]
     model(input_ids=ids(1))
     key_in, key_out = seen[0]
     assert key_in.shape[-2] == 3 + 20
@@ -63,3 +63,25 @@ def test_tensors_round_trip_and_bad_inputs():
         intactkv.pivot_tokens(Tokenizer(), "eos")
     with pytest.raises(SlimlmError, match="has 1 layers"):
         intactkv.attach_(model, cache[:1])
+
+
+def test_calibration_moves_the_quantized_outputs_toward_the_full_precision_ones():
+    import slimlm
+
+    model = tiny_llama()
+    windows = ids(4, 16)
+    result = slimlm.quantize(model, Tokenizer(), method="rtn", wbits=3, abits=4, kvbits=3, group_size=None,
+                             intact_kv="bos", calib=windows, progress=False)
+    plain = result.tensors["runtime.safetensors"]
+    fp = tiny_llama()
+    reference = intactkv.reference_outputs(fp, windows, intactkv.pivot_cache(fp, [1]))
+
+    def error(entries):
+        intactkv.attach_(model, entries)
+        with torch.no_grad():
+            out = model(input_ids=windows, output_hidden_states=True, use_cache=False).hidden_states[1:]
+        return sum(((h - r) ** 2).mean().item() for h, r in zip(out, reference))
+    before = error(intactkv.from_tensors(plain))
+    trained = intactkv.calibrate_(model, reference, windows, intactkv.from_tensors(plain), steps=40, lr=1e-2,
+                                  progress=False)
+    assert error(trained) < before

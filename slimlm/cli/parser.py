@@ -66,6 +66,7 @@ ONLY_WITH = [
     (("quantize",), ("--epochs",), lambda a: a.transform == "flatquant" or a.lwc, "--transform flatquant or --lwc"),
     (("quantize",), ("--lwc",), lambda a: a.transform == "duquant", "--transform duquant"),
     (("quantize",), ("--intact-prefix",), lambda a: a.intact_kv == "prefix", "--intact-kv prefix"),
+    (("quantize",), ("--calibrate-kv",), lambda a: a.intact_kv is not None, "--intact-kv"),
     (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
     (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
      "the fisher tables (not with --no-calib or --no-fisher)"),

@@ -132,6 +132,8 @@ def add_quantize_settings(p):
     p.add_argument("--intact-kv", choices=["bos", "prefix"], help="IntactKV: start every sequence from the "
                    "full-precision model's KV cache of [BOS] (bos) or of [BOS] + --intact-prefix (prefix)")
     p.add_argument("--intact-prefix", help="with --intact-kv prefix: the fixed text (e.g. a system prompt)")
+    p.add_argument("--calibrate-kv", action="store_true", help="with --intact-kv: tune the kept cache so that the "
+                   "quantized model's layer outputs match the full-precision model's (IntactKV+Cal; 160 steps)")
     p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
     _add_calib_args(p)
     add_allocation_args(p)

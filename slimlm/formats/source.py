@@ -101,6 +101,12 @@ def check_runtime(manifest: dict, fmt: str = "the pack-quantized format") -> Non
     if (manifest.get("rotation") or {}).get("online_down"):
         raise SlimlmError(f"this run needs QuaRot's online down_proj Hadamard at inference, which {fmt} "
                           "cannot carry; export a run without online rotation")
+    for key, what in (("transform", "its online input transforms"), ("intact_kv", "IntactKV's pivot cache")):
+        if manifest.get(key):
+            raise SlimlmError(f"this run needs {what} at inference, which {fmt} cannot carry")
+    if manifest.get("kv_cache"):
+        logger.warning("the run's simulated %s-bit KV-cache quantization is not exported (weights only)",
+                       manifest["kv_cache"]["bits"])
     if manifest.get("abits"):
         logger.warning("the run's simulated %s-bit activation quantization is not exported (weights only)",
                        manifest["abits"])

@@ -2,6 +2,7 @@
 
 Pure tensor functions. Weights are ``W`` (out, in); groups run along the input (last) dimension.
 """
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -156,9 +157,25 @@ def column_quantizer(W: torch.Tensor, grid: QuantGrid):
     return quantize_column
 
 
+_straight_through = [False]
+
+
+@contextlib.contextmanager
+def straight_through():
+    """Inside it, ``quantize_activations`` passes gradients straight through the rounding (x + (q − x).detach():
+    the same values, up to float rounding), so that training through a quantized model sees its activations'
+    quantizers (IntactKV's calibration)."""
+    _straight_through[0] = True
+    try:
+        yield
+    finally:
+        _straight_through[0] = False
+
+
 def quantize_activations(
     x: torch.Tensor, bits: int, clip_ratio: float = 1.0, symmetric: bool = True, group_size: int | None = None
 ) -> torch.Tensor:
     """Simulated per-token dynamic quantization of activations or K/V (QuaRot §3: one scale per row of the last
     dim, computed on the fly). ``group_size`` splits the row into groups (e.g. per head for KV). Returns float."""
-    return fake_quant(x, QuantGrid(bits, symmetric, group_size, clip_ratio))
+    q = fake_quant(x, QuantGrid(bits, symmetric, group_size, clip_ratio))
+    return x + (q - x).detach() if _straight_through[0] else q

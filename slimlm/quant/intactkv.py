@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.grids import straight_through
 from slimlm.quant.kvcache import kv_specs_
 
 HOOK_ATTR = "_slimlm_intact_kv"
@@ -98,6 +99,22 @@ def from_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, t
     return [(tensors[f"intact_kv.{i}.key"], tensors[f"intact_kv.{i}.value"]) for i in range(n)]
 
 
+@torch.no_grad()
+def reference_outputs(model: nn.Module, windows: torch.Tensor,
+                      entries: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Every decoder layer's output (n, T, hidden) on ``windows`` after the pivot cache ``entries``: the
+    full-precision targets of ``calibrate_`` (call it before quantizing)."""
+    attach_(model, entries)
+    try:
+        outs = [model(input_ids=windows[j:j + 1], output_hidden_states=True, use_cache=False).hidden_states[1:]
+                for j in range(windows.shape[0])]
+    finally:
+        detach_(model)
+        for spec in kv_specs_(model):
+            spec.intact = 0
+    return [torch.cat(layer) for layer in zip(*outs)]
+
+
 def calibrate_(model: nn.Module, reference: list[torch.Tensor], windows: torch.Tensor,
                entries: list[tuple[torch.Tensor, torch.Tensor]], steps: int = 160, lr: float = 2e-4,
                progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -112,9 +129,9 @@ def calibrate_(model: nn.Module, reference: list[torch.Tensor], windows: torch.T
     for step in tqdm(range(steps), desc="intact-kv", disable=not progress):
         j = step % windows.shape[0]
         attach_(model, pairs)
-        out = model(input_ids=windows[j:j + 1], output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[1:]
-        loss = sum(0.5 * (h[0] - r[j]).square().mean() for h, r in zip(hidden, reference))
+        with straight_through():  # the quantizers' rounding passes gradients (STE)
+            out = model(input_ids=windows[j:j + 1], output_hidden_states=True, use_cache=False)
+            loss = sum(0.5 * (h[0] - r[j]).square().mean() for h, r in zip(out.hidden_states[1:], reference))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)

@@ -127,7 +127,8 @@ def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None
                      **({"clips": [[blocks[i]["kv"].clip, blocks[i]["kv"].value_clip] for i in sorted(blocks)]}
                         if kv_learned else {})}
         if runtime.kvbits is not None else None,
-        "intact_kv": {"mode": runtime.intact_kv, "prefix": runtime.intact_prefix, "tokens": pivot_ids}
+        "intact_kv": {"mode": runtime.intact_kv, "prefix": runtime.intact_prefix, "tokens": pivot_ids,
+                      "calibrated": False}
         if pivots is not None else None,
     }
     return entries, tensors

@@ -76,7 +76,7 @@ def transform_hessian(H: torch.Tensor, ops: list[Op]) -> torch.Tensor:
     transform needs no second calibration pass). Each op: H <- Tₖᵀ H Tₖ = apply(apply(H)ᵀ), H symmetric."""
     out = H.to(torch.float64)
     for op in ops:
-        out = _apply(_apply(out, op).mT, op)
+        out = _apply(_apply(out, op).mT.contiguous(), op)
     return out.to(H.dtype)
 
 

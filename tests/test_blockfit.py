@@ -1,0 +1,29 @@
+"""The straight-through quantizers and the baked clipping of blockfit, against the grids' own formulas."""
+import torch
+
+from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, ste_fake_quant
+from slimlm.quant.grids import QuantGrid, fake_quant
+
+
+def test_straight_through_quantizer_matches_the_grid_and_passes_gradients():
+    x = torch.randn(5, 16, requires_grad=True)
+    one = torch.ones(1)
+    for symmetric in (True, False):
+        expected = fake_quant(x.detach(), QuantGrid(4, symmetric))
+        assert torch.allclose(ste_fake_quant(x, 4, symmetric, one, one), expected, atol=1e-6)
+    ratio = torch.tensor(0.9, requires_grad=True)
+    ste_fake_quant(x, 4, False, ratio, ratio).square().sum().backward()
+    assert ratio.grad is not None and ratio.grad != 0 and x.grad.abs().sum() > 0
+
+
+def test_baked_clipping_gives_the_trained_quantization():
+    W = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    hi, lo = torch.full((6, 1), 0.8), torch.full((6, 1), 0.6)
+    grid = QuantGrid(3, symmetric=False)
+    trained = fake_quant_weight(W, grid, hi, lo)  # what training saw
+    baked = clamp_rows(W, hi, lo)
+    assert baked.amax(1).le(W.amax(1) * 0.8 + 1e-6).all() and baked.amin(1).ge(W.amin(1) * 0.6 - 1e-6).all()
+    assert torch.allclose(fake_quant(baked, grid), trained, atol=1e-6)  # RTN on the clamped weight
+    grouped = QuantGrid(4, group_size=8)
+    assert torch.allclose(fake_quant_weight(W, grouped, torch.ones(6, 1), torch.ones(6, 1)),
+                          fake_quant(W, grouped), atol=1e-6)
