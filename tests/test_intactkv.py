@@ -85,3 +85,11 @@ def test_calibration_moves_the_quantized_outputs_toward_the_full_precision_ones(
     trained = intactkv.calibrate_(model, reference, windows, intactkv.from_tensors(plain), steps=40, lr=1e-2,
                                   progress=False)
     assert error(trained) < before
+
+
+def test_generation_from_the_pivot_cache_equals_generation_after_the_pivots():
+    model = tiny_llama()
+    x = ids(1, 6)
+    reference = model.generate(torch.cat([torch.tensor([[1]]), x], 1), max_new_tokens=5, do_sample=False)
+    intactkv.attach_(model, intactkv.pivot_cache(model, [1]))
+    assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False)[0], reference[0, 1:])

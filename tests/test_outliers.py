@@ -111,3 +111,12 @@ def test_bad_settings_change_nothing(kwargs, message):
 def test_transform_unsupported_by_the_architecture():
     with pytest.raises(SlimlmError, match="transform duquant supports"):
         slimlm.quantize(tiny_opt(), method="rtn", transform="duquant", calib=ids(), progress=False)
+
+
+def test_transforms_compose_with_mixed_precision():
+    model = outlier_llama()
+    result = slimlm.quantize(model, method="rtn", avg_bits=3.5, allocation="fisher", group_size=None,
+                             transform="duquant", abits=8, calib=ids(), progress=False)
+    bits = {layer["bits"] for layer in result.manifest["layers"].values()}
+    assert len(bits) > 1 and result.manifest["bits"] <= 3.5
+    assert result.manifest["transform"]["sites"]
