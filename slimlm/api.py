@@ -315,7 +315,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     layers = linear_fqns(model)
     if calibrate_kv and not intact_kv:
         raise SlimlmError("calibrate_kv tunes IntactKV's cache: it needs intact_kv")
-    if quantizer.needs_data or transform or calibrate_kv or (avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
+    if quantizer.needs_data or transform or calibrate_kv or (
+            avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
                                              seed, data_dir)
     reference = intactkv.reference_outputs(model, calib, pivots) if calibrate_kv else None

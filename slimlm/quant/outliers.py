@@ -7,9 +7,10 @@ else runs online in the linears' input hooks. GPTQ then needs the Hessian of X T
 calibration pass.
 
 Methods (``TRANSFORMS``): ``smoothquant`` (``quant.smoothquant``: the sets after a norm only, as the paper),
-``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂), ``flatquant`` (``quant.flatquant``:
-learned per block, before its linears are quantized, through the engine's ``prepare`` step). Llama-family models only: the fold
-into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's (1 + w) is refused, as for QuaRot's rotation).
+``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂; with ``lwc`` its clipping is learned per
+block), ``flatquant`` (``quant.flatquant``: learned per block, before its linears are quantized, through the
+engine's ``prepare`` step). Llama-family models only: the fold into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's
+(1 + w) is refused, as for QuaRot's rotation).
 """
 from __future__ import annotations
 
