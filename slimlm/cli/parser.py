@@ -60,7 +60,9 @@ ONLY_WITH = [
     (("quantize",), ("--act-order",), lambda a: a.method == "gptq", "--method gptq"),
     (("quantize",), ("--one-pass",), lambda a: a.method == "gptq" and a.transform != "flatquant",
      "--method gptq without --transform flatquant (which always calibrates on full-precision activations)"),
-    (("quantize",), ("--act-clip", "--act-grid"), lambda a: a.abits is not None, "--abits"),
+    # act-clip 1.0 (no clipping) was the default before transforms had their own: older recipes carry it
+    (("quantize",), ("--act-clip",), lambda a: a.abits is not None or a.act_clip == 1.0, "--abits"),
+    (("quantize",), ("--act-grid",), lambda a: a.abits is not None, "--abits"),
     (("quantize",), ("--kv-clip",), lambda a: a.kvbits is not None, "--kvbits"),
     (("quantize",), ("--alpha",), lambda a: a.transform != "none", "--transform smoothquant, duquant or flatquant"),
     (("quantize",), ("--epochs",), lambda a: a.transform == "flatquant" or a.lwc, "--transform flatquant or --lwc"),
