@@ -298,6 +298,10 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
                       kvbits is not None and (rotate == "hadamard" or transform == "duquant"), intact_kv,
                       intact_prefix, lwc).resolved()
     runtime.check(model, rotate == "hadamard", io is not None, checkpoint is not None)
+    if calibrate_kv and not intact_kv:
+        raise SlimlmError("calibrate_kv tunes IntactKV's cache: it needs intact_kv")
+    if epochs is not None and transform != "flatquant" and not lwc:
+        raise SlimlmError("epochs counts the block training of transform='flatquant' or lwc=True")
     pivot_ids = intactkv.pivot_tokens(tokenizer, intact_kv, intact_prefix) if intact_kv else None
     QuantGrid(wbits, symmetric, group_size, runtime.weight_clip, scale_dtype)  # validates before any work
     if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
@@ -313,8 +317,6 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
     pivots = intactkv.pivot_cache(model, pivot_ids) if pivot_ids else None  # full precision, before rounding
     layers = linear_fqns(model)
-    if calibrate_kv and not intact_kv:
-        raise SlimlmError("calibrate_kv tunes IntactKV's cache: it needs intact_kv")
     if quantizer.needs_data or transform or calibrate_kv or (
             avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
         calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,

@@ -69,7 +69,8 @@ def test_transformed_runs_reload_identically(tmp_path, transform, lwc):
 
     model = outlier_llama()
     result = slimlm.quantize(model, Tokenizer(), method="gptq", wbits=4, abits=4, kvbits=4, group_size=None,
-                             transform=transform, lwc=lwc, intact_kv="bos", calib=ids(), progress=False, epochs=2)
+                             transform=transform, lwc=lwc, intact_kv="bos", calib=ids(), progress=False,
+                             epochs=2 if lwc or transform == "flatquant" else None)
     manifest = result.manifest
     assert manifest["transform"]["method"] == transform and manifest["intact_kv"]["tokens"] == [1]
     if lwc:
@@ -99,6 +100,8 @@ def test_transformed_runs_reload_identically(tmp_path, transform, lwc):
     ({"transform": "duquant", "rotate": "hadamard"}, "choose one"),
     ({"intact_kv": "bos"}, "tokenizer with a BOS"),
     ({"transform": "flatquant", "lwc": True}, "DuQuant's option"),
+    ({"transform": "duquant", "epochs": 3}, "epochs counts the block training"),
+    ({"rotate": "hadamard", "calibrate_kv": True}, "it needs intact_kv"),
 ])
 def test_bad_settings_change_nothing(kwargs, message):
     model = tiny_llama()

@@ -54,8 +54,6 @@ class TransformSettings:
         smoothing_scales(torch.ones(1), [torch.ones(1, 1)], self.alpha)  # alpha in [0, 1]
         if self.steps < 0:
             raise SlimlmError(f"rotation steps must be >= 0, got {self.steps}")
-        if self.lwc and self.name != "duquant":
-            raise SlimlmError("learned weight clipping (lwc) is DuQuant's option; FlatQuant learns its own")
 
 
 def _norm_for(model: nn.Module, group: dict[str, nn.Linear]) -> nn.Module | None:

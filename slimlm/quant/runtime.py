@@ -20,7 +20,7 @@ from slimlm.quant import intactkv
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.hadamard import random_hadamard
 from slimlm.quant.kvcache import attention_modules, kv_specs_, quantize_kv_
-from slimlm.quant.outliers import TRANSFORMS
+from slimlm.quant.outliers import TRANSFORMS, TransformSettings
 from slimlm.quant.rotate import ROTATABLE, attach_online_down_, quantize_activations_
 from slimlm.quant.transforms import from_record, set_activation_quant_, set_transform_
 
@@ -56,15 +56,18 @@ class Runtime:
             raise SlimlmError("learned weight clipping (lwc) is DuQuant's option; FlatQuant learns its own")
         alpha, weight_clip, act_clip, symmetric = DEFAULTS["duquant+lwc" if self.lwc else self.transform]
         if self.alpha is not None and self.transform is None:
-            raise SlimlmError("alpha is the smoothing exponent of a transform; it needs transform=smoothquant "
-                              "or duquant")
+            raise SlimlmError("alpha is the smoothing exponent of a transform; it needs transform=smoothquant, "
+                              "duquant or flatquant")
         return replace(self, alpha=self.alpha if self.alpha is not None else alpha,
                        weight_clip=self.weight_clip if self.weight_clip is not None else weight_clip,
                        act_clip=self.act_clip if self.act_clip is not None else act_clip,
                        act_symmetric=self.act_symmetric if self.act_symmetric is not None else symmetric)
 
     def validate(self) -> None:
-        """The settings' own ranges (bits 2..8, clips in (0, 1]); ``check`` adds the model's part."""
+        """The settings' own ranges (bits 2..8, clips in (0, 1], alpha in [0, 1]); ``check`` adds the model's
+        part."""
+        if self.transform is not None:
+            TransformSettings(self.transform, self.alpha, lwc=self.lwc)
         QuantGrid(8, clip_ratio=self.weight_clip)
         for what, bits, clip in (("activation", self.abits, self.act_clip), ("KV-cache", self.kvbits, self.kv_clip)):
             try:
