@@ -2,11 +2,13 @@
 AlphaPruning and fisher (slimlm's) budgets, under the protocol of bench/common.py. Writes one JSON, a
 markdown table and the perplexity-vs-sparsity plot.
 
-Rows: recipes/sweep/<method>-<sparsity>-<allocation>.yaml (8 evaluation windows). Each row plans its budget map
-on the dense model inside its run, as ``slimlm prune --allocation`` does (``timings.allocation`` of the row;
-``fisher`` prices the changes each method makes, so SparseGPT's maps differ from Wanda's).
+Cells: recipes/sweep/<method>-<sparsity>-<allocation>.yaml (8 evaluation windows), run by ``slimlm.runs.sweep``
+as Ray tasks (a local Ray unless ``--ray`` names a cluster), each into its run folder (the recipe's out,
+runs/sweep/<cell>); finished cells are skipped on rerun. Each cell plans its budget map on the dense model inside
+its run, as ``slimlm prune --allocation`` does (``allocation_seconds``; ``fisher`` prices the changes each method
+makes, so SparseGPT's maps differ from Wanda's).
 
-    python bench/sweep.py                                                        # every row
+    python bench/sweep.py                                                        # every cell
     python bench/sweep.py --rows wanda-0.7-uniform,wanda-0.7-fisher --eval-windows 4   # a quick subset
     python bench/sweep.py --merge results/sweep_70_80.json results/sweep_60.json   # one table and plot
 """
@@ -16,19 +18,25 @@ import argparse
 import json
 from pathlib import Path
 
-from common import DEFAULT_DATA, RECIPES, RESULTS, compress_and_eval, recipe_rows, run_rows, write_json
+from common import DEFAULT_DATA, RECIPES, RESULTS, recipe_rows, write_json
 
 ALLOCATIONS = ("uniform", "owl", "alphapruning", "fisher")
 
 
-def run_row(name: str, args) -> dict:
+def cells(args) -> dict:
+    """The chosen recipes, with this machine's data folder (and --eval-windows) in place of theirs."""
     from slimlm.recipe import read_recipe
 
-    path = recipe_rows(args.recipes)[name]
-    (ns,) = [ns for kind, ns in read_recipe(path).steps if kind == "prune"]
-    row = compress_and_eval(path, args.data_dir, args.eval_windows)
-    return {"method": ns.method, "allocation": ns.allocation, "target": ns.sparsity,
-            "allocation_seconds": row["timings"].get("allocation", 0.0), **row}
+    rows = recipe_rows(args.recipes)
+    chosen = {}
+    for name in args.rows.split(",") if args.rows else rows:
+        recipe = read_recipe(rows[name])
+        recipe.run.data_dir = args.data_dir
+        for kind, ns in recipe.steps:
+            if kind == "eval" and args.eval_windows:
+                ns.eval_windows = args.eval_windows
+        chosen[name] = recipe
+    return chosen
 
 
 def markdown(rows: list[dict], allocations) -> str:
@@ -49,19 +57,16 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "sweep.json"))
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine earlier sweeps' rows into --out (later files win), run nothing")
-    p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--ray", metavar="auto|ADDRESS", help="Ray cluster (default: a local Ray)")
+    p.add_argument("--runs", default="runs/sweep", help="folder of the cells' run folders")
     args = p.parse_args()
     if args.merge:  # a later file's row replaces an earlier one for the same method, sparsity and allocator
         rows = {(r["method"], r["target"], r["allocation"]): r
                 for path in args.merge for r in json.loads(Path(path).read_text())["rows"]}
         return write_outputs(list(rows.values()), args.out)
-    if args.row:
-        print(json.dumps({"row": args.row, **run_row(args.row, args)}))
-        return
-    extra = ["--data-dir", args.data_dir, "--recipes", args.recipes]
-    extra += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
-    names = args.rows.split(",") if args.rows else list(recipe_rows(args.recipes))
-    write_outputs(run_rows(__file__, names, extra), args.out)
+    from slimlm.runs.sweep import sweep
+
+    write_outputs(sweep(cells(args), args.runs, args.ray), args.out)
 
 
 def write_outputs(rows: list[dict], path: str) -> None:

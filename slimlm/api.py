@@ -13,7 +13,7 @@ from slimlm.analysis.activations import OWL_M, calibration_metrics
 from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
                                          fisher_sparsegpt_tables, fisher_tables)
 from slimlm.analysis.spectra import model_weight_metrics
-from slimlm.core import data as data_mod
+from slimlm.core import data as data_mod, distributed, placement
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
 from slimlm.core.timing import timed
@@ -223,9 +223,9 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
     if m.needs_data:
         timings |= compress_blocks(model, calib, compress, set(budgets), hessian=m.needs_hessian,
                                    device=device, batch_size=batch_size, progress=progress, io=io,
-                                   checkpoint=checkpoint)
+                                   checkpoint=checkpoint, results=(achieved, perms))
     else:
-        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint, progress)
+        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint, progress, (achieved, perms))
     timings["total"] = time.perf_counter() - start
     total = sum(layers[f].weight.numel() for f in achieved)
     zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
@@ -238,8 +238,8 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
         "sparsity_target": size_weighted_mean(budgets, sizes) if user_map or overrides else sparsity,
         "sparsity": zeros / total, "allocation": allocation_record,
         "options": {"ria_alpha": ria_alpha, "blocksize": blocksize, "damp": damp},
-        "calibration": calib_info, "device": str(device), "seed": seed, "timings": timings,
-        "versions": versions(), "layers": achieved,
+        "calibration": calib_info, "device": placement.describe(device), "seed": seed, **distributed.record(),
+        "timings": timings, "versions": versions(), "layers": achieved,
     }
     if grid is not None:
         manifest["quantization"] = {"wbits": wbits, "group_size": group_size, "symmetric": symmetric,
@@ -351,9 +351,9 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         timings |= compress_blocks(model, calib, compress, set(layers), hessian=quantizer.needs_data,
                                    device=device, batch_size=batch_size, progress=progress, io=io,
                                    checkpoint=checkpoint, sequential=sequential and prepare is None,
-                                   window_mean=transform == "duquant", prepare=prepare)
+                                   window_mean=transform == "duquant", prepare=prepare, results=(losses,))
     else:
-        timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress)
+        timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress, (losses,))
     entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids, learned)
     attach_runtime_(model, {"abits": abits, "act_clip": runtime.act_clip, **entries}, tensors)
     if reference is not None:  # the quantized model's pivot cache, tuned to its layer outputs
@@ -371,8 +371,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {}),
                        **({"overrides": overrides} if overrides else {})},
         "options": {"blocksize": blocksize, "damp": damp, "sequential": sequential}, "calibration": calib_info,
-        "device": str(device),
-        "seed": seed, "timings": timings, "versions": versions(),
+        "device": placement.describe(device),
+        "seed": seed, **distributed.record(), "timings": timings, "versions": versions(),
         "layers": {f: {"bits": bits[f], **({"gptq_loss": losses[f]} if f in losses else {})} for f in layers},
         "storage": storage_report(model, grids),
     }

@@ -24,6 +24,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from slimlm.core import distributed
+from slimlm.core.placement import parse as parse_devices, spread_over
 from slimlm.errors import SlimlmError
 from slimlm.recipe import (COMPRESSION, Recipe, RunOptions, allocation_options, budgets_map, check, dumps, grid_group,
                            override_map, relocated, runtime_options)
@@ -298,7 +300,7 @@ def _run_manifest(recipe: Recipe, manifests: list[dict]) -> dict:
     rotation = next((m["rotation"] for m in manifests if m["kind"] == "rotate"), None)
     if rotation is not None:
         manifest["rotation"] = rotation
-    return manifest | {"model": recipe.run.model, "dtype": recipe.run.dtype}
+    return manifest | {"model": recipe.run.model, "dtype": recipe.run.dtype, **distributed.record()}
 
 
 def _summary(out: Path, manifest: dict) -> dict:
@@ -329,6 +331,8 @@ def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("ana
         elif kind in ("shrink", "lowrank"):
             step = _shrink if kind == "shrink" else _lowrank
             manifests.append(step(model, tokenizer, recipe.run, ns, progress).manifest)
+        elif kind in ("eval", "analyze") and not distributed.is_main():
+            continue  # under torchrun the ranks hold the same model: rank 0 measures it and writes
         elif kind == "eval":
             perplexity = _eval(model, tokenizer, recipe.run, ns, progress)
             if manifests:
@@ -341,6 +345,11 @@ def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("ana
     return manifests, tensors
 
 
+def text_of(recipe: Recipe, options: RunOptions) -> str:
+    """The recipe and run options as one text (what every rank must agree on)."""
+    return dumps(recipe) + repr(replace(options, quiet=False))
+
+
 def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
     """Run ``recipe`` (see the module docstring), printing one JSON line per folder written or evaluation;
     ``name_steps``: see ``recipe.check``."""
@@ -349,6 +358,9 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
     from slimlm.runs.save import check_output, save_run
 
     check(recipe, options, name_steps)
+    if options.device_map:
+        parse_devices(options.device_map)  # a bad --device-map fails before the model is loaded
+    distributed.check_same(text_of(recipe, options), "options")
     model, tokenizer, stream = _open(recipe, options)
     out, checkpoint = None, None
     if recipe.compression():
@@ -360,7 +372,11 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
             check_free_space(model, stream)
         checkpoint = _checkpoint(recipe, options, out, stream)
     text = dumps(recipe)
-    manifests, tensors = run_steps(recipe, model, tokenizer, options, stream=stream, checkpoint=checkpoint, text=text)
+    with spread_over(options.device_map):
+        manifests, tensors = run_steps(recipe, model, tokenizer, options, stream=stream, checkpoint=checkpoint,
+                                       text=text)
+    if not distributed.is_main():
+        return  # rank 0 saves, prints and exports the run that every rank computed
     if out is not None:
         manifest = _run_manifest(recipe, manifests)
         if stream is not None:  # the partial folder holds the output shards: complete it and rename it

@@ -63,6 +63,7 @@ class RunOptions:
     overwrite: bool = False
     offload: str | None = None
     resume: bool = False
+    device_map: str | None = None
     quiet: bool = False
     allow_pickle: bool = False
     no_cache: bool = False

@@ -86,7 +86,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
         linears = linear_fqns(model)
         compress = _compress_fn(method, kinds, fitted, act_order, blocksize, damp)
         compress_blocks(model, calib, compress, {f for f in linears if f"{f}.weight" in weights},
-                        hessian=method == "gptq", batch_size=batch_size, progress=progress)
+                        hessian=method == "gptq", batch_size=batch_size, progress=progress, results=(fitted,))
     for name, W in tqdm(weights.items(), desc="rtn", disable=not progress):
         if name not in fitted and kinds[name] is not None:
             fitted[name] = fit(kinds[name], W.detach().float())

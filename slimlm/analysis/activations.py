@@ -70,7 +70,7 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
         return False
 
     engine = compress_blocks(model, windows, record, set(linears), hessian=bool(error_levels), device=device,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, results=(records, sqnorms))
     with timed(parts, "owl"), small_op_threads(max(lin.weight.numel() for lin in linears.values())):
         blocks: dict[str, list[str]] = {}
         for fqn in linears:

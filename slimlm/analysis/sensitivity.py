@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimlm.core import distributed
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
 from slimlm.core.linalg import small_op_threads
@@ -84,7 +85,8 @@ def fisher_diagonal(model, windows: torch.Tensor, progress: bool = True) -> tupl
     try:
         model.requires_grad_(False)
         weights = [lin.weight.requires_grad_(True) for lin in linears.values()]
-        for w in tqdm(windows.split(1), desc="fisher", disable=not progress):
+        # under torchrun each rank takes its share of the windows and the sums are added up after
+        for w in tqdm(distributed.shard_windows(windows, 1)[0].split(1), desc="fisher", disable=not progress):
             with torch.enable_grad():
                 loss = model(input_ids=w, labels=w, use_cache=False).loss
                 grads = torch.autograd.grad(loss, weights)
@@ -95,6 +97,7 @@ def fisher_diagonal(model, windows: torch.Tensor, progress: bool = True) -> tupl
             h.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+    distributed.sum_([*fisher.values(), *sqnorms.values()])
     return fisher, sqnorms
 
 
@@ -165,5 +168,5 @@ def fisher_sparsegpt_tables(model, windows: torch.Tensor, fisher: dict, levels: 
         return False
 
     compress_blocks(model, windows, record, set(linear_fqns(model)), hessian=True, progress=progress,
-                    device=next(model.parameters()).device, sequential=False)
+                    device=next(model.parameters()).device, sequential=False, results=(tables,))
     return tables

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 
 from slimlm.cli import commands
 from slimlm.cli.parser import build_parser
+from slimlm.core import distributed
 from slimlm.errors import SlimlmError
 
 
@@ -39,11 +40,24 @@ def _bars_off():
             hf_logging.enable_progress_bar()
 
 
+DATA_PARALLEL = ("prune", "quantize", "shrink", "lowrank", "run")  # commands whose calibration torchrun splits
+
+
+def _join_ranks(args) -> None:
+    """Under torchrun: join the other ranks (``core.distributed``); rank 0 alone shows progress."""
+    if distributed.launched() and args.command not in DATA_PARALLEL:
+        raise SlimlmError(f"torchrun splits the calibration of slimlm {', '.join(DATA_PARALLEL)}; run "
+                          f"'slimlm {args.command}' as one process")
+    distributed.init_from_env()
+    args.quiet = args.quiet or not distributed.is_main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        _join_ranks(args)
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
         with _bars_off() if args.quiet else contextlib.nullcontext():
             getattr(commands, f"cmd_{args.command}")(args)
     except SlimlmError as e:

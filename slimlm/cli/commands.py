@@ -63,6 +63,31 @@ def cmd_run(args) -> None:
     execute(relocated(recipe, args.out) if args.out else recipe, RunOptions.from_args(args))
 
 
+def _values(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SlimlmError(f"{flag}: expected comma-separated {kind.__name__} values, got '{text}'") from None
+
+
+def cmd_sweep(args) -> None:
+    from slimlm.recipe import RunOptions, check
+    from slimlm.runs.sweep import grid, sweep
+
+    run = {"model": args.model, "dtype": args.dtype, "device": args.device, "data-dir": args.data_dir}
+    prune = {"calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
+             "calib-sampling": args.calib_sampling, "batch-size": args.batch_size, "owl-m": args.owl_m}
+    evaluation = {"eval-dataset": args.eval_dataset, "eval-seqlen": args.eval_seqlen,
+                  "eval-windows": args.eval_windows}
+    cells = grid(run, prune, evaluation, _values(args.methods, str, "--methods"),
+                 _values(args.sparsities, float, "--sparsities"), _values(args.allocations, str, "--allocations"),
+                 _values(args.seeds, int, "--seeds"))
+    for cell in cells.values():  # every cell's settings are checked before Ray starts
+        check(cell, RunOptions())
+    rows = sweep(cells, args.out, args.ray, args.cpus_per_cell, args.gpus_per_cell, progress=not args.quiet)
+    print(json.dumps({"out": args.out, "cells": len(rows), "results": str(Path(args.out) / "sweep.json")}))
+
+
 def cmd_allocate(args) -> None:
     from slimlm.allocate import allocate_from_metrics, parse_target, size_weighted_mean
     from slimlm.recipe import allocation_options

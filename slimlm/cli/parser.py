@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from slimlm.cli.cache import add_cache_parser
-from slimlm.cli.settings import (add_allocation_args, add_analyze_settings, add_eval_settings,
+from slimlm.cli.settings import (add_allocation_args, add_analyze_settings, add_calib_args, add_eval_settings,
                                  add_export_settings, add_gguf_settings, add_load_settings, add_lowrank_settings,
                                  add_prune_settings, add_quantize_settings, add_shrink_settings)
 from slimlm.version import __version__
@@ -147,6 +147,9 @@ def _add_run_args(p):
     p.add_argument("--resume", action="store_true", help="checkpoint every block in .OUT.partial beside --out "
                    "(always done with --offload disk) and continue an interrupted run from its last finished "
                    "block (same weights as an uninterrupted run)")
+    p.add_argument("--device-map", metavar="auto|DEVICES", help="spread each block, while it is calibrated and "
+                   "compressed, over several GPUs (auto: all visible; or cuda:0,cuda:1); the rest of the model stays "
+                   "on the CPU or disk")
 
 
 def _add_compress_command(sub, name: str, help_text: str, settings, out_help: str) -> None:
@@ -252,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     add_gguf_settings(p)
     p.add_argument("--out", required=True, help="new .gguf file (or new folder) to write")
+
+    p = sub.add_parser("sweep", help="a grid of prune runs (methods x sparsities x allocations x seeds), every "
+                       "cell a Ray task; finished cells are skipped on rerun; one JSON and the perplexity plot")
+    _add_model_args(p)
+    p.add_argument("--methods", required=True, help="comma-separated pruning methods, e.g. wanda,sparsegpt")
+    p.add_argument("--sparsities", required=True, help="comma-separated sparsity targets, e.g. 0.5,0.6,0.7")
+    p.add_argument("--allocations", default="uniform", help="comma-separated allocators, e.g. uniform,owl,fisher")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (calibration windows)")
+    add_calib_args(p, seed=False)
+    add_eval_settings(p)
+    p.add_argument("--ray", metavar="auto|ADDRESS", help="the Ray cluster to run on: auto (the running one), "
+                   "HOST:PORT or ray://HOST:PORT (default: a local Ray started for the sweep)")
+    p.add_argument("--cpus-per-cell", type=float, default=1, help="CPUs Ray reserves for each cell")
+    p.add_argument("--gpus-per-cell", type=float, default=0, help="GPUs Ray reserves for each cell (with "
+                   "--device cuda)")
+    p.add_argument("--out", default="runs/sweep", help="folder of the cells' run folders, sweep.json and "
+                   "sweep.png")
 
     p = sub.add_parser("report", help="one HTML + markdown page (tables, curves, plots) of every run found")
     p.add_argument("folders", nargs="+", help="folders searched for runs (slimlm.json) and analyses")

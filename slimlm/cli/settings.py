@@ -28,14 +28,15 @@ def add_eval_settings(p):
                    "WikiText-2 with the built-in model, minutes to hours on a CPU)")
 
 
-def _add_calib_args(p, nsamples=128, seqlen=2048):
+def add_calib_args(p, nsamples=128, seqlen=2048, seed=True):
     p.add_argument("--calib", default="wikitext2", help="calibration text: wikitext2, c4, or a text file")
     p.add_argument("--nsamples", type=int, default=nsamples, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration window")
     p.add_argument("--calib-sampling", default="random", choices=["random", "first"],
                    help="random: windows at seeded random offsets; first: the first non-overlapping windows")
-    p.add_argument("--seed", type=int, default=0, help="random seed (calibration windows; quantize: also the "
-                   "Hadamard rotation)")
+    if seed:  # (slimlm sweep has --seeds instead)
+        p.add_argument("--seed", type=int, default=0, help="random seed (calibration windows; quantize: also the "
+                       "Hadamard rotation)")
     p.add_argument("--batch-size", type=int, help="calibration windows per forward (default: as many as "
                    "make 2048 tokens)")
     p.add_argument("--owl-m", type=float, default=5.0, metavar="M", help="OWL outlier threshold: a weight is an "
@@ -89,7 +90,7 @@ def add_prune_settings(p):
     p.add_argument("--group", choices=["row", "matrix"], help="comparison group (default: the paper's)")
     p.add_argument("--permute", action="store_true", help="channel permutation before N:M (RIA)")
     p.add_argument("--ria-alpha", type=float, default=0.5, help="RIA: exponent of the input-channel norms")
-    _add_calib_args(p)
+    add_calib_args(p)
     add_allocation_args(p)
     p.add_argument("--budgets", help="JSON file FQN -> sparsity, as written by slimlm allocate --out")
     _add_override_arg(p, "sparsity", float)
@@ -135,13 +136,13 @@ def add_quantize_settings(p):
     p.add_argument("--calibrate-kv", action="store_true", help="with --intact-kv: tune the kept cache so that the "
                    "quantized model's layer outputs match the full-precision model's (IntactKV+Cal; 160 steps)")
     p.add_argument("--avg-bits", type=float, help="mixed precision: per-layer bits with this weighted mean")
-    _add_calib_args(p)
+    add_calib_args(p)
     add_allocation_args(p)
     _add_override_arg(p, "bit-width", int)
 
 
 def add_analyze_settings(p):
-    _add_calib_args(p, nsamples=32, seqlen=512)
+    add_calib_args(p, nsamples=32, seqlen=512)
     p.add_argument("--no-calib", action="store_true", help="weight metrics only (no calibration pass)")
     p.add_argument("--no-fisher", action="store_true", help="skip the gradient pass behind --allocation fisher")
     p.add_argument("--fisher-for", choices=("wanda", "sparsegpt"), default="wanda",
@@ -188,7 +189,7 @@ def add_shrink_settings(p):
                    "uniform, its only one)")
     p.add_argument("--no-compensate", action="store_true", help="width: no FLAP bias compensation of the "
                    "removed channels' mean output")
-    _add_calib_args(p, nsamples=32, seqlen=512)
+    add_calib_args(p, nsamples=32, seqlen=512)
 
 
 def add_lowrank_settings(p):
@@ -202,7 +203,7 @@ def add_lowrank_settings(p):
                    "on normalised singular values); fisher: truncation loss priced in loss units (slimlm's)")
     p.add_argument("--merge", action="store_true", help="multiply the factors back into dense weights (the "
                    "truncation stays, the savings go: for engines that cannot hold factors, such as GGUF)")
-    _add_calib_args(p, nsamples=32, seqlen=512)
+    add_calib_args(p, nsamples=32, seqlen=512)
 
 
 def add_gguf_settings(p):
@@ -219,7 +220,7 @@ def add_gguf_settings(p):
     p.add_argument("--size", help="our own per-tensor types fitted to this size instead of the mix's rule for "
                    "the decoder blocks: bits per weight over all tensors (3.5bpw) or tensor bytes (70MB); "
                    "costs from measured Fisher information on the calibration data")
-    _add_calib_args(p, nsamples=32, seqlen=512)
+    add_calib_args(p, nsamples=32, seqlen=512)
 
 
 # recipe step kind -> the function adding its settings (the CLI subcommands use the same functions)

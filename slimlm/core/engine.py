@@ -10,6 +10,8 @@ Shape of the loop (GPTQ/SparseGPT/Wanda papers' sequential scheme):
      block with the compressed weights to get the next block's inputs (the papers' default: later
      blocks calibrate on the compressed model's activations), move it back.
 Only one block is on the compute device at a time; activations stay there between blocks.
+Under ``torchrun`` each process runs this loop on its share of the windows and the statistics and compressed
+weights are exchanged between steps 2's passes (``core.distributed``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimlm.core import distributed, placement
 from slimlm.core.architectures import adapter_for, block_linears, decoder_blocks
 from slimlm.core.stats import Accumulator, LayerStats
 from slimlm.errors import SlimlmError
@@ -154,7 +157,8 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
                     hessian: bool = False, device: str | torch.device = "cpu",
                     batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
                     checkpoint: Checkpoint | None = None, sequential: bool = True,
-                    window_mean: bool = False, prepare: Callable | None = None) -> dict[str, float]:
+                    window_mean: bool = False, prepare: Callable | None = None,
+                    results: tuple[dict, ...] = ()) -> dict[str, float]:
     """Calibrate and compress ``model`` in place, block by block.
 
     ``compress({fqn: linear}, stats) -> bool`` is called once per set of linears in ``targets`` that read the
@@ -166,20 +170,31 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
     calibration such as FlatQuant's training (``outputs``: the block's outputs before any change; ``stats``:
     {fqn: LayerStats}). ``io`` streams block weights in and out (see ``BlockIO``); ``checkpoint`` saves each
     finished block and the next block's inputs, and restarts after the last finished block of an interrupted
-    run. Returns timings (seconds): ``capture``, ``forward`` (all block passes), ``compress``.
+    run. Returns timings (seconds): ``capture``, ``forward`` (all block passes), ``compress``, and under torchrun
+    ``communicate`` (all-reduces and broadcasts). ``results`` are the dicts that ``compress`` adds its per-layer
+    results to: under torchrun each set of linears is compressed on one rank only, and what it added there is
+    copied into every rank's dicts (``core.distributed.share``).
 
     ``sequential`` (the GPTQ/SparseGPT/Wanda reference code's choice): each block is calibrated on the outputs
     of the already compressed blocks before it, which costs a second pass per block. ``sequential=False``
     propagates the statistics pass's own outputs, so every block sees the dense model's activations: one pass,
     about half the forward time, and errors of earlier blocks are not compensated downstream.
     """
-    device = torch.device(device)
+    spread = placement.devices()  # --device-map: each block over these devices (core.placement)
+    device = spread[0] if spread else distributed.local_device(device)
     n, seqlen = windows.shape
     batch_size = batch_size or max(1, DEFAULT_BATCH_TOKENS // seqlen)
+    if prepare is not None and distributed.world() > 1:
+        raise SlimlmError("block-level training (transforms) runs in one process; start it without torchrun")
+    distributed.check_same(f"{sorted(targets)} {hessian} {sequential} {batch_size} "
+                           f"{distributed.digest(windows)}", "calibration windows or layers")
     prefix = adapter_for(model).blocks
     t0 = time.perf_counter()
+    windows, batch_size = distributed.shard_windows(windows, batch_size)
     captured = capture_inputs(model, windows, batch_size, device)
     timing = {"capture": time.perf_counter() - t0, "forward": 0.0, "compress": 0.0}
+    if distributed.world() > 1:
+        timing["communicate"] = 0.0
     blocks = decoder_blocks(model)
     start, saved = checkpoint.restore(blocks) if checkpoint is not None else (0, None)
     x = captured.hidden if saved is None else saved.to(device)  # block `start`'s inputs, as first computed
@@ -189,7 +204,7 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         block = blocks[i]
         if io is not None:
             io.load(i, block)
-        block.to(device)
+        placement.dispatch_(block, spread, hessian) if spread else block.to(device)
         linears = {f"{prefix}.{i}.{name}": lin for name, lin in block_linears(block).items()}
         linears = {fqn: lin for fqn, lin in linears.items() if fqn in targets}
         accs, handles, last = _collect_stats(linears, hessian, window_mean)
@@ -201,22 +216,24 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
                 h.remove()
             last.clear()
         timing["forward"] += time.perf_counter() - t
+        _communicate(timing, distributed.reduce_accumulators, list(accs.values()))
         t = time.perf_counter()
-        changed = False
         if prepare is not None:
             prepare(i, block, x, y, captured.call_args[i], {fqn: accs[fqn].stats() for fqn in linears})
-            changed = True
-        for stats, group in _by_input(linears, accs):
-            changed |= bool(compress(group, stats))
+        groups, before = _by_input(linears, accs), [set(d) for d in results]
+        # every set once, spread over the ranks
+        done = [distributed.owns(k) and bool(compress(g, stats)) for k, (stats, g) in enumerate(groups)]
         accs.clear()
         timing["compress"] += time.perf_counter() - t
+        changed = _communicate(timing, distributed.share, [g for _, g in groups], results, before, done)
+        changed |= prepare is not None
         if changed and sequential:  # the statistics pass gave dense outputs: recompute with compressed weights
             t = time.perf_counter()
             run_block(block, x, captured.call_args[i], batch_size, out=y)
             timing["forward"] += time.perf_counter() - t
         if not torch.isfinite(y).all():
             raise SlimlmError(f"non-finite activations after block {i}; check the model and dtype")
-        block.to("cpu")
+        placement.release_(block) if spread else block.to("cpu")
         if io is not None:
             io.store(i, block)
         if checkpoint is not None:
@@ -225,12 +242,23 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
     return timing
 
 
+def _communicate(timing: dict, fn, *args):
+    """Run a ``core.distributed`` exchange, timing it under torchrun (a no-op in one process)."""
+    t = time.perf_counter()
+    result = fn(*args)
+    if "communicate" in timing:
+        timing["communicate"] += time.perf_counter() - t
+    return result
+
+
 def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
-                       checkpoint: Checkpoint | None = None, progress: bool = True) -> dict[str, float]:
+                       checkpoint: Checkpoint | None = None, progress: bool = True,
+                       results: tuple[dict, ...] = ()) -> dict[str, float]:
     """Data-free methods (magnitude, RTN): the same ``compress`` callback, called for each linear alone with
-    ``stats=None`` and no calibration pass, block by block so that ``io`` and ``checkpoint`` work as in
-    ``compress_blocks``. Returns ``{"compress": seconds}``."""
+    ``stats=None`` and no calibration pass, block by block so that ``io``, ``checkpoint`` and torchrun work as in
+    ``compress_blocks`` (each rank rounds its share of the linears). Returns ``{"compress": seconds}``."""
     start = time.perf_counter()
+    distributed.check_same(str(sorted(targets)), "layers")
     prefix = adapter_for(model).blocks
     blocks = decoder_blocks(model)
     first = checkpoint.restore(blocks)[0] if checkpoint is not None else 0
@@ -238,9 +266,10 @@ def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]
                   disable=not progress):
         if io is not None:
             io.load(i, blocks[i])
-        for name, linear in block_linears(blocks[i]).items():
-            if f"{prefix}.{i}.{name}" in targets:
-                compress({f"{prefix}.{i}.{name}": linear}, None)
+        linears = {f"{prefix}.{i}.{name}": lin for name, lin in block_linears(blocks[i]).items()}
+        groups, before = [{fqn: lin} for fqn, lin in linears.items() if fqn in targets], [set(d) for d in results]
+        done = [distributed.owns(k) and bool(compress(group, None)) for k, group in enumerate(groups)]
+        distributed.share(groups, results, before, done)
         if io is not None:
             io.store(i, blocks[i])
         if checkpoint is not None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimlm.core.architectures import linear_fqns
+from slimlm.core import distributed
 from slimlm.errors import SlimlmError
 from slimlm.quant import intactkv
 from slimlm.quant.grids import QuantGrid
@@ -88,6 +89,9 @@ class Runtime:
                               "--abits, --kvbits or --intact-kv")
         if resumed and self.transform is not None:
             raise SlimlmError("a run with a transform cannot resume: its transforms are kept in memory until saved")
+        if self.transform is not None and distributed.world() > 1:
+            raise SlimlmError("a transform calibrates in one process (its statistics and training are not shared "
+                              "between ranks yet); run it without torchrun")
         if self.kvbits is not None or self.intact_kv is not None:
             attention_modules(model)
         if self.transform is not None and model.config.model_type not in ROTATABLE:

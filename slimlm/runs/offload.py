@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimlm.core import distributed
 from slimlm.core.architectures import adapter_for, decoder_blocks
 from slimlm.core.models import DTYPES
 from slimlm.core.shards import INDEX, TensorIndex, check_shapes, expected_tensors, has_safetensors, read_tensors, skeleton, tensor_index
@@ -47,9 +48,10 @@ class ShardStream:
         block.load_state_dict(read_tensors(self.index, names, self.dtype), strict=True, assign=True)
 
     def store(self, i: int, block: nn.Module) -> None:
-        tensors = {f"{self.prefix}.{i}.{key}": t for key, t in block.state_dict().items()}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_tensors(tensors, self.folder / self.shard_name(i), metadata={"format": "pt"})
+        if distributed.is_main():  # under torchrun every rank holds the same compressed block; one writes it
+            tensors = {f"{self.prefix}.{i}.{key}": t for key, t in block.state_dict().items()}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_tensors(tensors, self.folder / self.shard_name(i), metadata={"format": "pt"})
         block.to("meta")  # frees the weights; the shard on disk is the block now
         _trim_heap()
 

@@ -12,6 +12,11 @@ A run killed at any point restarts after its last finished block from exactly th
 run had there, so its weights come out bit-identical. The partial folder never holds ``slimlm.json`` or
 ``config.json``; it is renamed to ``NAME`` (or replaced by the saved run) only when everything is written.
 It is kept when a run fails or is killed, so that ``--resume`` can continue it.
+
+Under torchrun (``core.distributed``) every rank writes its own share of the next block's inputs
+(``acts-i-rank-R-of-N.safetensors``), rank 0 the weights; only when every rank has written does rank 0 advance
+``progress.json``, so a run in which any rank died resumes, with the same number of processes, from the last
+block that all of them finished.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from slimlm.core import distributed
 from slimlm.errors import SlimlmError, read_json
 
 PROGRESS = "progress.json"
@@ -83,17 +89,27 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def _file(self, kind: str, i: int) -> Path:
-        return self.folder / f"{kind}-{i:05d}.safetensors"
+        shared = kind == "block" or distributed.world() == 1  # else each rank's own share of the activations
+        ranks = "" if shared else f"-rank-{distributed.rank()}-of-{distributed.world()}"
+        return self.folder / f"{kind}-{i:05d}{ranks}.safetensors"
 
     def restore(self, blocks) -> tuple[int, torch.Tensor | None]:
         """Start or continue the run: ``(finished blocks, next block's inputs or None)``; the finished
         blocks' weights are loaded back into ``blocks`` (when this checkpoint holds them)."""
+        distributed.barrier()  # every rank reads the progress before rank 0 may start the folder afresh
         progress = read_progress(self.folder, self.settings)
+        distributed.barrier()
         if progress is None:  # a fresh run (or one killed before its first checkpoint): start clean
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder.mkdir(parents=True)
-            self._write_progress(0)
+            if distributed.is_main():
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder.mkdir(parents=True)
+                self._write_progress(0)
+            distributed.barrier()
             return 0, None
+        if progress.get("world_size", 1) != distributed.world():
+            raise SlimlmError(f"the interrupted run in {self.folder} ran on {progress.get('world_size', 1)} "
+                              f"process(es), this one on {distributed.world()}; resume it with the same number, "
+                              f"or delete {self.folder}")
         done = progress["done"]
         self.records.update(progress["records"])
         if done == 0:
@@ -108,13 +124,16 @@ class Checkpoint:
 
     def save(self, i: int, block, activations: torch.Tensor | None) -> None:
         """Checkpoint finished block ``i``; ``activations`` are block i+1's inputs (None for data-free runs)."""
-        if self.weights:
+        if self.weights and distributed.is_main():
             write_tensors(block.state_dict(), self._file("block", i))
         extra = {} if activations is None else {ACTIVATIONS: activations.cpu()}
         write_tensors(self.tensors | extra, self._file("acts", i))
-        self._write_progress(i + 1)  # only now does block i count as finished
-        if i:
-            self._file("acts", i - 1).unlink(missing_ok=True)
+        distributed.barrier()  # every rank's share is on disk
+        if distributed.is_main():
+            self._write_progress(i + 1)  # only now does block i count as finished
+            for old in self.folder.glob(f"acts-{i - 1:05d}*.safetensors") if i else ():
+                old.unlink(missing_ok=True)
 
     def _write_progress(self, done: int) -> None:
-        _write_json({"done": done, "settings": self.settings, "records": self.records}, self.folder / PROGRESS)
+        _write_json({"done": done, "settings": self.settings, "records": self.records,
+                     "world_size": distributed.world()}, self.folder / PROGRESS)

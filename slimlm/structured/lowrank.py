@@ -367,5 +367,5 @@ def collect_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch.
         return False
 
     compress_blocks(model, calib, record, set(linear_fqns(model)), hessian=True, device=device,
-                    batch_size=batch_size, progress=progress, sequential=False)
+                    batch_size=batch_size, progress=progress, sequential=False, results=(hessians,))
     return hessians

@@ -66,7 +66,7 @@ def block_statistics(model, windows: torch.Tensor, device="cpu", batch_size: int
         return False
 
     compress_blocks(model, windows, record, targets, device=device, batch_size=batch_size, progress=progress,
-                    sequential=False)
+                    sequential=False, results=(stats,))
     return stats
 
 
