@@ -331,8 +331,8 @@ def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("ana
         elif kind in ("shrink", "lowrank"):
             step = _shrink if kind == "shrink" else _lowrank
             manifests.append(step(model, tokenizer, recipe.run, ns, progress).manifest)
-        elif kind in ("eval", "analyze") and not distributed.is_main():
-            continue  # under torchrun the ranks hold the same model: rank 0 measures it and writes
+        elif kind == "eval" and not distributed.is_main():
+            continue  # under torchrun the ranks hold the same model: rank 0 measures it
         elif kind == "eval":
             perplexity = _eval(model, tokenizer, recipe.run, ns, progress)
             if manifests:
@@ -360,6 +360,8 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
     check(recipe, options, name_steps)
     if options.device_map:
         parse_devices(options.device_map)  # a bad --device-map fails before the model is loaded
+    if distributed.world() > 1 and any(kind == "analyze" for kind, _ in recipe.steps):
+        raise SlimlmError("an analyze step runs in one process; run this recipe without torchrun")
     distributed.check_same(text_of(recipe, options), "options")
     model, tokenizer, stream = _open(recipe, options)
     out, checkpoint = None, None

@@ -102,6 +102,9 @@ def test_transformed_runs_reload_identically(tmp_path, transform, lwc):
     ({"transform": "flatquant", "lwc": True}, "DuQuant's option"),
     ({"transform": "duquant", "epochs": 3}, "epochs counts the block training"),
     ({"rotate": "hadamard", "calibrate_kv": True}, "it needs intact_kv"),
+    ({"act_clip": 0.9}, "they need abits"),
+    ({"act_symmetric": False}, "they need abits"),
+    ({"kv_clip": 0.9}, "it needs kvbits"),
 ])
 def test_bad_settings_change_nothing(kwargs, message):
     model = tiny_llama()

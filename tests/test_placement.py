@@ -57,6 +57,14 @@ def test_bad_device_map_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_fo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_data_free_methods_refuse_a_device_map():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with spread_over("cpu,cpu"), pytest.raises(slimlm.SlimlmError, match="data-free methods"):
+        slimlm.quantize(model, method="rtn", wbits=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_block_over_two_gpus_matches_one_gpu():
     model = tiny_llama()

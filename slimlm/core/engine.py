@@ -258,6 +258,9 @@ def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]
     ``stats=None`` and no calibration pass, block by block so that ``io``, ``checkpoint`` and torchrun work as in
     ``compress_blocks`` (each rank rounds its share of the linears). Returns ``{"compress": seconds}``."""
     start = time.perf_counter()
+    if placement.devices():
+        raise SlimlmError("--device-map spreads calibrated blocks over devices; data-free methods (magnitude, RTN) "
+                          "round each weight on the CPU: run them without it")
     distributed.check_same(str(sorted(targets)), "layers")
     prefix = adapter_for(model).blocks
     blocks = decoder_blocks(model)

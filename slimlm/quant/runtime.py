@@ -59,6 +59,10 @@ class Runtime:
         if self.alpha is not None and self.transform is None:
             raise SlimlmError("alpha is the smoothing exponent of a transform; it needs transform=smoothquant, "
                               "duquant or flatquant")
+        if self.abits is None and (self.act_symmetric is not None or self.act_clip not in (None, 1.0)):
+            raise SlimlmError("act_clip and act_symmetric shape the activation grid: they need abits")
+        if self.kvbits is None and self.kv_clip != 1.0:
+            raise SlimlmError("kv_clip clips the KV-cache grid: it needs kvbits")
         return replace(self, alpha=self.alpha if self.alpha is not None else alpha,
                        weight_clip=self.weight_clip if self.weight_clip is not None else weight_clip,
                        act_clip=self.act_clip if self.act_clip is not None else act_clip,

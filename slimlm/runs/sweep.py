@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ def connect(address: str | None) -> None:
         except (OSError, ValueError) as e:
             raise SlimlmError(f"cannot reach the Ray cluster at {address} ({e}); give HOST:PORT of a running "
                               "cluster, auto, or nothing for a local Ray") from None
+    if address is None:  # Ray lowers its workers' priority (niceness 15): on a shared machine that starves cells
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         local = {"num_cpus": None, "object_store_memory": 256 * 2 ** 20} if address is None else {}
         ray.init(address=address, log_to_driver=False, include_dashboard=False, configure_logging=False, **local)
