@@ -300,7 +300,7 @@ def _run_manifest(recipe: Recipe, manifests: list[dict]) -> dict:
     rotation = next((m["rotation"] for m in manifests if m["kind"] == "rotate"), None)
     if rotation is not None:
         manifest["rotation"] = rotation
-    return manifest | {"model": recipe.run.model, "dtype": recipe.run.dtype, **distributed.record()}
+    return manifest | {"model": recipe.run.model, "dtype": recipe.run.dtype}
 
 
 def _summary(out: Path, manifest: dict) -> dict:

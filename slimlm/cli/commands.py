@@ -82,9 +82,10 @@ def cmd_sweep(args) -> None:
     cells = grid(run, prune, evaluation, _values(args.methods, str, "--methods"),
                  _values(args.sparsities, float, "--sparsities"), _values(args.allocations, str, "--allocations"),
                  _values(args.seeds, int, "--seeds"))
+    options = RunOptions(allow_pickle=args.allow_pickle, no_cache=args.no_cache)
     for cell in cells.values():  # every cell's settings are checked before Ray starts
-        check(cell, RunOptions())
-    rows = sweep(cells, args.out, args.ray, args.cpus_per_cell, args.gpus_per_cell, progress=not args.quiet)
+        check(cell, options)
+    rows = sweep(cells, args.out, args.ray, args.cpus_per_cell, args.gpus_per_cell, not args.quiet, options)
     print(json.dumps({"out": args.out, "cells": len(rows), "results": str(Path(args.out) / "sweep.json")}))
 
 

@@ -72,7 +72,7 @@ ONLY_WITH = [
     (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
     (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
      "the fisher tables (not with --no-calib or --no-fisher)"),
-    (("prune", "quantize", "analyze", "eval", "shrink", "lowrank", "speed"), ("--no-cache",),
+    (("prune", "quantize", "analyze", "eval", "shrink", "lowrank", "speed", "sweep"), ("--no-cache",),
      lambda a: a.model.endswith(".gguf") or _builtin(a.model), "a .gguf model or the built-in one"),
     (("gguf",), ("--owl-m",), lambda a: False, "prune or analyze"),
     (("gguf",), ("--device",), lambda a: False, "prune, quantize or analyze (slimlm gguf computes on the CPU)"),

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -73,11 +74,11 @@ def connect(address: str | None) -> None:
         raise SlimlmError(f"cannot connect to Ray ({address or 'local'}): {str(e).splitlines()[0]}") from None
 
 
-def _run_cell(text: str) -> None:
+def _run_cell(text: str, options: RunOptions) -> None:
     """One cell, in a Ray worker: the recipe as ``slimlm run`` runs it (its folder is its recipe's out)."""
     from slimlm.pipeline import execute
 
-    execute(loads(text, "sweep cell"), RunOptions(quiet=True))
+    execute(loads(text, "sweep cell"), replace(options, quiet=True))
 
 
 def _finished(folder: Path, text: str) -> bool:
@@ -102,9 +103,11 @@ def cell_row(name: str, folder: Path) -> dict:
 
 
 def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None, cpus: float = 1, gpus: float = 0,
-          progress: bool = True) -> list[dict]:
+          progress: bool = True, options: RunOptions | None = None) -> list[dict]:
     """Run every cell not finished yet under ``out`` as a Ray task; write ``sweep.json`` and the plot; return the
-    rows. Cells that fail are reported (the others still run and are written) and make it raise at the end."""
+    rows. Cells that fail are reported (the others still run and are written) and make it raise at the end.
+    ``options``: how each cell loads its model (``allow_pickle``, ``no_cache``)."""
+    options = options or RunOptions()
     out = Path(out)
     texts = {name: dumps(relocated(recipe, str(out / name))) for name, recipe in cells.items()}
     todo = [name for name in cells if not _finished(out / name, texts[name])]
@@ -115,7 +118,7 @@ def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None,
 
         connect(address)
         task = ray.remote(_run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
-        pending = {task.remote(texts[name]): name for name in todo}
+        pending = {task.remote(texts[name], options): name for name in todo}
         bar, start = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", disable=not progress), \
             time.perf_counter()
         while pending:

@@ -19,7 +19,7 @@ import torch
 
 from slimlm.analysis.activations import OWL_M
 from slimlm.api import Result, _calibration_for
-from slimlm.core import placement
+from slimlm.core import distributed, placement
 from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
@@ -111,7 +111,7 @@ def lowrank(model, tokenizer=None, params: float = 0.75, method: str = "svdllm",
                    "ranks": ranks, "params_before": before, "params": after,
                    "params_kept": after["decoder_linears"] / before["decoder_linears"],
                    "calibration": calib_info, "device": placement.describe(device), "seed": seed,
-                   "timings": {"total": time.perf_counter() - start}, "versions": versions()})
+                   **distributed.record(), "timings": {"total": time.perf_counter() - start}, "versions": versions()})
 
 
 def _merge_(model, ranks) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from slimlm.analysis.activations import OWL_M
 from slimlm.api import Result, _calibration_for
-from slimlm.core import placement
+from slimlm.core import distributed, placement
 from slimlm.core.architectures import decoder_blocks, linear_fqns
 from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
@@ -84,8 +84,8 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
     manifest = {"kind": "shrink", "method": score if drop_layers is not None else method, **record,
                 "params_before": before, "params": after,
                 "params_kept": after["decoder_linears"] / before["decoder_linears"], "calibration": calib_info,
-                "device": placement.describe(device), "seed": seed, "timings": {"total": time.perf_counter() - start},
-                "versions": versions()}
+                "device": placement.describe(device), "seed": seed, **distributed.record(),
+                "timings": {"total": time.perf_counter() - start}, "versions": versions()}
     return Result(manifest)
 
 
