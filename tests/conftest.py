@@ -18,6 +18,24 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_qwen(version: int = 2, seed: int = 0, layers: int = 2, vocab: int = 128):
+    """A tiny Qwen2 (biases on q/k/v) or Qwen3 (RMSNorm on each query and key head), tied embeddings; the biases
+    and norms perturbed away from their 0 / 1 initialisation so that transforms which ignored them would show."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_class, model_class = {2: (Qwen2Config, Qwen2ForCausalLM), 3: (Qwen3Config, Qwen3ForCausalLM)}[version]
+    torch.manual_seed(seed)
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256,
+                          tie_word_embeddings=True)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
 def tiny_opt(seed: int = 0):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -7,7 +7,7 @@ from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
 from slimlm.quant.outliers import TransformSettings, transforming
-from tests.conftest import tiny_llama, tiny_opt
+from tests.conftest import tiny_llama, tiny_opt, tiny_qwen
 from tests.test_intactkv import Tokenizer
 
 
@@ -15,9 +15,14 @@ def ids(n=4, T=32, seed=0):
     return torch.randint(0, 128, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-def outlier_llama(size=30.0):
-    """A tiny Llama whose norms put a large channel into q/k/v's and gate/up's inputs; same function."""
-    model = tiny_llama()
+# Llama-family layouts the transforms support: Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms)
+ARCHITECTURES = {"llama": tiny_llama, "qwen2": lambda: tiny_qwen(2), "qwen3": lambda: tiny_qwen(3)}
+
+
+def outlier_llama(size=30.0, arch="llama"):
+    """A tiny Llama-family model whose norms put a large channel into q/k/v's and gate/up's inputs; same
+    function."""
+    model = ARCHITECTURES[arch]()
     with torch.no_grad():
         for block in model.model.layers:
             for norm, readers in ((block.input_layernorm, ("q_proj", "k_proj", "v_proj")),
@@ -34,9 +39,10 @@ def logits(model, x=None):
     return model(input_ids=ids(2, seed=1) if x is None else x).logits
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("name", ["smoothquant", "duquant"])
-def test_transforms_alone_keep_the_function(name):
-    model = outlier_llama()
+def test_transforms_alone_keep_the_function(name, arch):
+    model = outlier_llama(arch=arch)
     reference = logits(model)
     sites = {}
     compress = transforming(model, TransformSettings(name, 0.5, steps=8), lambda group, stats: False, sites)
@@ -63,11 +69,13 @@ def test_smoothing_and_rotations_beat_plain_rounding_with_outliers():
     assert error("duquant", 4, 4, "gptq") < error(None, 4, 4, "gptq")
 
 
-@pytest.mark.parametrize("transform,lwc", [("duquant", False), ("duquant", True), ("flatquant", False)])
-def test_transformed_runs_reload_identically(tmp_path, transform, lwc):
+@pytest.mark.parametrize("transform,lwc,arch", [("duquant", False, "llama"), ("duquant", True, "llama"),
+                                               ("flatquant", False, "llama"), ("duquant", False, "qwen2"),
+                                               ("flatquant", False, "qwen2"), ("flatquant", False, "qwen3")])
+def test_transformed_runs_reload_identically(tmp_path, transform, lwc, arch):
     from transformers import AutoModelForCausalLM
 
-    model = outlier_llama()
+    model = outlier_llama(arch=arch)
     result = slimlm.quantize(model, Tokenizer(), method="gptq", wbits=4, abits=4, kvbits=4, group_size=None,
                              transform=transform, lwc=lwc, intact_kv="bos", calib=ids(), progress=False,
                              epochs=2 if lwc or transform == "flatquant" else None)
