@@ -40,18 +40,18 @@ def recipe_rows(folder: str | Path) -> dict[str, Path]:
     return {path.stem: path for path in sorted(Path(folder).glob("*.yaml"))}
 
 
-def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None) -> dict:
+def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None, model: str | None = None) -> dict:
     """Run the recipe's compression steps on its model in memory (nothing is saved), then measure perplexity as
     its eval step says (``eval_windows``, when given, instead of its window count). ``data_dir`` replaces the
-    recipe's, a location only."""
+    recipe's, a location only; ``model``, when given, the recipe's model (the same table on another model)."""
     import slimlm
     from slimlm.pipeline import run_steps
     from slimlm.recipe import COMPRESSION, RunOptions, read_recipe
 
     recipe = read_recipe(path)
-    recipe.run.data_dir = data_dir
+    recipe.run.data_dir, recipe.run.model = data_dir, model or recipe.run.model
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
-    row = {"recipe": str(path),
+    row = {"recipe": str(path), "model": recipe.run.model,
            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
     if manifests:
@@ -97,6 +97,7 @@ def table_main(script: str, doc: str, recipes: Path, run_row, markdown, default_
     p.add_argument("--recipes", default=str(recipes), help="folder of the rows' recipes (row = file name, no .yaml)")
     p.add_argument("--rows", help="comma-separated rows (default: every row)")
     p.add_argument("--eval-windows", type=int, help="evaluation windows instead of the recipes' (timing runs)")
+    p.add_argument("--model", help="every row on this model (name, folder or hub id) instead of the recipes'")
     p.add_argument("--out", default=default_out)
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
@@ -105,6 +106,7 @@ def table_main(script: str, doc: str, recipes: Path, run_row, markdown, default_
         return
     extra = ["--data-dir", args.data_dir, "--recipes", args.recipes]
     extra += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    extra += ["--model", args.model] if args.model else []
     names = args.rows.split(",") if args.rows else [*extra_rows, *recipe_rows(args.recipes)]
     done = run_rows(script, names, extra)
     out = write_json(args.out, done)

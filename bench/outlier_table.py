@@ -14,6 +14,9 @@ Rows: recipes/outliers/<row>.yaml.
 
     python bench/outlier_table.py                                     # all rows -> bench/results/
     python bench/outlier_table.py --rows w4a4kv4-duquant --eval-windows 1 --out /tmp/o.json
+    python bench/outlier_table.py --model MODEL_FOLDER --out /tmp/other.json     # the same rows on another model
+
+Another model (``--model``) needs a tokenizer with a BOS token: the rows keep [BOS] intact.
 """
 from __future__ import annotations
 
@@ -37,17 +40,17 @@ def run_row(name: str, args) -> dict:
     from slimlm.recipe import COMPRESSION, RunOptions, read_recipe
 
     recipe = read_recipe(recipe_rows(args.recipes)[name])
-    recipe.run.data_dir = args.data_dir
+    recipe.run.data_dir, recipe.run.model = args.data_dir, args.model or recipe.run.model
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
     manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
-    row = {"recipe": str(recipe_rows(args.recipes)[name]), "peak_rss_mb": peak_rss_mb()}
+    row = {"recipe": str(recipe_rows(args.recipes)[name]), "model": recipe.run.model, "peak_rss_mb": peak_rss_mb()}
     if manifests:
         row.update(calibration_s=manifests[-1]["timings"]["total"], timings=manifests[-1]["timings"])
         training = (manifests[-1].get("transform") or {}).get("training")
         if training:
             row["training"] = training
     else:  # the dense model: IntactKV's cache is its own, so both measurements should agree
-        intactkv.attach_(model, intactkv.pivot_cache(model, [tokenizer.bos_token_id]))
+        intactkv.attach_(model, intactkv.pivot_cache(model, intactkv.pivot_tokens(tokenizer, "bos")))
     (ns,) = [ns for kind, ns in recipe.steps if kind == "eval"]
     windows = args.eval_windows or ns.eval_windows
 

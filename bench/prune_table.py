@@ -16,15 +16,16 @@ import time
 from common import RECIPES, RESULTS, compress_and_eval, peak_rss_mb, recipe_rows, table_main
 
 
-def floor_row(data_dir: str, recipe) -> dict:
+def floor_row(data_dir: str, recipe, model_name: str | None = None) -> dict:
     """Two plain block passes per block over a recipe's calibration windows: the sequential lower bound."""
     import slimlm
     from slimlm.core.architectures import decoder_blocks
     from slimlm.core.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
     from slimlm.recipe import read_recipe
 
-    (ns,) = [ns for kind, ns in read_recipe(recipe).steps if kind == "prune"]
-    model, tokenizer = slimlm.load_model("smollm2-135m")
+    parsed = read_recipe(recipe)
+    (ns,) = [ns for kind, ns in parsed.steps if kind == "prune"]
+    model, tokenizer = slimlm.load_model(model_name or parsed.run.model)
     calib = slimlm.calibration(tokenizer, ns.calib, ns.nsamples, ns.seqlen, ns.calib_sampling, ns.seed, data_dir)
     batch = max(1, DEFAULT_BATCH_TOKENS // calib.shape[1])
     start = time.perf_counter()
@@ -55,8 +56,8 @@ def markdown(rows: list[dict]) -> str:
 def run_row(name: str, args) -> dict:
     rows = recipe_rows(args.recipes)
     if name == "floor":  # calibrated like the table's Wanda row
-        return floor_row(args.data_dir, rows["wanda-50"])
-    return compress_and_eval(rows[name], args.data_dir, args.eval_windows)
+        return floor_row(args.data_dir, rows["wanda-50"], args.model)
+    return compress_and_eval(rows[name], args.data_dir, args.eval_windows, args.model)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run_row(name: str, args) -> dict:
-    return compress_and_eval(recipe_rows(args.recipes)[name], args.data_dir, args.eval_windows)
+    return compress_and_eval(recipe_rows(args.recipes)[name], args.data_dir, args.eval_windows,
+                             args.model)
 
 
 if __name__ == "__main__":

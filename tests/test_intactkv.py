@@ -66,6 +66,17 @@ def test_tensors_round_trip_and_bad_inputs():
         intactkv.attach_(model, cache[:1])
 
 
+def test_a_tokenizer_without_bos_keeps_the_prefix_alone():
+    """Qwen's tokenizers have no BOS token: the prefix text is the pivot, and mode bos says to use it."""
+    class NoBos(Tokenizer):
+        bos_token_id = None
+
+    with pytest.raises(SlimlmError, match="no BOS token; use mode prefix"):
+        intactkv.pivot_tokens(NoBos(), "bos")
+    assert intactkv.pivot_tokens(NoBos(), "prefix", "be brief") == intactkv.pivot_tokens(Tokenizer(), "prefix",
+                                                                                         "be brief")[1:]
+
+
 def test_calibration_moves_the_quantized_outputs_toward_the_full_precision_ones():
     import slimlm
 

@@ -106,7 +106,7 @@ def test_transformed_runs_reload_identically(tmp_path, transform, lwc, arch):
     ({"kvbits": 1}, "KV-cache quantization: bits"),
     ({"abits": 4, "act_clip": 0}, "activation quantization: clip_ratio"),
     ({"transform": "duquant", "rotate": "hadamard"}, "choose one"),
-    ({"intact_kv": "bos"}, "tokenizer with a BOS"),
+    ({"intact_kv": "bos"}, "needs the model.s tokenizer"),
     ({"transform": "flatquant", "lwc": True}, "DuQuant's option"),
     ({"transform": "duquant", "epochs": 3}, "epochs counts the block training"),
     ({"rotate": "hadamard", "calibrate_kv": True}, "it needs intact_kv"),

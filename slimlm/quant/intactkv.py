@@ -6,8 +6,9 @@ with) draw most of the attention, and quantization error in their keys and value
 IntactKV runs the full-precision model once on those tokens and keeps its past keys and values; the quantized
 model then starts every sequence from that cache instead of computing (and quantizing) it itself.
 
-Modes: ``bos`` = [BOS] alone (IntactKV_[B]); ``prefix`` = [BOS] + a given text (IntactKV_[P]). The prefix is
-part of every sequence: positions of the input start after it, and its entries are never quantized
+Modes: ``bos`` = [BOS] alone (IntactKV_[B]); ``prefix`` = [BOS] + a given text (IntactKV_[P]); for a tokenizer
+without a BOS token (Qwen's) the prefix alone: the text every request starts with (its chat template's system
+turn) is then the attention sink the paper keeps. The prefix is part of every sequence: positions of the input start after it, and its entries are never quantized
 (``kvcache.KVQuant.intact``). The optional calibration (IntactKV_[P]+Cal) trains only these tensors, on the
 MSE of every layer's output against the full-precision model (``calibrate_``).
 """
@@ -26,17 +27,21 @@ MODES = ("bos", "prefix")
 
 
 def pivot_tokens(tokenizer, mode: str, prefix: str | None = None) -> list[int]:
-    """The token ids whose KV is kept: [BOS] (mode bos) or [BOS] + the prefix text (mode prefix)."""
+    """The token ids whose KV is kept: [BOS] (mode bos) or [BOS] + the prefix text (mode prefix; the text alone
+    when the tokenizer has no BOS token)."""
     if mode not in MODES:
         raise SlimlmError(f"unknown IntactKV mode '{mode}'; choose {' or '.join(MODES)}")
     if (mode == "prefix") != bool(prefix):
         raise SlimlmError("IntactKV: mode prefix needs a prefix text, and only it takes one")
-    if tokenizer is None or tokenizer.bos_token_id is None:
-        raise SlimlmError("IntactKV needs the model's tokenizer with a BOS token")
-    ids = [tokenizer.bos_token_id]
+    if tokenizer is None:
+        raise SlimlmError("IntactKV needs the model's tokenizer (its BOS token or the prefix text's tokens)")
+    bos = tokenizer.bos_token_id
+    if bos is None and mode == "bos":
+        raise SlimlmError("IntactKV: this tokenizer has no BOS token; use mode prefix with the text every request "
+                          "starts with (e.g. the chat template's system turn)")
+    ids = [] if bos is None else [bos]
     if prefix:
-        text = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        ids += text
+        ids += tokenizer(prefix, add_special_tokens=False)["input_ids"]
     return ids
 
 
