@@ -131,7 +131,8 @@ def add_quantize_settings(p):
     p.add_argument("--weight-clip", type=float, help="weight clipping ratio (default: the transform's, DuQuant "
                    "0.8; otherwise 1)")
     p.add_argument("--intact-kv", choices=["bos", "prefix"], help="IntactKV: start every sequence from the "
-                   "full-precision model's KV cache of [BOS] (bos) or of [BOS] + --intact-prefix (prefix)")
+                   "full-precision model's KV cache of [BOS] (bos) or of [BOS] + --intact-prefix (prefix; the text "
+                   "alone for tokenizers without BOS, e.g. Qwen's)")
     p.add_argument("--intact-prefix", help="with --intact-kv prefix: the fixed text (e.g. a system prompt)")
     p.add_argument("--calibrate-kv", action="store_true", help="with --intact-kv: tune the kept cache so that the "
                    "quantized model's layer outputs match the full-precision model's (IntactKV+Cal; 160 steps)")

@@ -8,9 +8,10 @@ model then starts every sequence from that cache instead of computing (and quant
 
 Modes: ``bos`` = [BOS] alone (IntactKV_[B]); ``prefix`` = [BOS] + a given text (IntactKV_[P]); for a tokenizer
 without a BOS token (Qwen's) the prefix alone: the text every request starts with (its chat template's system
-turn) is then the attention sink the paper keeps. The prefix is part of every sequence: positions of the input start after it, and its entries are never quantized
-(``kvcache.KVQuant.intact``). The optional calibration (IntactKV_[P]+Cal) trains only these tensors, on the
-MSE of every layer's output against the full-precision model (``calibrate_``).
+turn) is then the attention sink the paper keeps. The prefix is part of every sequence: positions of the input
+start after it, and its entries are never quantized (``kvcache.KVQuant.intact``). The optional calibration
+(IntactKV_[P]+Cal) trains only these tensors, on the MSE of every layer's output against the full-precision
+model (``calibrate_``).
 """
 from __future__ import annotations
 
