@@ -40,16 +40,25 @@ def recipe_rows(folder: str | Path) -> dict[str, Path]:
     return {path.stem: path for path in sorted(Path(folder).glob("*.yaml"))}
 
 
-def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None, model: str | None = None) -> dict:
-    """Run the recipe's compression steps on its model in memory (nothing is saved), then measure perplexity as
-    its eval step says (``eval_windows``, when given, instead of its window count). ``data_dir`` replaces the
-    recipe's, a location only; ``model``, when given, the recipe's model (the same table on another model)."""
-    import slimlm
-    from slimlm.pipeline import run_steps
-    from slimlm.recipe import COMPRESSION, RunOptions, read_recipe
+def row_recipe(path: Path, data_dir: str, model: str | None = None):
+    """A row's recipe with ``data_dir`` in place of its own (a location only) and, when given, ``model`` in place
+    of its model (the same table on another model)."""
+    from slimlm.recipe import read_recipe
 
     recipe = read_recipe(path)
     recipe.run.data_dir, recipe.run.model = data_dir, model or recipe.run.model
+    return recipe
+
+
+def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None, model: str | None = None) -> dict:
+    """Run the recipe's compression steps on its model in memory (nothing is saved), then measure perplexity as
+    its eval step says (``eval_windows``, when given, instead of its window count); ``data_dir`` and ``model``
+    as ``row_recipe`` takes them."""
+    import slimlm
+    from slimlm.pipeline import run_steps
+    from slimlm.recipe import COMPRESSION, RunOptions
+
+    recipe = row_recipe(path, data_dir, model)
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
     row = {"recipe": str(path), "model": recipe.run.model,
            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}

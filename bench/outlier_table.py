@@ -20,7 +20,7 @@ Another model (``--model``) needs a tokenizer with a BOS token: the rows keep [B
 """
 from __future__ import annotations
 
-from common import RECIPES, RESULTS, peak_rss_mb, recipe_rows, table_main
+from common import RECIPES, RESULTS, peak_rss_mb, recipe_rows, row_recipe, table_main
 
 
 def _without_intact_kv(model) -> None:
@@ -37,13 +37,13 @@ def run_row(name: str, args) -> dict:
     import slimlm
     from slimlm.pipeline import run_steps
     from slimlm.quant import intactkv
-    from slimlm.recipe import COMPRESSION, RunOptions, read_recipe
+    from slimlm.recipe import COMPRESSION, RunOptions
 
-    recipe = read_recipe(recipe_rows(args.recipes)[name])
-    recipe.run.data_dir, recipe.run.model = args.data_dir, args.model or recipe.run.model
+    path = recipe_rows(args.recipes)[name]
+    recipe = row_recipe(path, args.data_dir, args.model)
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
     manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
-    row = {"recipe": str(recipe_rows(args.recipes)[name]), "model": recipe.run.model, "peak_rss_mb": peak_rss_mb()}
+    row = {"recipe": str(path), "model": recipe.run.model, "peak_rss_mb": peak_rss_mb()}
     if manifests:
         row.update(calibration_s=manifests[-1]["timings"]["total"], timings=manifests[-1]["timings"])
         training = (manifests[-1].get("transform") or {}).get("training")

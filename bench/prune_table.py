@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from common import RECIPES, RESULTS, compress_and_eval, peak_rss_mb, recipe_rows, table_main
+from common import RECIPES, RESULTS, compress_and_eval, peak_rss_mb, recipe_rows, row_recipe, table_main
 
 
 def floor_row(data_dir: str, recipe, model_name: str | None = None) -> dict:
@@ -21,11 +21,10 @@ def floor_row(data_dir: str, recipe, model_name: str | None = None) -> dict:
     import slimlm
     from slimlm.core.architectures import decoder_blocks
     from slimlm.core.engine import DEFAULT_BATCH_TOKENS, capture_inputs, run_block
-    from slimlm.recipe import read_recipe
 
-    parsed = read_recipe(recipe)
+    parsed = row_recipe(recipe, data_dir, model_name)
     (ns,) = [ns for kind, ns in parsed.steps if kind == "prune"]
-    model, tokenizer = slimlm.load_model(model_name or parsed.run.model)
+    model, tokenizer = slimlm.load_model(parsed.run.model)
     calib = slimlm.calibration(tokenizer, ns.calib, ns.nsamples, ns.seqlen, ns.calib_sampling, ns.seed, data_dir)
     batch = max(1, DEFAULT_BATCH_TOKENS // calib.shape[1])
     start = time.perf_counter()
