@@ -36,6 +36,10 @@ def tiny_qwen(version: int = 2, seed: int = 0, layers: int = 2, vocab: int = 128
     return model
 
 
+# Llama-family layouts the outlier transforms support: Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms)
+LLAMA_FAMILY = {"llama": tiny_llama, "qwen2": lambda: tiny_qwen(2), "qwen3": lambda: tiny_qwen(3)}
+
+
 def tiny_opt(seed: int = 0):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -5,7 +5,7 @@ import torch
 from slimlm.core.engine import capture_inputs
 from slimlm.quant.flatquant import Affine, FlatBlock, finalize_, kron_dims, train_block_
 from slimlm.quant.grids import QuantGrid
-from tests.conftest import tiny_llama, tiny_qwen
+from tests.conftest import LLAMA_FAMILY, tiny_llama
 
 
 @pytest.mark.parametrize("n,dims", [(576, (24, 24)), (896, (28, 32)), (1536, (32, 48)), (4096, (64, 64)),
@@ -37,10 +37,9 @@ def block_data(model, n=4):
     return block, captured.hidden, y[0] if isinstance(y, tuple) else y, captured.call_args[0], absmax
 
 
-@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_qwen(2), lambda: tiny_qwen(3)],
-                         ids=["llama", "qwen2", "qwen3"])
-def test_fixed_transforms_keep_the_full_precision_function(make):
-    model = make()
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+def test_fixed_transforms_keep_the_full_precision_function(arch):
+    model = LLAMA_FAMILY[arch]()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(input_ids=ids).logits

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.conftest import tiny_llama, tiny_qwen
+from tests.conftest import LLAMA_FAMILY, tiny_llama
 from slimlm.errors import SlimlmError
 from slimlm.quant import intactkv
 from slimlm.quant.kvcache import kv_specs_, quantize_kv_
@@ -19,11 +19,11 @@ def ids(n=2, T=20):
     return torch.randint(3, 128, (n, T), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_qwen(3)], ids=["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("mode,prefix", [("bos", None), ("prefix", "be brief")])
 @torch.no_grad()
-def test_unquantized_model_with_intact_pivots_equals_the_plain_model(mode, prefix, make):
-    model = make()
+def test_unquantized_model_with_intact_pivots_equals_the_plain_model(mode, prefix, arch):
+    model = LLAMA_FAMILY[arch]()
     pivots = intactkv.pivot_tokens(Tokenizer(), mode, prefix)
     assert pivots[0] == 1 and len(pivots) == (1 if mode == "bos" else 9)
     x = ids()

@@ -7,7 +7,7 @@ from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
 from slimlm.quant.outliers import TransformSettings, transforming
-from tests.conftest import tiny_llama, tiny_opt, tiny_qwen
+from tests.conftest import LLAMA_FAMILY, tiny_llama, tiny_opt
 from tests.test_intactkv import Tokenizer
 
 
@@ -15,14 +15,10 @@ def ids(n=4, T=32, seed=0):
     return torch.randint(0, 128, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-# Llama-family layouts the transforms support: Llama, Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms)
-ARCHITECTURES = {"llama": tiny_llama, "qwen2": lambda: tiny_qwen(2), "qwen3": lambda: tiny_qwen(3)}
-
-
 def outlier_llama(size=30.0, arch="llama"):
     """A tiny Llama-family model whose norms put a large channel into q/k/v's and gate/up's inputs; same
     function."""
-    model = ARCHITECTURES[arch]()
+    model = LLAMA_FAMILY[arch]()
     with torch.no_grad():
         for block in model.model.layers:
             for norm, readers in ((block.input_layernorm, ("q_proj", "k_proj", "v_proj")),
@@ -39,7 +35,7 @@ def logits(model, x=None):
     return model(input_ids=ids(2, seed=1) if x is None else x).logits
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
 @pytest.mark.parametrize("name", ["smoothquant", "duquant"])
 def test_transforms_alone_keep_the_function(name, arch):
     model = outlier_llama(arch=arch)
