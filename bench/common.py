@@ -46,8 +46,7 @@ def row_recipe(path: Path, data_dir: str, model: str | None = None):
     from slimlm.recipe import read_recipe
 
     recipe = read_recipe(path)
-    recipe.run.data_dir, recipe.run.model = data_dir, model or recipe.run.model
-    return recipe
+    return recipe.with_run(data_dir=data_dir, model=model or recipe.run.model)
 
 
 def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None, model: str | None = None) -> dict:
@@ -55,14 +54,15 @@ def compress_and_eval(path: Path, data_dir: str, eval_windows: int | None = None
     its eval step says (``eval_windows``, when given, instead of its window count); ``data_dir`` and ``model``
     as ``row_recipe`` takes them."""
     import slimlm
-    from slimlm.pipeline import run_steps
+    from slimlm.pipeline import Context, run_steps
     from slimlm.recipe import COMPRESSION, RunOptions
 
     recipe = row_recipe(path, data_dir, model)
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
     row = {"recipe": str(path), "model": recipe.run.model,
            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
+    manifests, _, _ = run_steps(recipe, Context(model, tokenizer, recipe.run, RunOptions(quiet=True)),
+                                kinds=COMPRESSION)
     if manifests:
         last = manifests[-1]
         row.update(seconds=sum(m["timings"]["total"] for m in manifests), timings=last["timings"])

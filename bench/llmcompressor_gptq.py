@@ -121,9 +121,9 @@ def run_ours(name: str, data_dir: str, out: str) -> dict:
     from slimlm.pipeline import execute
     from slimlm.recipe import Recipe, RunOptions, read_recipe, relocated
 
-    recipe = read_recipe(RECIPES / f"{name}.yaml")
-    recipe.run.data_dir = data_dir  # a location, not a setting
-    execute(relocated(Recipe(recipe.run, [s for s in recipe.steps if s[0] != "eval"]), out), RunOptions(quiet=True))
+    recipe = read_recipe(RECIPES / f"{name}.yaml").with_run(data_dir=data_dir)  # a location, not a setting
+    execute(relocated(Recipe(recipe.run, tuple(s for s in recipe.steps if s[0] != "eval")), out),
+            RunOptions(quiet=True))
     manifest = json.loads((Path(out) / "slimlm.json").read_text())
     return {"compress_seconds": manifest["timings"]["total"],
             "versions": child_versions("slimlm", "transformers", "torch")}

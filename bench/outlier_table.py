@@ -35,14 +35,15 @@ def _without_intact_kv(model) -> None:
 
 def run_row(name: str, args) -> dict:
     import slimlm
-    from slimlm.pipeline import run_steps
+    from slimlm.pipeline import Context, run_steps
     from slimlm.quant import intactkv
     from slimlm.recipe import COMPRESSION, RunOptions
 
     path = recipe_rows(args.recipes)[name]
     recipe = row_recipe(path, args.data_dir, args.model)
     model, tokenizer = slimlm.load_model(recipe.run.model, recipe.run.dtype)
-    manifests, _ = run_steps(recipe, model, tokenizer, RunOptions(quiet=True), kinds=COMPRESSION)
+    manifests, _, _ = run_steps(recipe, Context(model, tokenizer, recipe.run, RunOptions(quiet=True)),
+                                kinds=COMPRESSION)
     row = {"recipe": str(path), "model": recipe.run.model, "peak_rss_mb": peak_rss_mb()}
     if manifests:
         row.update(calibration_s=manifests[-1]["timings"]["total"], timings=manifests[-1]["timings"])

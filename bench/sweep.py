@@ -25,16 +25,17 @@ ALLOCATIONS = ("uniform", "owl", "alphapruning", "fisher")
 
 def cells(args) -> dict:
     """The chosen recipes, with this machine's data folder (and --eval-windows) in place of theirs."""
-    from slimlm.recipe import read_recipe
+    from dataclasses import replace
+
+    from slimlm.recipe import Recipe, read_recipe
 
     rows = recipe_rows(args.recipes)
     chosen = {}
     for name in args.rows.split(",") if args.rows else rows:
-        recipe = read_recipe(rows[name])
-        recipe.run.data_dir = args.data_dir
-        for kind, ns in recipe.steps:
-            if kind == "eval" and args.eval_windows:
-                ns.eval_windows = args.eval_windows
+        recipe = read_recipe(rows[name]).with_run(data_dir=args.data_dir)
+        if args.eval_windows:
+            recipe = Recipe(recipe.run, tuple((kind, replace(c, eval_windows=args.eval_windows) if kind == "eval"
+                                               else c) for kind, c in recipe.steps))
         chosen[name] = recipe
     return chosen
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm.allocate import (ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, apply_overrides,
+from slimlm.allocate import (ALLOCATOR_METRIC, BIT_LEVELS, allocate_from_metrics, apply_overrides,
                              layer_budgets, round_bits, size_weighted_mean)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
 from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
@@ -17,7 +17,9 @@ from slimlm.core import data as data_mod, distributed, placement
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
 from slimlm.core.timing import timed
-from slimlm.errors import SlimlmError, unknown
+from slimlm.config import PruneConfig, QuantizeConfig
+from slimlm.config.keywords import configure
+from slimlm.errors import SlimlmError
 from slimlm.evaluation.perplexity import perplexity
 from slimlm.pruning.methods import get_method
 from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity, parse_pattern
@@ -27,7 +29,7 @@ from slimlm.quant.packing import storage_report
 from slimlm.quant import intactkv
 from slimlm.quant.outliers import transform_callbacks
 from slimlm.quant.rotate import rotate_
-from slimlm.quant.runtime import RUNTIME_FILE, Runtime, runtime_record
+from slimlm.quant.runtime import RUNTIME_FILE, runtime_record
 from slimlm.quant.runtime import attach_ as attach_runtime_
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
@@ -59,13 +61,14 @@ def calibration(tokenizer, source: str = "wikitext2", nsamples: int = 128, seqle
     return data_mod.calibration_data(source, tokenizer, nsamples, seqlen, sampling, seed, data_dir)
 
 
-def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling, seed, data_dir):
-    """The calibration windows (given or loaded) and the manifest record describing them."""
+def calibration_for(model, tokenizer, calib: torch.Tensor | None, c, data_dir: str | None):
+    """The calibration windows (``calib`` when given, else read as the calibration settings ``c`` say) and the
+    manifest record describing them."""
     if calib is None:
-        calib = calibration(tokenizer, source, nsamples, seqlen, sampling, seed, data_dir)
+        calib = calibration(tokenizer, c.calib, c.nsamples, c.seqlen, c.calib_sampling, c.seed, data_dir)
     check_tokens(model, calib)
-    info = {"source": source, "nsamples": calib.shape[0], "seqlen": calib.shape[1], "sampling": sampling,
-            "seed": seed, "tokens": calib.numel(), "bos_added": _adds_bos(tokenizer)}
+    info = {"source": c.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1], "sampling": c.calib_sampling,
+            "seed": c.seed, "tokens": calib.numel(), "bos_added": _adds_bos(tokenizer)}
     return calib, info
 
 
@@ -149,101 +152,101 @@ def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bo
     return records
 
 
-DEFAULT_SPARSITY = 0.5
+DEFAULT_SPARSITY = 0.5  # Wanda and SparseGPT's headline setting
 
 
-def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None = None, pattern: str | None = None,
-          group: str | None = None, permute: bool = False, budgets: dict[str, float] | None = None,
-          overrides: dict[str, float] | None = None, allocation: str = "uniform",
-          allocation_options: dict | None = None, owl_m: float = OWL_M,
-          calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 128,
-          seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
-          device: str = "cpu", batch_size: int | None = None, ria_alpha: float = 0.5,
-          blocksize: int = 128, damp: float = 0.01, wbits: int | None = None, group_size: int | None = 128,
-          symmetric: bool = True, scale_dtype: str | None = None, progress: bool = True,
-          io: BlockIO | None = None, checkpoint: Checkpoint | None = None) -> Result:
-    """Prune every linear inside the decoder blocks of ``model`` in place.
+def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calib: torch.Tensor | None = None,
+          data_dir: str | None = None, device: str = "cpu", progress: bool = True, io: BlockIO | None = None,
+          checkpoint: Checkpoint | None = None, **settings) -> Result:
+    """Prune every linear inside the decoder blocks of ``model`` in place, as ``config`` (a ``PruneConfig``, or its
+    fields as keywords: ``prune(model, tok, method="wanda", sparsity=0.5)``) says.
 
     ``sparsity`` is the global target (default 0.5): every layer gets it with ``allocation='uniform'``; other
     allocators (owl, alphapruning, errortable, fisher) spread it non-uniformly with the same parameter-weighted mean.
-    ``budgets`` (FQN -> sparsity; layers it leaves out get ``sparsity``) replaces the allocator; ``overrides``
-    (regex -> sparsity, ``allocate.apply_overrides``) then set the layers they match. ``pattern`` 'N:M' fixes
-    every layer at 1 - N/M and takes none of these. The manifest's ``sparsity_target`` is the requested target,
-    with budgets or overrides the parameter-weighted mean of the per-layer targets applied.
-    ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
-    weights (joint sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved;
-    ``scale_dtype='float16'`` rounds its scales to float16 (exact GGUF export, see quant.grids.float16_scales).
-    ``io`` streams the blocks from and to disk (``slimlm.runs.offload.ShardStream``, ``--offload disk``);
-    ``checkpoint`` (``slimlm.runs.resume.Checkpoint``) saves every finished block and resumes an interrupted run.
-    Returns a ``Result`` whose manifest records per-layer achieved sparsity, settings and timings.
+    ``budgets`` (FQN -> sparsity, a dict or a JSON file; layers it leaves out get ``sparsity``) replaces the
+    allocator; ``override`` (regex -> sparsity, ``allocate.apply_overrides``) then sets the layers it matches.
+    ``pattern`` 'N:M' fixes every layer at 1 - N/M and takes none of these. The manifest's ``sparsity_target`` is
+    the requested target, with budgets or overrides the parameter-weighted mean of the per-layer targets applied.
+    ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept weights (joint
+    sparse + quantized; SparseGPT does it inside its OBS sweep), masks preserved. ``io`` streams the blocks from
+    and to disk (``slimlm.runs.offload.ShardStream``, ``--offload disk``); ``checkpoint``
+    (``slimlm.runs.resume.Checkpoint``) saves every finished block and resumes an interrupted run. Returns a
+    ``Result`` whose manifest records the config, per-layer achieved sparsity and timings.
     """
-    m = get_method(method)
-    grid = None if wbits is None else QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype)
-    spec = PruneSpec(nm=parse_pattern(pattern), group=group, permute=permute, ria_alpha=ria_alpha,
-                     blocksize=blocksize, damp=damp, grid=grid)
-    layers = linear_fqns(model)
-    check_budget_options(pattern, spec.nm, sparsity, allocation, budgets, overrides, layers)
-    user_map = budgets is not None  # the per-layer targets come from the caller, not from an allocator
-    sparsity = check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
-    if spec.nm is not None:
-        sparsity = 1 - spec.nm[0] / spec.nm[1]
-    if allocation not in ALLOCATORS:
-        raise unknown("allocation", allocation, ALLOCATORS)
-    if io is not None and budgets is None and allocation != "uniform" and spec.nm is None:
-        raise SlimlmError(f"allocation '{allocation}' needs the whole model in memory; with --offload disk use "
+    c = configure(PruneConfig, config, settings)
+    m, layers = get_method(c.method), linear_fqns(model)
+    nm, budgets = parse_pattern(c.pattern), c.budgets_map()
+    check_budget_options(c.pattern, nm, c.sparsity, c.allocation, budgets, c.overrides(), layers)
+    sparsity = 1 - nm[0] / nm[1] if nm is not None else DEFAULT_SPARSITY if c.sparsity is None else c.sparsity
+    if io is not None and budgets is None and c.allocation != "uniform" and nm is None:
+        raise SlimlmError(f"allocation '{c.allocation}' needs the whole model in memory; with --offload disk use "
                           "--allocation uniform or a --budgets map")
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    calib_info, timings = None, {}
-    if m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors", "fisher"):
-        t = time.perf_counter()
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
-        timings["data"] = time.perf_counter() - t
-    if budgets is None and allocation != "uniform" and spec.nm is None:
-        t = time.perf_counter()
-        budgets = plan_budgets(model, allocation, sparsity, calib, owl_m, device, batch_size, progress, method,
-                               **(allocation_options or {}))
-        timings["allocation"] = time.perf_counter() - t
-    budgets = layer_budgets(layers, sparsity, budgets, overrides)
-    for value in budgets.values():
+    torch.manual_seed(c.seed)
+    start, calib_info, timings = time.perf_counter(), None, {}
+    if m.needs_data or ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "errors", "fisher"):
+        with timed(timings, "data"):
+            calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+    if budgets is None and c.allocation != "uniform" and nm is None:
+        with timed(timings, "allocation"):
+            budgets = plan_budgets(model, c.allocation, sparsity, calib, c.owl_m, device, c.batch_size, progress,
+                                   c.method, **c.allocation_options())
+    targets = layer_budgets(layers, sparsity, budgets, c.overrides())
+    for value in targets.values():
         check_sparsity(value)
-    # per-layer results; a checkpoint saves them with each block and refills them on resume
+    achieved, perms, engine = _run_prune(model, c, m, targets, calib, device, progress, io, checkpoint)
+    timings |= engine.timings
+    timings["total"] = time.perf_counter() - start
+    return _prune_result(model, c, m, sparsity, targets, achieved, perms, engine, calib_info, device, timings)
+
+
+def _run_prune(model, c: PruneConfig, m, targets, calib, device, progress, io, checkpoint):
+    """The block loop of ``prune``: per-layer achieved sparsity, N:M permutations and the engine's report (a
+    checkpoint saves the first two with each block and refills them on resume)."""
+    grid = None if c.wbits is None else c.grid(c.wbits)
+    spec = PruneSpec(nm=parse_pattern(c.pattern), group=c.group, permute=c.permute, ria_alpha=c.ria_alpha,
+                     blocksize=c.blocksize, damp=c.damp, grid=grid)
     achieved, perms = (checkpoint.records, checkpoint.tensors) if checkpoint is not None else ({}, {})
 
     def compress(group, stats):
         for fqn, linear in group.items():
-            new, mask, perm = m.fn(linear.weight.data, stats, budgets[fqn], spec)
+            new, mask, perm = m.fn(linear.weight.data, stats, targets[fqn], spec)
             linear.weight.data.copy_(new)
-            achieved[fqn] = {"target": budgets[fqn], "sparsity": (new == 0).float().mean().item()}
+            achieved[fqn] = {"target": targets[fqn], "sparsity": (new == 0).float().mean().item()}
             if perm is not None:
                 perms[fqn] = perm.cpu()
         return True
 
     if m.needs_data:
-        timings |= compress_blocks(model, calib, compress, set(budgets), hessian=m.needs_hessian,
-                                   device=device, batch_size=batch_size, progress=progress, io=io,
-                                   checkpoint=checkpoint, results=(achieved, perms))
+        engine = compress_blocks(model, calib, compress, set(targets), hessian=m.needs_hessian, device=device,
+                                 batch_size=c.batch_size, progress=progress, io=io, checkpoint=checkpoint,
+                                 results=(achieved, perms))
     else:
-        timings |= compress_data_free(model, compress, set(budgets), io, checkpoint, progress, (achieved, perms))
-    timings["total"] = time.perf_counter() - start
-    total = sum(layers[f].weight.numel() for f in achieved)
-    zeros = sum(achieved[f]["sparsity"] * layers[f].weight.numel() for f in achieved)
+        engine = compress_data_free(model, compress, set(targets), io, checkpoint, progress, (achieved, perms))
+    return achieved, perms, engine
+
+
+def _prune_result(model, c: PruneConfig, m, sparsity, targets, achieved, perms, engine, calib_info, device,
+                  timings) -> Result:
+    layers = linear_fqns(model)
     sizes = {f: lin.weight.numel() for f, lin in layers.items()}
-    allocation_record = {"name": "budgets" if user_map else allocation, "owl_m": owl_m,
-                         **(allocation_options or {}), **({"overrides": overrides} if overrides else {})}
+    zeros = sum(achieved[f]["sparsity"] * sizes[f] for f in achieved)
+    user_map = c.budgets is not None  # the per-layer targets come from the caller, not from an allocator
     manifest = {
-        "kind": "prune", "method": method, "pattern": pattern or "unstructured",
-        "group": group or m.default_group, "permute": permute,
-        "sparsity_target": size_weighted_mean(budgets, sizes) if user_map or overrides else sparsity,
-        "sparsity": zeros / total, "allocation": allocation_record,
-        "options": {"ria_alpha": ria_alpha, "blocksize": blocksize, "damp": damp},
-        "calibration": calib_info, "device": placement.describe(device), "seed": seed, **distributed.record(),
-        "timings": timings, "versions": versions(), "layers": achieved,
+        "kind": "prune", "method": c.method, "pattern": c.pattern, "group": c.group or m.default_group,
+        "permute": c.permute,
+        "sparsity_target": size_weighted_mean(targets, sizes) if user_map or c.override else sparsity,
+        "sparsity": zeros / sum(sizes[f] for f in achieved),
+        "allocation": {"name": "budgets" if user_map else c.allocation, **c.allocation_options(),
+                       **({"file": c.budgets} if isinstance(c.budgets, str) else {}),
+                       **({"overrides": c.overrides()} if c.override else {})},
+        "config": c.in_effect(), "calibration": calib_info, "block_inputs": engine.block_inputs,
+        "device": placement.describe(device), "seed": c.seed, **distributed.record(), "timings": timings,
+        "versions": versions(), "layers": achieved,
     }
-    if grid is not None:
-        manifest["quantization"] = {"wbits": wbits, "group_size": group_size, "symmetric": symmetric,
-                                    "scale_dtype": scale_dtype}
+    if c.wbits is not None:
+        grid = c.grid(c.wbits)
+        manifest["quantization"] = {"wbits": c.wbits, "group_size": grid.group_size, "symmetric": grid.symmetric,
+                                    "scale_dtype": c.scale_dtype}
         manifest["storage"] = storage_report(model, {f: grid for f in achieved},
                                              {f: 1 - achieved[f]["sparsity"] for f in achieved})
     return Result(manifest, {"nm_permutations.safetensors": perms} if perms else {})
@@ -257,82 +260,77 @@ def _by_grid(grids: dict[str, QuantGrid], group: dict) -> dict[QuantGrid, list[s
     return by_grid
 
 
-def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_size: int | None = 128,
-             symmetric: bool = True, scale_dtype: str | None = None, act_order: bool = False,
-             abits: int | None = None, act_clip: float | None = None, rotate: str | None = None,
-             transform: str | None = None, alpha: float | None = None, weight_clip: float | None = None,
-             act_symmetric: bool | None = None, kvbits: int | None = None, kv_clip: float = 1.0,
-             intact_kv: str | None = None, intact_prefix: str | None = None, calibrate_kv: bool = False,
-             lwc: bool = False,
-             epochs: int | None = None,
-             avg_bits: float | None = None, allocation: str = "uniform", allocation_options: dict | None = None,
-             overrides: dict[str, int] | None = None, calib: torch.Tensor | None = None,
-             calib_source: str = "wikitext2", nsamples: int = 128,
-             seqlen: int = 2048, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
-             device: str = "cpu", batch_size: int | None = None, blocksize: int = 128, damp: float = 0.01,
-             progress: bool = True, io: BlockIO | None = None, checkpoint: Checkpoint | None = None,
-             sequential: bool = True) -> Result:
-    """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on
-    the grid), optionally after a QuaRot rotation and with simulated per-token activation quantization.
+def quantize(model, tokenizer=None, config: QuantizeConfig | None = None, *, calib: torch.Tensor | None = None,
+             data_dir: str | None = None, device: str = "cpu", progress: bool = True, io: BlockIO | None = None,
+             checkpoint: Checkpoint | None = None, **settings) -> Result:
+    """Quantize the weights of every decoder-block linear in place (simulated: weights stay float on the grid), as
+    ``config`` (a ``QuantizeConfig``, or its fields as keywords) says: validate, plan the bits, run the block loop,
+    record.
 
     ``method``: a name in ``quant.methods.QUANTIZERS`` ('rtn', data-free, or 'gptq'). ``avg_bits`` with an
     ``allocation`` gives per-layer bit-widths (integers from 2..8) whose parameter-weighted mean stays at or under
-    ``avg_bits``; ``overrides`` (regex -> bits, ``allocate.apply_overrides``) then set the layers they match.
-    ``scale_dtype='float16'``
-    rounds scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and
-    ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
-    ``sequential=False`` calibrates every block on the dense model's activations in one pass
-    (``core.engine.compress_blocks``).
+    ``avg_bits``; ``override`` (regex -> bits) then sets the layers it matches. ``scale_dtype='float16'`` rounds
+    scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and ``checkpoint``
+    stream blocks from and to disk and make the run resumable, as in ``prune``. ``one_pass`` calibrates every block
+    on the dense model's activations (``core.engine.compress_blocks``).
 
     Weight-activation quantization: ``abits`` (per token), ``kvbits`` (KV cache per head and token), ``transform``
-    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``), ``weight_clip``,
-    ``act_clip``, ``act_symmetric``, ``kv_clip`` (None: the transform's defaults, ``quant.runtime.DEFAULTS``),
-    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``; ``calibrate_kv`` tunes its cache on
-    the calibration windows, IntactKV+Cal). The result's tensors hold what
-    a reloaded model needs to compute the same thing (``apply_runtime``).
+    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``),
+    ``weight_clip``, ``act_clip``, ``act_grid``, ``kv_clip`` (None: the transform's defaults,
+    ``quant.runtime.DEFAULTS``), ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``;
+    ``calibrate_kv`` tunes its cache on the calibration windows, IntactKV+Cal). The result's tensors hold what a
+    reloaded model needs to compute the same thing (``apply_runtime``).
     """
-    quantizer = get_quantizer(method)
-    if rotate not in (None, "none", "hadamard"):
-        raise SlimlmError(f"unknown rotation '{rotate}'; choose none or hadamard")
-    runtime = Runtime(transform, alpha, weight_clip, abits, act_clip, act_symmetric, kvbits, kv_clip,
-                      kvbits is not None and (rotate == "hadamard" or transform == "duquant"), intact_kv,
-                      intact_prefix, lwc).resolved()
-    runtime.check(model, rotate == "hadamard", io is not None, checkpoint is not None)
-    if calibrate_kv and not intact_kv:
-        raise SlimlmError("calibrate_kv tunes IntactKV's cache: it needs intact_kv")
-    if epochs is not None and transform != "flatquant" and not lwc:
-        raise SlimlmError("epochs counts the block training of transform='flatquant' or lwc=True")
-    pivot_ids = intactkv.pivot_tokens(tokenizer, intact_kv, intact_prefix) if intact_kv else None
-    QuantGrid(wbits, symmetric, group_size, runtime.weight_clip, scale_dtype)  # validates before any work
-    if avg_bits is not None and allocation not in ALLOCATORS:  # before the rotation changes the model
-        raise unknown("allocation", allocation, ALLOCATORS)
-    apply_overrides(dict.fromkeys(linear_fqns(model)), overrides)  # a regex that matches no layer fails here
-    for bits in (overrides or {}).values():
-        QuantGrid(bits, symmetric, group_size, scale_dtype=scale_dtype)
-    if io is not None and avg_bits is not None and allocation != "uniform":
+    c = configure(QuantizeConfig, config, settings)
+    runtime = c.runtime()
+    runtime.check(model, c.rotate == "hadamard", io is not None, checkpoint is not None)
+    pivot_ids = intactkv.pivot_tokens(tokenizer, c.intact_kv, c.intact_prefix) if c.intact_kv else None
+    apply_overrides(dict.fromkeys(linear_fqns(model)), c.overrides())  # a regex that matches no layer fails here
+    if io is not None and c.avg_bits is not None and c.allocation != "uniform":
         raise SlimlmError("--offload disk quantizes weights block by block only: no --avg-bits with a non-uniform "
                           "allocation")
-    torch.manual_seed(seed)
+    torch.manual_seed(c.seed)
     start, timings, calib_info = time.perf_counter(), {}, None
-    rotation = rotate_(model, seed=seed, progress=progress) if rotate == "hadamard" else None
+    rotation = rotate_(model, seed=c.seed, progress=progress) if c.rotate == "hadamard" else None
     pivots = intactkv.pivot_cache(model, pivot_ids) if pivot_ids else None  # full precision, before rounding
-    layers = linear_fqns(model)
-    if quantizer.needs_data or transform or calibrate_kv or (
-            avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
-    reference = intactkv.reference_outputs(model, calib, pivots) if calibrate_kv else None
-    bits = {fqn: wbits for fqn in layers}
-    if avg_bits is not None:
-        metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress,
-                                     grid=QuantGrid(wbits, symmetric, group_size, scale_dtype=scale_dtype))
-        continuous = allocate_from_metrics(metrics, allocation, avg_bits, "bits", **(allocation_options or {}))
-        bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
-    bits = apply_overrides(bits, overrides)
-    grids = {fqn: QuantGrid(b, symmetric, group_size, runtime.weight_clip, scale_dtype) for fqn, b in bits.items()}
-    losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
+    if get_quantizer(c.method).needs_data or c.transform != "none" or c.calibrate_kv or (
+            c.avg_bits is not None and ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "fisher")):
+        calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+    reference = intactkv.reference_outputs(model, calib, pivots) if c.calibrate_kv else None
+    bits = _plan_bits(model, c, calib, device, progress)
+    grids = {fqn: c.grid(b, runtime.weight_clip) for fqn, b in bits.items()}
+    losses, sites, learned, engine = _run_quantize(model, c, runtime, grids, calib, device, progress, io, checkpoint)
+    timings |= engine.timings
+    entries, tensors = runtime_record(runtime, c.seed, sites, pivots, pivot_ids, learned)
+    attach_runtime_(model, {"abits": c.abits, "act_clip": runtime.act_clip, **entries}, tensors)
+    if reference is not None:  # the quantized model's pivot cache, tuned to its layer outputs
+        tensors |= intactkv.to_tensors(intactkv.calibrate_(model, reference, calib, intactkv.from_tensors(tensors),
+                                                           progress=progress))
+        entries["intact_kv"]["calibrated"] = True
+    timings["total"] = time.perf_counter() - start
+    manifest = _quantize_manifest(model, c, runtime, rotation, entries, bits, grids, losses, engine, calib_info,
+                                  device, timings)
+    return Result(manifest, {RUNTIME_FILE: tensors} if tensors else {})
 
-    options = GPTQOptions(blocksize, damp, act_order)
+
+def _plan_bits(model, c: QuantizeConfig, calib, device, progress) -> dict[str, int]:
+    """Each linear's bit-width: ``wbits``, or an allocation at ``avg_bits``; then the overrides."""
+    layers = linear_fqns(model)
+    bits = {fqn: c.wbits for fqn in layers}
+    if c.avg_bits is not None:
+        metrics = allocation_metrics(model, c.allocation, calib, device, c.batch_size, progress,
+                                     grid=c.grid(c.wbits))
+        continuous = allocate_from_metrics(metrics, c.allocation, c.avg_bits, "bits", **c.allocation_options())
+        bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
+    return apply_overrides(bits, c.overrides())
+
+
+def _run_quantize(model, c: QuantizeConfig, runtime, grids, calib, device, progress, io, checkpoint):
+    """The block loop of ``quantize``: per-layer GPTQ losses, the transforms' sites and learned tensors, and the
+    engine's report."""
+    quantizer = get_quantizer(c.method)
+    losses = checkpoint.records if checkpoint is not None else {}  # saved with each block, refilled on resume
+    options = GPTQOptions(c.blocksize, c.damp, c.act_order)
 
     def compress(group, stats):
         for grid, fqns in _by_grid(grids, group).items():
@@ -344,39 +342,37 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
         return True
 
     sites, learned, prepare = {}, {}, None
-    if transform:
-        compress, prepare = transform_callbacks(model, runtime, QuantGrid(wbits, symmetric, group_size), compress,
-                                                sites, learned, seed, epochs)
-    if quantizer.needs_data or transform:
-        timings |= compress_blocks(model, calib, compress, set(layers), hessian=quantizer.needs_data,
-                                   device=device, batch_size=batch_size, progress=progress, io=io,
-                                   checkpoint=checkpoint, sequential=sequential and prepare is None,
-                                   window_mean=transform == "duquant", prepare=prepare, results=(losses,))
+    if c.transform != "none":
+        compress, prepare = transform_callbacks(model, runtime, c.grid(c.wbits), compress, sites, learned, c.seed,
+                                                c.epochs)
+    if quantizer.needs_data or c.transform != "none":
+        engine = compress_blocks(model, calib, compress, set(grids), hessian=quantizer.needs_data, device=device,
+                                 batch_size=c.batch_size, progress=progress, io=io, checkpoint=checkpoint,
+                                 sequential=not c.one_pass, window_mean=c.transform == "duquant", prepare=prepare,
+                                 results=(losses,))
     else:
-        timings |= compress_data_free(model, compress, set(layers), io, checkpoint, progress, (losses,))
-    entries, tensors = runtime_record(runtime, seed, sites, pivots, pivot_ids, learned)
-    attach_runtime_(model, {"abits": abits, "act_clip": runtime.act_clip, **entries}, tensors)
-    if reference is not None:  # the quantized model's pivot cache, tuned to its layer outputs
-        tensors |= intactkv.to_tensors(intactkv.calibrate_(model, reference, calib, intactkv.from_tensors(tensors),
-                                                           progress=progress))
-        entries["intact_kv"]["calibrated"] = True
-    timings["total"] = time.perf_counter() - start
-    manifest = {
-        "kind": "quantize", "method": method, "wbits": wbits, "group_size": group_size, "symmetric": symmetric,
-        "scale_dtype": scale_dtype,
-        "act_order": act_order, "abits": abits, "act_clip": runtime.act_clip, "rotation": rotation, **entries,
+        engine = compress_data_free(model, compress, set(grids), io, checkpoint, progress, (losses,))
+    return losses, sites, learned, engine
+
+
+def _quantize_manifest(model, c: QuantizeConfig, runtime, rotation, entries, bits, grids, losses, engine,
+                       calib_info, device, timings) -> dict:
+    layers = linear_fqns(model)
+    grid = c.grid(c.wbits)
+    return {
+        "kind": "quantize", "method": c.method, "wbits": c.wbits, "group_size": grid.group_size,
+        "symmetric": grid.symmetric, "scale_dtype": c.scale_dtype, "act_order": c.act_order, "abits": c.abits,
+        "act_clip": runtime.act_clip, "rotation": rotation, **entries,
         # achieved parameter-weighted mean bit-width (mixed precision stays at or under avg_bits)
         "bits": sum(bits[f] * layers[f].weight.numel() for f in layers)
         / sum(lin.weight.numel() for lin in layers.values()),
-        "allocation": {"name": allocation, "avg_bits": avg_bits, **(allocation_options or {}),
-                       **({"overrides": overrides} if overrides else {})},
-        "options": {"blocksize": blocksize, "damp": damp, "sequential": sequential}, "calibration": calib_info,
-        "device": placement.describe(device),
-        "seed": seed, **distributed.record(), "timings": timings, "versions": versions(),
+        "allocation": {"name": c.allocation, "avg_bits": c.avg_bits, **c.allocation_options(),
+                       **({"overrides": c.overrides()} if c.override else {})}, "config": c.in_effect(),
+        "calibration": calib_info, "block_inputs": engine.block_inputs, "device": placement.describe(device),
+        "seed": c.seed, **distributed.record(), "timings": timings, "versions": versions(),
         "layers": {f: {"bits": bits[f], **({"gptq_loss": losses[f]} if f in losses else {})} for f in layers},
         "storage": storage_report(model, grids),
     }
-    return Result(manifest, {RUNTIME_FILE: tensors} if tensors else {})
 
 
 def _adds_bos(tokenizer) -> bool | None:

@@ -1,8 +1,9 @@
 """Running a recipe: check every setting, load the model once, run the steps in order, save the run once, export.
 
-``execute`` is what ``slimlm prune``, ``quantize``, ``shrink``, ``lowrank``, ``analyze`` and ``run`` all do (all
-but ``run`` turn their command line into a one-step recipe, ``recipe.from_args``), so a command and the replay of
-the recipe it wrote share one code path and give bit-identical weights on the same machine.
+``execute`` is what ``slimlm prune``, ``quantize``, ``shrink``, ``lowrank``, ``analyze``, ``gguf`` and ``run`` all
+do (all but ``run`` turn their command line into a one-step recipe, ``cli.commands.one_step_recipe``), so a command
+and the replay of the recipe it wrote share one code path and give bit-identical weights on the same machine. Each
+step kind is one entry of ``STEPS``: its typed config (``slimlm.config``) and the function that runs it.
 
 Order: every step is checked before the model is loaded (its errors name the step, ``steps[1].quantize: ...``);
 the shrink / lowrank / rotate / prune / quantize / eval / analyze steps run in order on the one in-memory model
@@ -21,15 +22,17 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
+from slimlm.config import STEP_CONFIGS, RunConfig, to_mapping
 from slimlm.core import distributed
 from slimlm.core.placement import parse as parse_devices, spread_over
 from slimlm.errors import SlimlmError
-from slimlm.recipe import (COMPRESSION, Recipe, RunOptions, allocation_options, budgets_map, check, dumps, grid_group,
-                           override_map, relocated, runtime_options)
+from slimlm.recipe import COMPRESSION, Recipe, RunOptions, check, dumps, relocated
 from slimlm.runs.save import RECIPE
+from slimlm.api import Result
 
 
 # ---------------------------------------------------------------- the run folder's name
@@ -44,7 +47,7 @@ def _prune_budget(ns, model) -> str:
 
     if parse_pattern(ns.pattern) is not None:
         return ns.pattern.replace(":", "of")
-    budgets, overrides = budgets_map(ns), override_map(ns)
+    budgets, overrides = ns.budgets_map(), ns.overrides()
     target = DEFAULT_SPARSITY if ns.sparsity is None else ns.sparsity
     if ns.allocation == "uniform" and (budgets is not None or overrides is not None):
         sizes = {fqn: linear.weight.numel() for fqn, linear in linear_fqns(model).items()}
@@ -64,7 +67,7 @@ def default_out(recipe: Recipe, model) -> Path:
     kind, ns = steps[-1]
     if kind in ("shrink", "lowrank"):
         budget = f"drop{ns.drop_layers}-{ns.score}" if getattr(ns, "drop_layers", None) else \
-            f"{ns.method}-{shrink_allocation(ns)}-p{ns.params:g}"
+            f"{ns.method}-{ns.resolved_allocation}-p{ns.params:g}"
         return Path("runs") / f"{name}-{budget}"
     if kind == "prune":
         budget = _prune_budget(ns, model)
@@ -105,7 +108,8 @@ def _checkpoint(recipe: Recipe, options: RunOptions, out: Path, stream):
     (kind, ns), = recipe.compression()  # _check_order allows one step here
     run = recipe.run
     settings = {"model": run.model, "dtype": run.dtype, "device": run.device, "data_dir": run.data_dir,
-                "offload": options.offload, **vars(ns), "budgets_map": budgets_map(ns) if kind == "prune" else None}
+                "offload": options.offload, **to_mapping(ns), "budgets_map": ns.budgets_map() if kind == "prune"
+                else None}
     if folder.exists():
         read_progress(folder, settings)  # a run with other settings is refused before any work
     calibrated = get_method(ns.method).needs_data if kind == "prune" else ns.method == "gptq"
@@ -114,79 +118,72 @@ def _checkpoint(recipe: Recipe, options: RunOptions, out: Path, stream):
     return Checkpoint(folder, settings) if calibrated else None
 
 
-def _rotate(model, ns) -> dict:
+@dataclass
+class Context:
+    """What every step function sees: the model as the steps before left it, the recipe's run-level settings, how
+    it runs, the block stream and checkpoint (``--offload``/``--resume``), the recipe's text and the run folder."""
+
+    model: Any
+    tokenizer: Any
+    run: RunConfig
+    options: RunOptions
+    stream: Any = None
+    checkpoint: Any = None
+    text: str = ""
+    out: Path | None = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.options.quiet
+
+
+def _rotate(ctx: Context, c) -> Result:
     from slimlm.quant.rotate import rotate_
     from slimlm.runs.save import versions
 
     start = time.perf_counter()
-    rotation = rotate_(model, seed=ns.seed, online_down=not ns.no_online_down)
-    return {"kind": "rotate", "method": "quarot", "seed": ns.seed, "rotation": rotation,
-            "timings": {"total": time.perf_counter() - start}, "versions": versions()}
+    rotation = rotate_(ctx.model, seed=c.seed, online_down=not c.no_online_down)
+    return Result({"kind": "rotate", "method": "quarot", "seed": c.seed, "rotation": rotation,
+                   "config": c.in_effect(), "timings": {"total": time.perf_counter() - start},
+                   "versions": versions()})
 
 
-def _prune(model, tokenizer, run, ns, progress, stream, checkpoint):
+def _prune(ctx: Context, c) -> Result:
     import slimlm
 
-    result = slimlm.prune(
-        model, tokenizer, method=ns.method, sparsity=ns.sparsity, pattern=ns.pattern, group=ns.group,
-        permute=ns.permute, calib_source=ns.calib, nsamples=ns.nsamples, seqlen=ns.seqlen,
-        sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir, device=run.device,
-        batch_size=ns.batch_size, ria_alpha=ns.ria_alpha, allocation=ns.allocation,
-        allocation_options=allocation_options(ns), owl_m=ns.owl_m, budgets=budgets_map(ns),
-        overrides=override_map(ns), wbits=ns.wbits, group_size=grid_group(ns), symmetric=not ns.asym,
-        scale_dtype=ns.scale_dtype, progress=progress, io=stream, checkpoint=checkpoint)
-    if ns.budgets:
-        result.manifest["allocation"]["file"] = ns.budgets
-    return result
+    return slimlm.prune(ctx.model, ctx.tokenizer, c, data_dir=ctx.run.data_dir, device=ctx.run.device,
+                        progress=ctx.progress, io=ctx.stream, checkpoint=ctx.checkpoint)
 
 
-def _quantize(model, tokenizer, run, ns, progress, stream, checkpoint):
+def _quantize(ctx: Context, c) -> Result:
     import slimlm
 
-    return slimlm.quantize(
-        model, tokenizer, method=ns.method, wbits=ns.wbits, group_size=grid_group(ns), symmetric=not ns.asym,
-        scale_dtype=ns.scale_dtype, act_order=ns.act_order, abits=ns.abits, act_clip=ns.act_clip,
-        rotate=ns.rotate, **runtime_options(ns), avg_bits=ns.avg_bits, allocation=ns.allocation,
-        allocation_options=allocation_options(ns), overrides=override_map(ns), calib_source=ns.calib,
-        nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir,
-        device=run.device, batch_size=ns.batch_size, progress=progress, io=stream, checkpoint=checkpoint,
-        sequential=not ns.one_pass, epochs=ns.epochs, calibrate_kv=ns.calibrate_kv)
+    return slimlm.quantize(ctx.model, ctx.tokenizer, c, data_dir=ctx.run.data_dir, device=ctx.run.device,
+                           progress=ctx.progress, io=ctx.stream, checkpoint=ctx.checkpoint)
 
 
-def shrink_allocation(ns) -> str:
-    """A shrink or lowrank step's allocation, ``auto`` resolved to its method's own."""
-    if ns.allocation != "auto":
-        return ns.allocation
-    return {"svdllm": "uniform", "slicegpt": "uniform"}.get(ns.method, ns.method)
-
-
-def _lowrank(model, tokenizer, run, ns, progress):
+def _lowrank(ctx: Context, c) -> Result:
     from slimlm.structured.factorize import lowrank
 
-    return lowrank(model, tokenizer, params=ns.params, method=ns.method, allocation=shrink_allocation(ns),
-                   merge=ns.merge, owl_m=ns.owl_m, calib_source=ns.calib, nsamples=ns.nsamples, seqlen=ns.seqlen,
-                   sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir, device=run.device,
-                   batch_size=ns.batch_size, progress=progress)
+    return lowrank(ctx.model, ctx.tokenizer, c, data_dir=ctx.run.data_dir, device=ctx.run.device,
+                   progress=ctx.progress)
 
 
-def _shrink(model, tokenizer, run, ns, progress):
+def _shrink(ctx: Context, c) -> Result:
     from slimlm.structured.shrink import shrink
 
-    return shrink(model, tokenizer, drop_layers=ns.drop_layers, score=ns.score, iterative=ns.iterative,
-                  params=ns.params, method=ns.method, allocation=shrink_allocation(ns),
-                  compensate=not ns.no_compensate, owl_m=ns.owl_m, calib_source=ns.calib, nsamples=ns.nsamples, seqlen=ns.seqlen,
-                  sampling=ns.calib_sampling, seed=ns.seed, data_dir=run.data_dir, device=run.device,
-                  batch_size=ns.batch_size, progress=progress)
+    return shrink(ctx.model, ctx.tokenizer, c, data_dir=ctx.run.data_dir, device=ctx.run.device,
+                  progress=ctx.progress)
 
 
-def _eval(model, tokenizer, run, ns, progress) -> dict:
+def _eval(ctx: Context, c) -> dict:
     import slimlm
 
-    return slimlm.evaluate(model, tokenizer, ns.eval_dataset, ns.eval_seqlen, ns.eval_windows, run.data_dir,
-                           run.device, progress=progress)
+    return slimlm.evaluate(ctx.model, ctx.tokenizer, c.eval_dataset, c.eval_seqlen, c.eval_windows,
+                           ctx.run.data_dir, ctx.run.device, progress=ctx.progress)
 
 
-def _analyze(model, tokenizer, run, ns, options: RunOptions, out, recipe_text: str) -> None:
+def _analyze(ctx: Context, c) -> dict:
     """An analysis folder (metrics, plots, manifest with per-part timings, and recipe) of the model as it is at
     this step; unless quiet, a one-line timing summary on stderr."""
     import slimlm
@@ -194,37 +191,59 @@ def _analyze(model, tokenizer, run, ns, options: RunOptions, out, recipe_text: s
     from slimlm.core.timing import timed
     from slimlm.runs.save import atomic_dir, versions, write_manifest
 
-    unit, target = parse_target(ns.target)
+    out, run = Path(c.out or ctx.run.out), ctx.run
+    unit, target = parse_target(c.target)
     start, timings = time.perf_counter(), {}
     with timed(timings, "data"):
-        calib = None if ns.no_calib else slimlm.calibration(tokenizer, ns.calib, ns.nsamples, ns.seqlen,
-                                                            ns.calib_sampling, ns.seed, run.data_dir)
-    metrics = slimlm.analyze(model, calib, ns.owl_m, device=run.device, batch_size=ns.batch_size,
-                             progress=not options.quiet, fisher=not ns.no_fisher, fisher_method=ns.fisher_for,
+        calib = None if c.no_calib else slimlm.calibration(ctx.tokenizer, c.calib, c.nsamples, c.seqlen,
+                                                           c.calib_sampling, c.seed, run.data_dir)
+    metrics = slimlm.analyze(ctx.model, calib, c.owl_m, device=run.device, batch_size=c.batch_size,
+                             progress=ctx.progress, fisher=not c.no_fisher, fisher_method=c.fisher_for,
                              timings=timings)
-    with atomic_dir(out, options.overwrite) as tmp:
+    with atomic_dir(out, ctx.options.overwrite) as tmp:
         with timed(timings, "plots"):
-            write_analysis(model, metrics, tmp, unit, target, ns.esd_layer)
+            write_analysis(ctx.model, metrics, tmp, unit, target, c.esd_layer)
         timings["total"] = time.perf_counter() - start  # data, analysis and plots (the model was loaded before)
-        write_manifest(tmp, {"kind": "analysis", "model": run.model, "owl_m": ns.owl_m, "versions": versions(),
-                             "fisher_for": None if calib is None or ns.no_fisher else ns.fisher_for,
+        write_manifest(tmp, {"kind": "analysis", "model": run.model, "owl_m": c.owl_m, "versions": versions(),
+                             "config": c.in_effect(),
+                             "fisher_for": None if calib is None or c.no_fisher else c.fisher_for,
                              "calibration": None if calib is None else {
-                                 "source": ns.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                                 "sampling": ns.calib_sampling, "seed": ns.seed}, "timings": timings})
-        (tmp / RECIPE).write_text(recipe_text)
-    if not options.quiet:
+                                 "source": c.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+                                 "sampling": c.calib_sampling, "seed": c.seed}, "timings": timings})
+        (tmp / RECIPE).write_text(ctx.text)
+    if ctx.progress:
         print(_timing_summary("analyze", timings), file=sys.stderr)
-    print(json.dumps({"out": str(out), "layers": len(metrics), "seconds": round(timings["total"], 2)}))
+    return {"out": str(out), "layers": len(metrics), "seconds": round(timings["total"], 2)}
 
 
-def _gguf(model, tokenizer, run, ns, recipe_text: str, progress: bool) -> dict:
+def _gguf(ctx: Context, c) -> dict:
     from slimlm.to_gguf import to_gguf
 
-    path = to_gguf(model, tokenizer, ns.out, ns.type, ns.method, ns.imatrix, calib_source=ns.calib,
-                   nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed,
-                   data_dir=run.data_dir, act_order=ns.act_order, batch_size=ns.batch_size, size=ns.size,
-                   source=run.model, recipe=recipe_text, progress=progress)
+    path = to_gguf(ctx.model, ctx.tokenizer, c.out, config=c, data_dir=ctx.run.data_dir, source=ctx.run.model,
+                   recipe=ctx.text, progress=ctx.progress)
     return {"out": str(path), "bytes": path.stat().st_size}
+
+
+def _export(ctx: Context, c) -> dict:
+    return export(ctx.out, c, ctx.text, ctx.progress)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A recipe step kind: its config type, the function that runs it, and when (``model``: on the loaded model,
+    in recipe order; ``file``: after the run folder is saved, since it writes a file from the model as it is or
+    reads the saved run)."""
+
+    config: type
+    fn: Callable
+    phase: str = "model"
+
+
+STEPS = {"analyze": Step(STEP_CONFIGS["analyze"], _analyze), "rotate": Step(STEP_CONFIGS["rotate"], _rotate),
+         "shrink": Step(STEP_CONFIGS["shrink"], _shrink), "lowrank": Step(STEP_CONFIGS["lowrank"], _lowrank),
+         "prune": Step(STEP_CONFIGS["prune"], _prune), "quantize": Step(STEP_CONFIGS["quantize"], _quantize),
+         "eval": Step(STEP_CONFIGS["eval"], _eval), "gguf": Step(STEP_CONFIGS["gguf"], _gguf, "file"),
+         "export": Step(STEP_CONFIGS["export"], _export, "file")}
 
 
 def _timing_summary(command: str, timings: dict[str, float]) -> str:
@@ -312,37 +331,25 @@ def _summary(out: Path, manifest: dict) -> dict:
     return summary
 
 
-def run_steps(recipe: Recipe, model, tokenizer, options: RunOptions, kinds=("analyze", *COMPRESSION, "eval"),
-              stream=None, checkpoint=None, text: str | None = None) -> tuple[list[dict], dict]:
-    """Run the recipe's steps of ``kinds`` in order on the loaded model (never its exports, which read a saved run);
-    returns the compression steps' manifests, each with the perplexity of an eval step after it, and the tensors
-    to save beside the model. ``text``: the recipe written into analysis folders (default ``dumps(recipe)``)."""
-    progress, manifests, tensors = not options.quiet, [], {}
-    for kind, ns in recipe.steps:
-        if kind not in kinds:
+def run_steps(recipe: Recipe, ctx: Context, kinds=("analyze", *COMPRESSION, "eval")):
+    """Run the recipe's steps of ``kinds`` in order on ``ctx.model`` (never the file steps, which follow the saved
+    run); returns the compression steps' manifests (each with the perplexity of an eval step after it), the
+    tensors to save beside the model, and the ``Outcome`` of each analysis and evaluation of the dense model."""
+    manifests, tensors, reports = [], {}, []
+    for kind, c in recipe.steps:
+        if kind not in kinds or STEPS[kind].phase != "model":
             continue
-        if kind == "rotate":
-            manifests.append(_rotate(model, ns))
-        elif kind in ("prune", "quantize"):
-            result = (_prune if kind == "prune" else _quantize)(model, tokenizer, recipe.run, ns, progress,
-                                                                stream, checkpoint)
+        if kind == "eval" and not distributed.is_main():
+            continue  # under torchrun the ranks hold the same model: rank 0 measures it
+        result = STEPS[kind].fn(ctx, c)
+        if isinstance(result, Result):
             manifests.append(result.manifest)
             tensors |= result.tensors
-        elif kind in ("shrink", "lowrank"):
-            step = _shrink if kind == "shrink" else _lowrank
-            manifests.append(step(model, tokenizer, recipe.run, ns, progress).manifest)
-        elif kind == "eval" and not distributed.is_main():
-            continue  # under torchrun the ranks hold the same model: rank 0 measures it
-        elif kind == "eval":
-            perplexity = _eval(model, tokenizer, recipe.run, ns, progress)
-            if manifests:
-                manifests[-1].setdefault("metrics", {})["perplexity"] = perplexity
-            else:
-                print(json.dumps({"model": recipe.run.model, **perplexity}))
-        elif kind == "analyze":
-            _analyze(model, tokenizer, recipe.run, ns, options, Path(ns.out or recipe.run.out),
-                     text or dumps(recipe))
-    return manifests, tensors
+        elif kind == "eval" and manifests:
+            manifests[-1].setdefault("metrics", {})["perplexity"] = result
+        else:
+            reports.append(Outcome(kind, {"model": recipe.run.model, **result} if kind == "eval" else result))
+    return manifests, tensors, reports
 
 
 def text_of(recipe: Recipe, options: RunOptions) -> str:
@@ -350,12 +357,11 @@ def text_of(recipe: Recipe, options: RunOptions) -> str:
     return dumps(recipe) + repr(replace(options, quiet=False))
 
 
-def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
-    """Run ``recipe`` (see the module docstring), printing one JSON line per folder written or evaluation;
-    ``name_steps``: see ``recipe.check``."""
-    from slimlm.runs.offload import check_free_space, save_streamed
+def _prepare(recipe: Recipe, options: RunOptions, name_steps: bool):
+    """Check everything, then load the model: ``(recipe relocated to its run folder, context)``."""
+    from slimlm.runs.offload import check_free_space
     from slimlm.runs.resume import partial_dir
-    from slimlm.runs.save import check_output, save_run
+    from slimlm.runs.save import check_output
 
     check(recipe, options, name_steps)
     if options.device_map:
@@ -373,22 +379,42 @@ def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> Non
             stream = replace(stream, folder=partial_dir(out))
             check_free_space(model, stream)
         checkpoint = _checkpoint(recipe, options, out, stream)
-    text = dumps(recipe)
+    return recipe, Context(model, tokenizer, recipe.run, options, stream, checkpoint, dumps(recipe), out)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One thing a recipe produced: a folder or file written, or an evaluation. ``summary`` is what the CLI prints
+    (one JSON line); ``manifest``, for the run folder, what it holds."""
+
+    kind: str  # run, analyze, eval, gguf, export
+    summary: dict
+    manifest: dict | None = None
+
+
+def execute(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> list[Outcome]:
+    """Run ``recipe`` (see the module docstring); returns what it produced, in order; under torchrun only rank 0
+    returns anything. ``name_steps``: see ``recipe.check``."""
+    from slimlm.runs.offload import save_streamed
+    from slimlm.runs.resume import partial_dir
+    from slimlm.runs.save import save_run
+
+    recipe, ctx = _prepare(recipe, options, name_steps)
     with spread_over(options.device_map):
-        manifests, tensors = run_steps(recipe, model, tokenizer, options, stream=stream, checkpoint=checkpoint,
-                                       text=text)
+        manifests, tensors, results = run_steps(recipe, ctx)
     if not distributed.is_main():
-        return  # rank 0 saves, prints and exports the run that every rank computed
-    if out is not None:
+        return []  # rank 0 saves and exports the run that every rank computed
+    if ctx.out is not None:
         manifest = _run_manifest(recipe, manifests)
-        if stream is not None:  # the partial folder holds the output shards: complete it and rename it
-            save_streamed(model, tokenizer, stream, out, manifest, tensors, options.overwrite, {RECIPE: text})
+        if ctx.stream is not None:  # the partial folder holds the output shards: complete it and rename it
+            save_streamed(ctx.model, ctx.tokenizer, ctx.stream, ctx.out, manifest, tensors, options.overwrite,
+                          {RECIPE: ctx.text})
         else:
-            save_run(model.to("cpu"), tokenizer, out, manifest, options.overwrite, tensors, {RECIPE: text})
-            shutil.rmtree(partial_dir(out), ignore_errors=True)  # the finished run's checkpoint
-        print(json.dumps(_summary(out, manifest)))
-    for kind, ns in recipe.steps:  # after the run is saved: a gguf step moves the weights onto the file's grids
-        if kind == "gguf":
-            print(json.dumps(_gguf(model, tokenizer, recipe.run, ns, text, not options.quiet)))
-        elif kind == "export":
-            print(json.dumps(export(out, ns, text, not options.quiet)))
+            save_run(ctx.model.to("cpu"), ctx.tokenizer, ctx.out, manifest, options.overwrite, tensors,
+                     {RECIPE: ctx.text})
+            shutil.rmtree(partial_dir(ctx.out), ignore_errors=True)  # the finished run's checkpoint
+        results.append(Outcome("run", _summary(ctx.out, manifest), manifest))
+    for kind, c in recipe.steps:  # after the run is saved: a gguf step moves the weights onto the file's grids
+        if STEPS[kind].phase == "file":
+            results.append(Outcome(kind, STEPS[kind].fn(ctx, c)))
+    return results

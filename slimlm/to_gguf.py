@@ -16,7 +16,9 @@ import gguf
 import torch
 from tqdm.auto import tqdm
 
-from slimlm.api import _calibration_for
+from slimlm.api import calibration_for
+from slimlm.config import GGUFConfig
+from slimlm.config.keywords import configure
 from slimlm.core.engine import compress_blocks
 from slimlm.core.architectures import decoder_blocks, linear_fqns
 from slimlm.errors import SlimlmError
@@ -26,23 +28,20 @@ from slimlm.formats.gguf_writer import (NORM_SHIFT, T, check_architecture, rope_
                                        write_gguf)
 from slimlm.formats.source import check_new
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
-from slimlm.quant.gguf_mixes import MIXES, named_mix
+from slimlm.quant.gguf_mixes import named_mix
 from slimlm.quant.gguf_sizing import cost_table, parse_size, solve, tensor_bytes
 from slimlm.quant.gguf_types import TYPES, Fitted, fit
 from slimlm.quant.gptq import gptq_gguf
 from slimlm.runs.save import versions
 
-METHODS = ("rtn", "gptq")
 
 
-def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str = "gptq", imatrix: bool = False,
-            calib: torch.Tensor | None = None, calib_source: str = "wikitext2", nsamples: int = 32,
-            seqlen: int = 512, sampling: str = "random", seed: int = 0, data_dir: str | None = None,
-            act_order: bool = False, blocksize: int = 128, damp: float = 0.01, batch_size: int | None = None,
-            size: str | None = None, source: str | None = None, recipe: str | None = None,
-            progress: bool = True) -> Path:
-    """Quantize ``model`` (a llama, qwen2, qwen3 or gemma3 text causal LM, float weights) onto the GGUF types of llama.cpp's file type
-    ``mix`` and write ``out`` (a new ``.gguf`` file, or a new folder holding model.gguf); returns the file.
+def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: GGUFConfig | None = None, *,
+            calib: torch.Tensor | None = None, data_dir: str | None = None, source: str | None = None,
+            recipe: str | None = None, progress: bool = True, **settings) -> Path:
+    """Quantize ``model`` (a llama, qwen2, qwen3 or gemma3 text causal LM, float weights) onto the GGUF types of
+    llama.cpp's file type ``mix`` (``config.type``) and write ``out`` (a new ``.gguf`` file, or a new folder
+    holding model.gguf), as ``config`` (a ``GGUFConfig``, or its fields as keywords) says; returns the file.
 
     ``method``: 'rtn' (each weight rounded onto its stored grid after the format's weighted scale search; with
     ``imatrix`` the search weighs input j by its mean squared activation on calibration data, as llama-imatrix
@@ -54,56 +53,62 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str = "Q4_K_M", method: str 
     blocks' matrices by our own choice of types at that size, from measured Fisher costs (``gguf_sizing``);
     the embedding, output and norms keep the mix's types.
     """
-    if method not in METHODS:
-        raise SlimlmError(f"unknown GGUF quantization method '{method}'; choose one of {', '.join(METHODS)}")
-    if mix.upper() not in MIXES:
-        raise SlimlmError(f"unknown GGUF mix '{mix}'; choose one of {', '.join(MIXES)}")
-    if act_order and method != "gptq":
-        raise SlimlmError("act_order only applies with method='gptq'")
-    if imatrix and method != "rtn":
-        raise SlimlmError("imatrix only applies with method='rtn' (GPTQ weighs by its Hessian)")
-    out = check_new(out)
-    config = model.config.to_dict()
-    check_architecture(config)
+    c = configure(GGUFConfig, config, {**settings, **({"type": mix} if mix is not None else {}), "out": str(out)})
+    out = check_new(c.out)
+    model_config = model.config.to_dict()
+    check_architecture(model_config)
     _check_plain_linears(model)
     start = time.perf_counter()
-    weights = _file_tensors(model, config)
-    gguf_name = tensor_names(config)
-    gqa = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
-    target = None if size is None else parse_size(size)
-    float_mix = mix.upper() in ("F16", "F32")  # nothing to round: GPTQ has no work and needs no data
-    uses_data = (method == "gptq" and not float_mix) or imatrix or target is not None
-    types = named_mix(mix, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
-                      config["num_hidden_layers"], gqa, has_imatrix=uses_data)
-    calib_info, fitted = None, {}
+    weights, gguf_name = _file_tensors(model, model_config), tensor_names(model_config)
+    types, calib, calib_info = _plan_types(model, tokenizer, c, weights, model_config, calib, data_dir, progress)
+    fitted = _quantize_tensors(model, c, weights, types, gguf_name, calib, progress)
+    tensors = [_encode(name, W, fitted.get(name), types[gguf_name(name)], model_config, gguf_name)
+               for name, W in weights.items()]
+    nbytes = sum(data.nbytes for _, data, _ in tensors)
+    params = sum(W.numel() for W in weights.values())
+    float_mix = c.type in ("F16", "F32")
+    record = {"format": "gguf", "source": source, "mix": c.type, "method": None if float_mix else c.method,
+              "imatrix": c.imatrix, "size": None if c.size is None else {"target": c.size, "allocation": "fisher"},
+              "act_order": c.act_order, "config": c.in_effect(), "calibration": calib_info, "types": types,
+              "tensor_bytes": nbytes, "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
+              "versions": versions()}
+    file_type = gguf.LlamaFileType.ALL_F32 if c.type == "F32" else gguf.LlamaFileType[f"MOSTLY_{c.type}"]
+    return write_gguf(out, model_config, tokenizer, source, tensors, file_type, record, recipe,
+                      Path(str(source or "model")).name, progress, layer_widths(model))
+
+
+def _plan_types(model, tokenizer, c: GGUFConfig, weights, model_config, calib, data_dir, progress):
+    """GGUF name -> type (the mix's rule, or the size mix for the blocks), and the calibration windows and their
+    record where the method, the imatrix or the size mix reads data."""
+    gguf_name = tensor_names(model_config)
+    heads = model_config["num_attention_heads"]
+    gqa = heads // (model_config.get("num_key_value_heads") or heads)
+    float_mix = c.type in ("F16", "F32")  # nothing to round: GPTQ has no work and needs no data
+    uses_data = (c.method == "gptq" and not float_mix) or c.imatrix or c.size is not None
+    types = named_mix(c.type, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
+                      model_config["num_hidden_layers"], gqa, has_imatrix=uses_data)
+    calib_info = None
     if uses_data:
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
-    if target is not None:
-        types |= _sized_types(model, weights, types, target, calib, gguf_name, progress)
-    kinds = {n: TYPES.get(types[gguf_name(n)]) for n in weights}  # None: a float type
-    if (method == "gptq" and not float_mix) or imatrix:
+        calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+    if c.size is not None:
+        types |= _sized_types(model, weights, types, parse_size(c.size), calib, gguf_name, progress)
+    return types, calib, calib_info
+
+
+def _quantize_tensors(model, c: GGUFConfig, weights, types, gguf_name, calib, progress) -> dict:
+    """HF name -> ``Fitted`` for every tensor of a quantized type: GPTQ or the imatrix-weighted search block by
+    block on calibration data, then plain RTN for the rest; weights left at the values the file decodes to."""
+    kinds, fitted = {n: TYPES.get(types[gguf_name(n)]) for n in weights}, {}  # None: a float type
+    if (c.method == "gptq" and c.type not in ("F16", "F32")) or c.imatrix:
         linears = linear_fqns(model)
-        compress = _compress_fn(method, kinds, fitted, act_order, blocksize, damp)
+        compress = _compress_fn(c.method, kinds, fitted, c.act_order, c.blocksize, c.damp)
         compress_blocks(model, calib, compress, {f for f in linears if f"{f}.weight" in weights},
-                        hessian=method == "gptq", batch_size=batch_size, progress=progress, results=(fitted,))
+                        hessian=c.method == "gptq", batch_size=c.batch_size, progress=progress, results=(fitted,))
     for name, W in tqdm(weights.items(), desc="rtn", disable=not progress):
         if name not in fitted and kinds[name] is not None:
             fitted[name] = fit(kinds[name], W.detach().float())
             W.data.copy_(fitted[name].values())
-    tensors = [_encode(name, W, fitted.get(name), types[gguf_name(name)], config, gguf_name)
-               for name, W in weights.items()]
-    nbytes = sum(data.nbytes for _, data, _ in tensors)
-    params = sum(W.numel() for W in weights.values())
-    record = {"format": "gguf", "source": source, "mix": mix.upper(), "method": None if float_mix else method,
-              "imatrix": imatrix,
-              "size": None if target is None else {"target": size, "allocation": "fisher"},
-              "act_order": act_order, "calibration": calib_info, "types": types, "tensor_bytes": nbytes,
-              "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
-              "versions": versions()}
-    file_type = gguf.LlamaFileType.ALL_F32 if mix.upper() == "F32" else gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
-    return write_gguf(out, config, tokenizer, source, tensors, file_type, record, recipe,
-                      Path(str(source or "model")).name, progress, layer_widths(model))
+    return fitted
 
 
 def _check_plain_linears(model) -> None:

@@ -99,10 +99,13 @@ def test_eval_windows_help_says_the_default_is_every_window(capsys, monkeypatch)
     (["quantize", "m", "--transform", "duquant", "--epochs", "3"], "--epochs only applies with --transform flatquant"),
 ])
 def test_options_without_effect_are_refused(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+    """Refused by the step's config (a return code) or by the command's parser (an exit): one line either way."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith(f"slimlm: error: {message}") and err.count("\n") == 1
+    assert code == 2 and err.startswith(f"slimlm: error: {message}") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv", [

@@ -8,7 +8,9 @@ import torch
 
 import slimlm
 from slimlm.errors import SlimlmError
-from slimlm.structured.factorize import ALLOCATIONS, lowrank
+from slimlm.config import LowrankConfig
+from slimlm.config.schema import field_choices
+from slimlm.structured.factorize import lowrank
 from slimlm.structured.lowrank import LowRankLinear
 from slimlm.structured.shrink import parameter_counts
 from tests.conftest import REPO, tiny_llama
@@ -23,7 +25,7 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("allocation", ALLOCATIONS)
+@pytest.mark.parametrize("allocation", [a for a in field_choices(LowrankConfig, "allocation") if a != "auto"])
 def test_allocations_keep_at_most_the_target_and_only_factor_where_it_saves(allocation):
     model = tiny_llama()
     before = parameter_counts(model)["decoder_linears"]
@@ -59,7 +61,7 @@ def test_saved_factors_reload_with_the_same_logits_and_merge_loads_in_plain_tran
 def test_bad_inputs_are_refused():
     with pytest.raises(SlimlmError, match="in \\(0, 1\\)"):
         lowrank(tiny_llama(), params=1.0, calib=windows(), progress=False)
-    with pytest.raises(SlimlmError, match="unknown low-rank method"):
+    with pytest.raises(SlimlmError, match="--method: unknown value 'tucker'"):
         lowrank(tiny_llama(), params=0.5, method="tucker", calib=windows(), progress=False)
 
 

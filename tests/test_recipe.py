@@ -63,13 +63,13 @@ def test_unquoted_nm_pattern_stays_a_pattern():
     ("model: m\nsteps:\n- prune: {methd: wanda}", "steps[0].prune.methd: unknown key 'methd' (did you mean 'method'?)"),
     ("modle: m\nsteps: []", "modle: unknown key 'modle' (did you mean 'model'?)"),
     ("model: m\nsteps:\n- prnue: {}", "steps[0]: unknown step kind 'prnue' (did you mean 'prune'?)"),
-    ("model: m\nsteps:\n- quantize: {method: gptqq}", "steps[0].quantize.method: unknown value 'gptqq' (did you mean "
+    ("model: m\nsteps:\n- quantize: {method: gptqq}", "steps[0].quantize.method: unknown quantization method 'gptqq' (did you mean "
                                                       "'gptq'?)"),
     ("model: m\nsteps:\n- prune: {calib_sampling: firts}", "steps[0].prune.calib_sampling: unknown value 'firts' "
                                                            "(did you mean 'first'?)"),
     ("model: m\nsteps:\n- prune: {sparsity: half}", "steps[0].prune.sparsity: invalid float value: 'half'"),
     ("model: m\nsteps:\n- prune: {permute: 1}", "steps[0].prune.permute: expected true or false, got 1"),
-    ("model: m\nsteps:\n- export: {format: gguf}", "steps[0].export: the following arguments are required: out"),
+    ("model: m\nsteps:\n- export: {format: gguf}", "steps[0].export.out: a value is required"),
     ("model: m\nsteps:\n- prune: {override: {'(': 0.5}}", "steps[0].prune.override: bad regular expression '('"),
     ("model: m\nsteps: {prune: {}}", "steps: expected a list of steps"),
     ("model: [m\n", "cannot read"),
@@ -81,7 +81,8 @@ def test_bad_recipe_text_names_the_key_and_the_closest_valid_one(text, message):
 
 
 @pytest.mark.parametrize("steps,message", [
-    ("- prune: {method: wandaa}", "steps[0].prune: unknown method 'wandaa' (did you mean 'wanda'?)"),
+    ("- prune: {method: wandaa}", "steps[0].prune.method: unknown pruning method 'wandaa' (did you mean "
+                                  "'wanda'?)"),
     ("- prune: {pattern: '2:4', sparsity: 0.7}", "steps[0].prune: pattern 2:4 fixes every layer's sparsity at 0.5"),
     ("- prune: {}\n- export: {format: sparse, out: x}\n- eval: {}", "steps[2].eval: comes after an export step"),
     ("- eval: {}\n- prune: {}", "steps[0].eval: evaluates the model of the run"),

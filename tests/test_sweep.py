@@ -11,7 +11,7 @@ import pytest
 
 import slimlm
 from slimlm.cli import main
-from slimlm.pipeline import run_steps
+from slimlm.pipeline import Context, run_steps
 from slimlm.recipe import RunOptions, read_recipe
 from tests.conftest import REPO
 
@@ -48,7 +48,8 @@ def test_four_cell_sweep_on_local_ray(tmp_path, tiny_folder, calib):
     # a cell's recipe replayed in this process gives the same perplexity as the Ray worker measured
     cell = out / "wanda-0.7-uniform-seed0"
     model, tokenizer = slimlm.load_model(str(tiny_folder))
-    manifests, _ = run_steps(read_recipe(cell / "recipe.yaml"), model, tokenizer, RunOptions(quiet=True))
+    recipe = read_recipe(cell / "recipe.yaml")
+    manifests, _, _ = run_steps(recipe, Context(model, tokenizer, recipe.run, RunOptions(quiet=True)))
     wanda = next(r for r in rows if r["cell"] == cell.name)
     assert manifests[-1]["metrics"]["perplexity"]["perplexity"] == wanda["perplexity"]
 

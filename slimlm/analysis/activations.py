@@ -80,5 +80,5 @@ def calibration_metrics(model, windows: torch.Tensor, owl_m: float = OWL_M, erro
             for f in names:
                 records[f]["owl_lod"] = lod
     if timings is not None:
-        timings |= {"calibration_pass": engine["capture"] + engine["forward"], **parts}
+        timings |= {"calibration_pass": engine.timings["capture"] + engine.timings["forward"], **parts}
     return records

@@ -7,13 +7,27 @@ from pathlib import Path
 from slimlm.errors import SlimlmError, read_json
 
 
-def _execute(kind: str, args) -> None:
-    """A ``prune``/``quantize``/``analyze`` command line is a one-step recipe (plus ``eval`` for --eval): the
-    command and ``slimlm run`` of the recipe it writes share one code path."""
-    from slimlm.pipeline import execute
-    from slimlm.recipe import RunOptions, from_args
+def one_step_recipe(kind: str, args):
+    """The recipe of a ``slimlm prune/quantize/shrink/lowrank/analyze/gguf`` command line: its step's config (plus
+    ``eval`` for --eval); the analysis folder and a gguf step's file are their own ``out``, a run folder the
+    recipe's."""
+    from slimlm.cli.settings import eval_config, run_config, step_config
+    from slimlm.recipe import Recipe
 
-    execute(from_args(kind, args), RunOptions.from_args(args), name_steps=False)
+    step = step_config(kind, args)
+    steps = [(kind, step)] + ([("eval", eval_config(args))] if getattr(args, "eval", False) else [])
+    return Recipe(run_config(args, None if kind == "gguf" else args.out), tuple(steps))
+
+
+def _execute(kind: str, args, recipe=None) -> None:
+    """A compression or analysis command line is a one-step recipe: the command and ``slimlm run`` of the recipe it
+    writes share one code path. Prints each step's result as one JSON line."""
+    from slimlm.pipeline import execute
+    from slimlm.recipe import RunOptions
+
+    recipe = recipe or one_step_recipe(kind, args)
+    for outcome in execute(recipe, RunOptions.from_args(args), name_steps=False):
+        print(json.dumps(outcome.summary))
 
 
 def cmd_prune(args) -> None:
@@ -60,7 +74,8 @@ def cmd_run(args) -> None:
     from slimlm.recipe import RunOptions, read_recipe, relocated
 
     recipe = read_recipe(args.recipe)
-    execute(relocated(recipe, args.out) if args.out else recipe, RunOptions.from_args(args))
+    for outcome in execute(relocated(recipe, args.out) if args.out else recipe, RunOptions.from_args(args)):
+        print(json.dumps(outcome.summary))
 
 
 def _values(text: str, kind, flag: str) -> list:
@@ -91,13 +106,14 @@ def cmd_sweep(args) -> None:
 
 def cmd_allocate(args) -> None:
     from slimlm.allocate import allocate_from_metrics, parse_target, size_weighted_mean
-    from slimlm.recipe import allocation_options
+    from slimlm.config import AllocationConfig, from_namespace
     from slimlm.report import plots
 
+    allocation = from_namespace(AllocationConfig, args)
     unit, target = parse_target(args.target)
     records = read_json(Path(args.analysis) / "metrics.json")
     metrics = {r["name"]: r for r in records}
-    budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **allocation_options(args))
+    budgets = allocate_from_metrics(metrics, args.allocation, target, unit, **allocation.allocation_options())
     if args.out:
         Path(args.out).write_text(json.dumps(budgets, indent=1) + "\n")
         plots.budgets({args.allocation: budgets}, Path(args.out).with_suffix(".png"), unit)
@@ -137,14 +153,15 @@ def _budget_table(budgets: dict[str, float], metrics: dict[str, dict]) -> list[s
 def cmd_export(args) -> None:
     """Export a saved run; the export carries the run's recipe with this export step added (runs saved before
     recipes existed have none to carry)."""
+    from slimlm.cli.settings import step_config
     from slimlm.pipeline import export
-    from slimlm.recipe import Recipe, dumps, read_recipe, settings_from
+    from slimlm.recipe import Recipe, dumps, read_recipe
     from slimlm.runs.save import RECIPE
 
-    step, text = settings_from("export", args), None
+    step, text = step_config("export", args), None
     if (Path(args.run) / RECIPE).is_file():
         recipe = read_recipe(Path(args.run) / RECIPE)
-        text = dumps(Recipe(recipe.run, [*recipe.steps, ("export", step)]))
+        text = dumps(Recipe(recipe.run, (*recipe.steps, ("export", step))))
     print(json.dumps(export(args.run, step, text, not args.quiet)))
 
 
@@ -230,8 +247,9 @@ def cmd_gguf(args) -> None:
     """A one-step recipe (``gguf``), written into the file as ``slimlm.recipe``."""
     from slimlm.core.models import model_source
 
+    recipe = one_step_recipe("gguf", args)  # bad settings first, in a second
     model_source(args.model, args.allow_pickle)
-    _execute("gguf", args)
+    _execute("gguf", args, recipe)
 
 
 def _eval(model, tokenizer, args, batch_size: int = 1) -> dict:

@@ -1,17 +1,16 @@
 """The ``slimlm`` argument parser: one subcommand per pipeline stage.
 
-The settings of each pipeline step come from ``cli.settings`` (``STEP_SETTINGS``, also the schema of a recipe).
-Every subcommand's --help shows its defaults, and an option that would change nothing with the other options
-given is refused (``ONLY_WITH``) rather than silently ignored.
+A pipeline step's flags come from its typed config (``cli.settings``, ``slimlm.config``), whose rules refuse an
+option that would change nothing; the options of a command alone (``--eval``, ``--engine``, ...) are refused
+the same way here (``ONLY_WITH``). Every subcommand's --help shows its defaults.
 """
 from __future__ import annotations
 
 import argparse
 
 from slimlm.cli.cache import add_cache_parser
-from slimlm.cli.settings import (add_allocation_args, add_analyze_settings, add_calib_args, add_eval_settings,
-                                 add_export_settings, add_gguf_settings, add_load_settings, add_lowrank_settings,
-                                 add_prune_settings, add_quantize_settings, add_shrink_settings)
+from slimlm.cli.settings import (add_allocation_settings, add_calib_settings, add_eval_settings, add_load_settings,
+                                 add_step_settings)
 from slimlm.version import __version__
 
 DESCRIPTION = ("Prune and quantize Hugging Face causal LMs block by block on calibration data, evaluate them and "
@@ -33,59 +32,19 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 EVAL_OPTIONS = ("--eval-dataset", "--eval-seqlen", "--eval-windows")
-CALIB_OPTIONS = ("--calib", "--nsamples", "--seqlen", "--calib-sampling", "--seed", "--batch-size", "--owl-m")
-
-# Options that take effect only together with another choice: (commands, options, in effect?, what they need).
-# One set away from its default where it would change nothing is refused rather than silently ignored.
+# Command options that take effect only together with another choice: (commands, options, in effect?, what they
+# need). One set away from its default where it would change nothing is refused rather than silently ignored (a
+# step's own settings follow its config's rules instead).
 ONLY_WITH = [
     (("prune", "quantize", "shrink", "lowrank"), EVAL_OPTIONS, lambda a: a.eval, "--eval"),
-    (("shrink",), ("--score", "--iterative"), lambda a: a.drop_layers is not None, "--drop-layers"),
-    (("shrink",), ("--method", "--allocation", "--no-compensate"), lambda a: a.params is not None, "--params"),
-    (("shrink",), ("--no-compensate",), lambda a: a.method != "slicegpt", "--method flap or fisher"),
-    (("shrink", "lowrank"), ("--owl-m",), lambda a: a.allocation == "owl", "--allocation owl"),
-    (("lowrank",), CALIB_OPTIONS, lambda a: a.method == "svdllm" or a.allocation in ("owl", "fisher"),
-     "--method svdllm or --allocation owl or fisher"),
     (("eval",), EVAL_OPTIONS, lambda a: not a.tasks or a.ppl, "perplexity (no --tasks, or --tasks with --ppl)"),
     (("eval",), ("--ppl", "--limit", "--tasks-dir", "--num-fewshot"), lambda a: a.tasks, "--tasks"),
-    (("prune",), ("--ria-alpha",), lambda a: a.method == "ria", "--method ria"),
-    (("prune",), ("--permute",), lambda a: a.pattern != "unstructured" and a.method != "sparsegpt",
-     "an N:M --pattern and --method magnitude, wanda or ria"),
-    (("prune",), ("--group",), lambda a: a.pattern == "unstructured", "--pattern unstructured"),
-    (("prune",), ("--group-size", "--asym", "--scale-dtype"), lambda a: a.wbits is not None, "--wbits"),
-    (("prune",), ("--owl-m",), lambda a: a.allocation == "owl", "--allocation owl"),
-    (("quantize",), ("--owl-m",), lambda a: False, "prune or analyze (quantize's owl allocation keeps M at 5)"),
-    (("prune", "quantize", "allocate"), ("--owl-lambda",), lambda a: a.allocation == "owl", "--allocation owl"),
-    (("prune", "quantize", "allocate"), ("--alpha-epsilon",), lambda a: a.allocation == "alphapruning",
-     "--allocation alphapruning"),
-    (("quantize",), ("--act-order",), lambda a: a.method == "gptq", "--method gptq"),
-    (("quantize",), ("--one-pass",), lambda a: a.method == "gptq" and a.transform != "flatquant",
-     "--method gptq without --transform flatquant (which always calibrates on full-precision activations)"),
-    # act-clip 1.0 (no clipping) was the default before transforms had their own: older recipes carry it
-    (("quantize",), ("--act-clip",), lambda a: a.abits is not None or a.act_clip == 1.0, "--abits"),
-    (("quantize",), ("--act-grid",), lambda a: a.abits is not None, "--abits"),
-    (("quantize",), ("--kv-clip",), lambda a: a.kvbits is not None, "--kvbits"),
-    (("quantize",), ("--alpha",), lambda a: a.transform != "none", "--transform smoothquant, duquant or flatquant"),
-    (("quantize",), ("--epochs",), lambda a: a.transform == "flatquant" or a.lwc, "--transform flatquant or --lwc"),
-    (("quantize",), ("--lwc",), lambda a: a.transform == "duquant", "--transform duquant"),
-    (("quantize",), ("--intact-prefix",), lambda a: a.intact_kv == "prefix", "--intact-kv prefix"),
-    (("quantize",), ("--calibrate-kv",), lambda a: a.intact_kv is not None, "--intact-kv"),
-    (("analyze",), CALIB_OPTIONS, lambda a: not a.no_calib, "a calibration pass (not with --no-calib)"),
-    (("analyze",), ("--fisher-for",), lambda a: not (a.no_calib or a.no_fisher),
-     "the fisher tables (not with --no-calib or --no-fisher)"),
     (("prune", "quantize", "analyze", "eval", "shrink", "lowrank", "speed", "sweep"), ("--no-cache",),
      lambda a: a.model.endswith(".gguf") or _builtin(a.model), "a .gguf model or the built-in one"),
-    (("gguf",), ("--owl-m",), lambda a: False, "prune or analyze"),
     (("gguf",), ("--device",), lambda a: False, "prune, quantize or analyze (slimlm gguf computes on the CPU)"),
-    (("gguf",), ("--batch-size",), lambda a: a.method == "gptq" or a.imatrix, "--method gptq or --imatrix"),
-    (("gguf",), ("--imatrix",), lambda a: a.method == "rtn", "--method rtn"),
-    (("gguf",), ("--act-order",), lambda a: a.method == "gptq", "--method gptq"),
-    (("gguf",), CALIB_OPTIONS, lambda a: a.method == "gptq" or a.imatrix or a.size, "--method gptq, --imatrix "
-     "or --size"),
     (("eval",), ("--kld-reference", "--threads"), lambda a: a.engine == "llama.cpp", "--engine llama.cpp"),
     (("eval",), ("--tasks", "--batch-size", "--record", "--dtype", "--device", "--no-cache", "--allow-pickle"),
      lambda a: a.engine == "transformers", "--engine transformers"),
-    (("export",), ("--gguf-type",), lambda a: a.format == "gguf", "--format gguf"),
-    (("export",), ("--inexact",), lambda a: a.format != "sparse", "--format compressed-tensors or gguf"),
 ]
 
 
@@ -152,10 +111,10 @@ def _add_run_args(p):
                    "on the CPU or disk")
 
 
-def _add_compress_command(sub, name: str, help_text: str, settings, out_help: str) -> None:
+def _add_compress_command(sub, name: str, help_text: str, out_help: str) -> None:
     p = sub.add_parser(name, help=help_text)
     _add_model_args(p)
-    settings(p)
+    add_step_settings(p, name)
     p.add_argument("--out", help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_run_args(p)
@@ -169,18 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"slimlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
-    _add_compress_command(sub, "prune", "prune a model block by block on calibration data", add_prune_settings,
+    _add_compress_command(sub, "prune", "prune a model block by block on calibration data",
                           "output folder (default runs/<model>-<method>-<budget>)")
     _add_compress_command(sub, "quantize", "quantize weights (RTN, GPTQ), optionally rotated and W4A4",
-                          add_quantize_settings, "output folder (default runs/<model>-<method>-w<bits>)")
-
+                          "output folder (default runs/<model>-<method>-w<bits>)")
     _add_compress_command(sub, "shrink", "a smaller dense model: remove decoder layers, or attention heads and "
-                          "MLP channels", add_shrink_settings, "output folder (default "
-                          "runs/<model>-drop<N>-<score> or runs/<model>-<method>-<allocation>-p<params>)")
-
-    _add_compress_command(sub, "lowrank", "factor the decoder layers' linears into two smaller ones (SVD-LLM, "
-                          "WeLore)", add_lowrank_settings, "output folder (default "
+                          "MLP channels", "output folder (default runs/<model>-drop<N>-<score> or "
                           "runs/<model>-<method>-<allocation>-p<params>)")
+    _add_compress_command(sub, "lowrank", "factor the decoder layers' linears into two smaller ones (SVD-LLM, "
+                          "WeLore)", "output folder (default runs/<model>-<method>-<allocation>-p<params>)")
 
     p = sub.add_parser("speed", help="measured prefill and decode tokens/s, time to first token and peak memory, "
                        "beside the dense model measured in the same invocation")
@@ -204,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="per-layer weight spectra and activation metrics, with plots")
     _add_model_args(p)
-    add_analyze_settings(p)
+    add_step_settings(p, "analyze")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -219,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("analysis", help="folder written by slimlm analyze")
     p.add_argument("--target", default="sparsity=0.7", help="global budget: sparsity=0.7, bits=3.5 or "
                    "rank=0.5 (the parameter-weighted mean of the map)")
-    add_allocation_args(p)
+    add_allocation_settings(p)
     p.add_argument("--out", help="write the budget map to this JSON file (and a PNG beside it)")
     p.add_argument("--json", action="store_true", help="print the map as one JSON line instead of the table")
     p.set_defaults(quiet=True)
 
     p = sub.add_parser("export", help="write a saved run in an engine's format")
     p.add_argument("run", help="folder written by slimlm prune or slimlm quantize")
-    add_export_settings(p)
+    add_step_settings(p, "export", skip=())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("eval", help="perplexity and/or zero-shot accuracy of a saved run or any model")
@@ -253,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gguf", help="quantize any model onto llama.cpp's weight types and write one GGUF file")
     _add_model_args(p)
-    add_gguf_settings(p)
-    p.add_argument("--out", required=True, help="new .gguf file (or new folder) to write")
+    add_step_settings(p, "gguf", skip=())
 
     p = sub.add_parser("sweep", help="a grid of prune runs (methods x sparsities x allocations x seeds), every "
                        "cell a Ray task; finished cells are skipped on rerun; one JSON and the perplexity plot")
@@ -263,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", required=True, help="comma-separated sparsity targets, e.g. 0.5,0.6,0.7")
     p.add_argument("--allocations", default="uniform", help="comma-separated allocators, e.g. uniform,owl,fisher")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (calibration windows)")
-    add_calib_args(p, seed=False)
+    add_calib_settings(p, skip=("seed",))  # --seeds instead
     add_eval_settings(p)
     p.add_argument("--ray", metavar="auto|ADDRESS", help="the Ray cluster to run on: auto (the running one), "
                    "HOST:PORT or ray://HOST:PORT (default: a local Ray started for the sweep)")

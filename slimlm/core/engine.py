@@ -153,12 +153,22 @@ class BlockIO(Protocol):
     def store(self, i: int, block: nn.Module) -> None: ...
 
 
+@dataclass(frozen=True)
+class BlockRun:
+    """What the block loop did: seconds per part, and the activations each block was calibrated on
+    (``compressed``: the outputs of the already compressed blocks before it; ``dense``: the dense model's; None:
+    no calibration pass)."""
+
+    timings: dict[str, float]
+    block_inputs: str | None
+
+
 def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressFn, targets: set[str],
                     hessian: bool = False, device: str | torch.device = "cpu",
                     batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
                     checkpoint: Checkpoint | None = None, sequential: bool = True,
                     window_mean: bool = False, prepare: Callable | None = None,
-                    results: tuple[dict, ...] = ()) -> dict[str, float]:
+                    results: tuple[dict, ...] = ()) -> BlockRun:
     """Calibrate and compress ``model`` in place, block by block.
 
     ``compress({fqn: linear}, stats) -> bool`` is called once per set of linears in ``targets`` that read the
@@ -170,16 +180,20 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
     calibration such as FlatQuant's training (``outputs``: the block's outputs before any change; ``stats``:
     {fqn: LayerStats}). ``io`` streams block weights in and out (see ``BlockIO``); ``checkpoint`` saves each
     finished block and the next block's inputs, and restarts after the last finished block of an interrupted
-    run. Returns timings (seconds): ``capture``, ``forward`` (all block passes), ``compress``, and under torchrun
-    ``communicate`` (all-reduces and broadcasts). ``results`` are the dicts that ``compress`` adds its per-layer
+    run. Returns a ``BlockRun``: timings (seconds) ``capture``, ``forward`` (all block passes), ``compress``, and
+    under torchrun ``communicate`` (all-reduces and broadcasts), and which activations each block was calibrated
+    on. ``results`` are the dicts that ``compress`` adds its per-layer
     results to: under torchrun each set of linears is compressed on one rank only, and what it added there is
     copied into every rank's dicts (``core.distributed.share``).
 
     ``sequential`` (the GPTQ/SparseGPT/Wanda reference code's choice): each block is calibrated on the outputs
     of the already compressed blocks before it, which costs a second pass per block. ``sequential=False``
     propagates the statistics pass's own outputs, so every block sees the dense model's activations: one pass,
-    about half the forward time, and errors of earlier blocks are not compensated downstream.
+    about half the forward time, and errors of earlier blocks are not compensated downstream. Block-level training
+    (``prepare``) always calibrates on the dense model's activations: its target is the full-precision block's
+    output for the full-precision block's input (how slimlm trains FlatQuant and DuQuant+LWC).
     """
+    sequential = sequential and prepare is None
     spread = placement.devices()  # --device-map: each block over these devices (core.placement)
     device = spread[0] if spread else distributed.local_device(device)
     n, seqlen = windows.shape
@@ -239,7 +253,7 @@ def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressF
         if checkpoint is not None:
             checkpoint.save(i, block, y)
         x, y = y, x
-    return timing
+    return BlockRun(timing, "compressed" if sequential else "dense")
 
 
 def _communicate(timing: dict, fn, *args):
@@ -253,10 +267,11 @@ def _communicate(timing: dict, fn, *args):
 
 def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
                        checkpoint: Checkpoint | None = None, progress: bool = True,
-                       results: tuple[dict, ...] = ()) -> dict[str, float]:
+                       results: tuple[dict, ...] = ()) -> BlockRun:
     """Data-free methods (magnitude, RTN): the same ``compress`` callback, called for each linear alone with
     ``stats=None`` and no calibration pass, block by block so that ``io``, ``checkpoint`` and torchrun work as in
-    ``compress_blocks`` (each rank rounds its share of the linears). Returns ``{"compress": seconds}``."""
+    ``compress_blocks`` (each rank rounds its share of the linears). Returns timings ``{"compress": seconds}``
+    and no block inputs."""
     start = time.perf_counter()
     if placement.devices():
         raise SlimlmError("--device-map spreads calibrated blocks over devices; data-free methods (magnitude, RTN) "
@@ -277,4 +292,4 @@ def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str]
             io.store(i, blocks[i])
         if checkpoint is not None:
             checkpoint.save(i, blocks[i], None)
-    return {"compress": time.perf_counter() - start}
+    return BlockRun({"compress": time.perf_counter() - start}, None)

@@ -74,11 +74,13 @@ def connect(address: str | None) -> None:
         raise SlimlmError(f"cannot connect to Ray ({address or 'local'}): {str(e).splitlines()[0]}") from None
 
 
-def _run_cell(text: str, options: RunOptions) -> None:
-    """One cell, in a Ray worker: the recipe as ``slimlm run`` runs it (its folder is its recipe's out)."""
+def _run_cell(text: str, options: RunOptions) -> dict:
+    """One cell, in a Ray worker: the recipe as ``slimlm run`` runs it (its folder is its recipe's out); returns
+    the run's manifest."""
     from slimlm.pipeline import execute
 
-    execute(loads(text, "sweep cell"), replace(options, quiet=True))
+    (run,) = [o for o in execute(loads(text, "sweep cell"), replace(options, quiet=True)) if o.kind == "run"]
+    return run.manifest
 
 
 def _finished(folder: Path, text: str) -> bool:
@@ -92,9 +94,9 @@ def _finished(folder: Path, text: str) -> bool:
     return True
 
 
-def cell_row(name: str, folder: Path) -> dict:
-    """A finished cell's row, read from its manifest."""
-    manifest = read_json(folder / MANIFEST)
+def cell_row(name: str, folder: Path, manifest: dict | None = None) -> dict:
+    """A finished cell's row, from its manifest (read from the folder for a cell finished by an earlier sweep)."""
+    manifest = manifest or read_json(folder / MANIFEST)
     return {"cell": name, "folder": str(folder), "method": manifest["method"],
             "target": manifest["sparsity_target"], "sparsity": manifest["sparsity"],
             "allocation": manifest["allocation"]["name"], "seed": manifest["seed"],
@@ -112,7 +114,7 @@ def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None,
     texts = {name: dumps(relocated(recipe, str(out / name))) for name, recipe in cells.items()}
     todo = [name for name in cells if not _finished(out / name, texts[name])]
     log.info("sweep: %d cells, %d finished before, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    failed = {}
+    failed, manifests = {}, {}
     if todo:
         import ray
 
@@ -125,7 +127,7 @@ def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None,
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(ref)
             try:
-                ray.get(ref)
+                manifests[name] = ray.get(ref)
                 log.info("cell %s done (%.0f s into the sweep)", name, time.perf_counter() - start)
             except ray.exceptions.RayError as e:
                 failed[name] = str(getattr(e, "cause", None) or e).splitlines()[0]
@@ -134,7 +136,7 @@ def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None,
         bar.close()
         if address is None:
             ray.shutdown()  # the local Ray started for this sweep
-    rows = [cell_row(name, out / name) for name in cells if name not in failed]
+    rows = [cell_row(name, out / name, manifests.get(name)) for name in cells if name not in failed]
     write(rows, out)
     if failed:
         reasons = "; ".join(f"{name}: {message}" for name, message in failed.items())

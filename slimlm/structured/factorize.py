@@ -18,16 +18,16 @@ import time
 import torch
 
 from slimlm.analysis.activations import OWL_M
-from slimlm.api import Result, _calibration_for
+from slimlm.api import Result, calibration_for
+from slimlm.config import LowrankConfig
+from slimlm.config.keywords import configure
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import linear_fqns
-from slimlm.errors import SlimlmError, unknown
+from slimlm.errors import SlimlmError
 from slimlm.runs.save import versions
 from slimlm.structured import lowrank as lr
 from slimlm.structured.shrink import parameter_counts
 
-METHODS = ("svdllm", "welore")
-ALLOCATIONS = ("uniform", "welore", "owl", "alphapruning", "fisher")
 
 
 def _spectra(linears, hessians) -> dict[str, torch.Tensor]:
@@ -79,38 +79,30 @@ def choose_ranks(model, allocation: str, keep: float, spectra: dict, whitened: b
     return _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress)
 
 
-def lowrank(model, tokenizer=None, params: float = 0.75, method: str = "svdllm", allocation: str = "uniform",
-            merge: bool = False, owl_m: float = OWL_M, calib: torch.Tensor | None = None,
-            calib_source: str = "wikitext2", nsamples: int = 32, seqlen: int = 512, sampling: str = "random",
-            seed: int = 0, data_dir: str | None = None, device: str = "cpu", batch_size: int | None = None,
-            progress: bool = True) -> Result:
-    """Factor every decoder-block linear of ``model`` in place so that about ``params`` of their parameters stay
-    (see the module docstring for ``method`` and ``allocation``). ``merge``: multiply the factors back into dense
-    weights (the truncation stays, the savings go: for engines that cannot hold factors)."""
-    from slimlm.structured.widths import check_keep
-
-    check_keep(params)
-    if method not in METHODS:
-        raise unknown("low-rank method", method, METHODS)
-    if allocation not in ALLOCATIONS:
-        raise unknown("low-rank allocation", allocation, ALLOCATIONS)
-    torch.manual_seed(seed)
+def lowrank(model, tokenizer=None, config: LowrankConfig | None = None, *, calib: torch.Tensor | None = None,
+            data_dir: str | None = None, device: str = "cpu", progress: bool = True, **settings) -> Result:
+    """Factor every decoder-block linear of ``model`` in place so that about ``params`` of their parameters stay,
+    as ``config`` (a ``LowrankConfig``, or its fields as keywords) says (see the module docstring for ``method``
+    and ``allocation``). ``merge``: multiply the factors back into dense weights (the truncation stays, the savings
+    go: for engines that cannot hold factors)."""
+    c = configure(LowrankConfig, config, settings)
+    allocation = c.resolved_allocation
+    torch.manual_seed(c.seed)
     start, before, calib_info = time.perf_counter(), parameter_counts(model), None
-    if method == "svdllm" or allocation in ("owl", "fisher"):
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
-    hessians = lr.collect_hessians(model, calib, device, progress, batch_size) if method == "svdllm" else None
+    if c.uses_data():
+        calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+    hessians = lr.collect_hessians(model, calib, device, progress, c.batch_size) if c.method == "svdllm" else None
     spectra = _spectra(linear_fqns(model), hessians)
-    ranks = choose_ranks(model, allocation, params, spectra, hessians is not None, calib, owl_m, device,
-                         batch_size, progress)
-    lr.factorize_(model, ranks, "svdllm" if method == "svdllm" else "svd", hessians)
-    if merge:
+    ranks = choose_ranks(model, allocation, c.params, spectra, hessians is not None, calib, c.owl_m, device,
+                         c.batch_size, progress)
+    lr.factorize_(model, ranks, "svdllm" if c.method == "svdllm" else "svd", hessians)
+    if c.merge:
         _merge_(model, ranks)
     after = parameter_counts(model)
-    return Result({"kind": "lowrank", "method": method, "allocation": allocation, "merged": merge,
+    return Result({"kind": "lowrank", "method": c.method, "allocation": allocation, "merged": c.merge,
                    "ranks": ranks, "params_before": before, "params": after,
-                   "params_kept": after["decoder_linears"] / before["decoder_linears"],
-                   "calibration": calib_info, "device": placement.describe(device), "seed": seed,
+                   "params_kept": after["decoder_linears"] / before["decoder_linears"], "config": c.in_effect(),
+                   "calibration": calib_info, "device": placement.describe(device), "seed": c.seed,
                    **distributed.record(), "timings": {"total": time.perf_counter() - start}, "versions": versions()})
 
 

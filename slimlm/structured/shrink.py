@@ -13,15 +13,14 @@ import time
 import torch
 from torch import nn
 
-from slimlm.analysis.activations import OWL_M
-from slimlm.api import Result, _calibration_for
+from slimlm.api import Result, calibration_for
+from slimlm.config import ShrinkConfig
+from slimlm.config.keywords import configure
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import decoder_blocks, linear_fqns
-from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
 from slimlm.structured import depth, slicegpt, width, widths
 
-METHODS = (*width.METHODS, "slicegpt")
 
 # model_type -> config switches that give every attention / MLP linear a bias (FLAP's compensation needs one on
 # o_proj and down_proj; a config that cannot say so leaves the counts alone, so plain transformers refuses the
@@ -37,55 +36,39 @@ def parameter_counts(model) -> dict[str, int]:
     return {"total": sum(unique.values()), "decoder_linears": sum(decoder.values())}
 
 
-def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "influence", iterative: bool = False,
-           params: float | None = None, method: str = "flap", allocation: str = "uniform",
-           compensate: bool = True, owl_m: float = OWL_M, calib: torch.Tensor | None = None, calib_source: str = "wikitext2",
-           nsamples: int = 32, seqlen: int = 512, sampling: str = "random", seed: int = 0,
-           data_dir: str | None = None, device: str = "cpu", batch_size: int | None = None,
-           progress: bool = True) -> Result:
+def shrink(model, tokenizer=None, config: ShrinkConfig | None = None, *, calib: torch.Tensor | None = None,
+           data_dir: str | None = None, device: str = "cpu", progress: bool = True, **settings) -> Result:
     """Remove ``drop_layers`` decoder blocks (``score``: influence | loss, ``iterative``), or heads and MLP channels
     so that ``params`` of the decoder-block parameters stay (``method``: flap | fisher scores which units go,
-    ``allocation``: uniform | owl | alphapruning | flap | fisher how many per block, ``owl_m`` OWL's outlier
-    threshold; ``compensate``: FLAP's bias; ``method`` slicegpt instead narrows the residual stream of every
-    block alike, as SliceGPT does, so its allocation is uniform).
-    The model changes in place; returns the run's ``Result``."""
+    ``allocation``: uniform | owl | alphapruning | flap | fisher how many per block, auto the method's own,
+    ``owl_m`` OWL's outlier threshold; FLAP's bias compensation unless ``no_compensate``; ``method`` slicegpt
+    instead narrows the residual stream of every block alike, as SliceGPT does, so its allocation is uniform), as
+    ``config`` (a ``ShrinkConfig``, or its fields as keywords) says. The model changes in place; returns the run's
+    ``Result``."""
+    c = configure(ShrinkConfig, config, settings)
     depth.check_llama_like(model)
-    if (drop_layers is None) == (params is None):
-        raise SlimlmError("give either a number of layers to drop or a fraction of parameters to keep")
-    if drop_layers is not None:
-        depth.check_drop(len(decoder_blocks(model)), drop_layers)
-    else:
-        widths.check_keep(params)
-        if method not in METHODS:
-            raise unknown("width method", method, METHODS)
-        if allocation not in widths.ALLOCATIONS:
-            raise unknown("width allocation", allocation, widths.ALLOCATIONS)
-        if method == "slicegpt" and allocation != "uniform":
-            raise SlimlmError(f"SliceGPT slices every block's residual alike; allocation '{allocation}' does not "
-                              "apply (use uniform)")
-        if method == "slicegpt" and not compensate:
-            raise SlimlmError("compensate applies to removed heads and channels (flap, fisher), not to SliceGPT")
-        sparsity = slicegpt.sparsity_for_params(model, params) if method == "slicegpt" else None
-    torch.manual_seed(seed)
+    if c.drop_layers is not None:
+        depth.check_drop(len(decoder_blocks(model)), c.drop_layers)
+    sparsity = slicegpt.sparsity_for_params(model, c.params) if c.method == "slicegpt" and c.params else None
+    torch.manual_seed(c.seed)
     start, before = time.perf_counter(), parameter_counts(model)
-    calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling, seed,
-                                         data_dir)
-    if drop_layers is not None:
-        removed, rounds = depth.choose_blocks(model, calib, drop_layers, score, iterative, device, batch_size,
-                                              progress)
-        record = {"axis": "depth", "score": score, "iterative": iterative, "removed_layers": removed,
+    calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+    if c.drop_layers is not None:
+        removed, rounds = depth.choose_blocks(model, calib, c.drop_layers, c.score, c.iterative, device,
+                                              c.batch_size, progress)
+        record = {"axis": "depth", "score": c.score, "iterative": c.iterative, "removed_layers": removed,
                   "rounds": rounds}
-    elif method == "slicegpt":
-        record = _slice(model, calib, sparsity, device, batch_size, progress)
+    elif c.method == "slicegpt":
+        record = _slice(model, calib, sparsity, device, c.batch_size, progress)
     else:
-        record = _shrink_width(model, calib, params, method, allocation, compensate, owl_m, device, batch_size,
-                               progress)
+        record = _shrink_width(model, calib, c.params, c.method, c.resolved_allocation, not c.no_compensate,
+                               c.owl_m, device, c.batch_size, progress)
     after = parameter_counts(model)
-    manifest = {"kind": "shrink", "method": score if drop_layers is not None else method, **record,
+    manifest = {"kind": "shrink", "method": c.score if c.drop_layers is not None else c.method, **record,
                 "params_before": before, "params": after,
-                "params_kept": after["decoder_linears"] / before["decoder_linears"], "calibration": calib_info,
-                "device": placement.describe(device), "seed": seed, **distributed.record(),
-                "timings": {"total": time.perf_counter() - start}, "versions": versions()}
+                "params_kept": after["decoder_linears"] / before["decoder_linears"], "config": c.in_effect(),
+                "calibration": calib_info, "device": placement.describe(device), "seed": c.seed,
+                **distributed.record(), "timings": {"total": time.perf_counter() - start}, "versions": versions()}
     return Result(manifest)
 
 
