@@ -17,7 +17,7 @@ def run(capsys, *argv):
     (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
     (["--pattern", "4:4"], "0 < N < M"),
-    (["--method", "obs"], "unknown method"),
+    (["--method", "obs"], "unknown pruning method"),
     (["--calib", "/no/such/file.txt"], "unknown data source"),
     (["--nsamples", "100000", "--calib-sampling", "first"], "calibration text has"),
 ])

@@ -122,7 +122,7 @@ def test_a_recipe_prunes_then_writes_gguf_and_refuses_what_gguf_cannot_hold(tiny
     (["--size", "2bpw", "--method", "rtn"], "smallest types need"),
     (["--size", "lots"], "bits per weight"),
     (["--method", "gptq", "--imatrix"], "--imatrix only applies with --method rtn"),
-    (["--type", "Q4_K_X"], "invalid choice"),
+    (["--type", "Q4_K_X"], "unknown GGUF mix 'Q4_K_X' (did you mean 'Q4_K_S'?)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path, data_dir, args, message):
     out = tmp_path / "x.gguf"
@@ -167,7 +167,7 @@ def test_api_refuses_options_its_method_would_ignore(tmp_path):
     import slimlm
     from tests.conftest import tiny_llama
 
-    with pytest.raises(SlimlmError, match="act_order only applies"):
+    with pytest.raises(SlimlmError, match="--act-order only applies"):
         slimlm.to_gguf(tiny_llama(), None, tmp_path / "a.gguf", method="rtn", act_order=True)
     with pytest.raises(SlimlmError, match="imatrix only applies"):
         slimlm.to_gguf(tiny_llama(), None, tmp_path / "b.gguf", method="gptq", imatrix=True)

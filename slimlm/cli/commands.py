@@ -11,10 +11,14 @@ def one_step_recipe(kind: str, args):
     """The recipe of a ``slimlm prune/quantize/shrink/lowrank/analyze/gguf`` command line: its step's config (plus
     ``eval`` for --eval); the analysis folder and a gguf step's file are their own ``out``, a run folder the
     recipe's."""
+    from dataclasses import replace
+
     from slimlm.cli.settings import eval_config, run_config, step_config
     from slimlm.recipe import Recipe
 
     step = step_config(kind, args)
+    if kind == "analyze":  # the command's --out is the run-level one: the analysis folder
+        step = replace(step, out=None)
     steps = [(kind, step)] + ([("eval", eval_config(args))] if getattr(args, "eval", False) else [])
     return Recipe(run_config(args, None if kind == "gguf" else args.out), tuple(steps))
 
