@@ -3,70 +3,37 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm.allocate import (ALLOCATOR_METRIC, ALLOCATORS, BIT_LEVELS, allocate_from_metrics, apply_overrides,
-                             layer_budgets, round_bits, size_weighted_mean)
+from slimlm.allocate import (ALLOCATOR_METRIC, ALLOCATORS, allocate_from_metrics, allocation_metrics, fisher_metrics,
+                             plan_budgets, round_bits)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
-from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
-                                         fisher_sparsegpt_tables, fisher_tables)
+from slimlm.analysis.sensitivity import ERROR_LEVELS
 from slimlm.analysis.spectra import model_weight_metrics
 from slimlm.core import data as data_mod, distributed, placement
 from slimlm.core.architectures import linear_fqns
+from slimlm.core.budgets import apply_overrides, layer_budgets, size_weighted_mean
+from slimlm.core.calibration import adds_bos, calibration_for, check_tokens
 from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
+from slimlm.core.result import Result
 from slimlm.core.timing import timed
 from slimlm.errors import SlimlmError, unknown
 from slimlm.evaluation.perplexity import perplexity
+from slimlm.hooks import intactkv
+from slimlm.hooks.runtime import RUNTIME_FILE, Runtime, runtime_record
+from slimlm.hooks.runtime import attach_ as attach_runtime_
 from slimlm.pruning.methods import get_method
 from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity, parse_pattern
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import storage_report
-from slimlm.quant import intactkv
-from slimlm.quant.outliers import transform_callbacks
-from slimlm.quant.rotate import rotate_
-from slimlm.quant.runtime import RUNTIME_FILE, Runtime, runtime_record
-from slimlm.quant.runtime import attach_ as attach_runtime_
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
+from slimlm.transforms.outliers import transform_callbacks
+from slimlm.transforms.rotate import rotate_
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Result:
-    """What a compression run produced: a JSON-able manifest, and tensors (by safetensors file name) and text files
-    (by file name, e.g. recipe.yaml) to save beside the model."""
-
-    manifest: dict
-    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-
-def check_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Token ids must index the model's embedding; a mismatched tokenizer is an error, not garbage."""
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokens.numel() and int(tokens.max()) >= vocab:
-        raise SlimlmError(f"token id {int(tokens.max())} is outside the model's vocabulary ({vocab}); "
-                          "the tokenizer does not belong to this model")
-    return tokens
-
-
-def calibration(tokenizer, source: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
-                sampling: str = "random", seed: int = 0, data_dir: str | None = None) -> torch.Tensor:
-    return data_mod.calibration_data(source, tokenizer, nsamples, seqlen, sampling, seed, data_dir)
-
-
-def _calibration_for(model, tokenizer, calib, source, nsamples, seqlen, sampling, seed, data_dir):
-    """The calibration windows (given or loaded) and the manifest record describing them."""
-    if calib is None:
-        calib = calibration(tokenizer, source, nsamples, seqlen, sampling, seed, data_dir)
-    check_tokens(model, calib)
-    info = {"source": source, "nsamples": calib.shape[0], "seqlen": calib.shape[1], "sampling": sampling,
-            "seed": seed, "tokens": calib.numel(), "bos_added": _adds_bos(tokenizer)}
-    return calib, info
 
 
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
@@ -94,61 +61,6 @@ def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, erro
     return metrics
 
 
-def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_size=None, progress=True,
-                       owl_m: float = OWL_M, grid: QuantGrid | None = None, method: str | None = None):
-    """The metric records an allocator reads, measuring only what it needs (one dense pass at most, or the
-    gradient pass of ``fisher``; with a ``grid``, ``fisher`` measures bit-width tables on that grid's kind, with
-    ``method='sparsegpt'`` it prices SparseGPT's changes, see ``fisher_metrics``)."""
-    metric = ALLOCATOR_METRIC.get(allocation)
-    if metric == "alpha" or metric is None:
-        return model_weight_metrics(model, device, progress) if metric else {f: {"size": l.weight.numel()}
-                                                           for f, l in linear_fqns(model).items()}
-    if calib is None:
-        raise SlimlmError(f"allocation '{allocation}' needs calibration data")
-    if metric == "fisher":
-        return fisher_metrics(model, calib, progress=progress, grid=grid, method=method)
-    levels = ERROR_LEVELS if metric == "errors" else None
-    metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
-    for fqn, lin in linear_fqns(model).items():
-        metrics[fqn]["size"] = lin.weight.numel()
-    return metrics
-
-
-def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | None = None,
-                 owl_m: float = OWL_M, device: str = "cpu", batch_size: int | None = None,
-                 progress: bool = True, method: str | None = None, **options) -> dict[str, float]:
-    """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``); ``method`` is the
-    pruning method the map is for (``fisher`` prices SparseGPT's changes differently from the others')."""
-    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m, method=method)
-    return allocate_from_metrics(metrics, allocation, target, "sparsity", **options)
-
-
-def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
-                   grid: QuantGrid | None = None, method: str | None = None,
-                   timings: dict[str, float] | None = None) -> dict[str, dict]:
-    """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level, the Fisher from
-    the first ``FISHER_WINDOWS`` calibration windows: ``analysis.sensitivity.fisher_tables`` (the weights Wanda would remove),
-    or for ``method='sparsegpt'`` ``analysis.sensitivity.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
-    of ``calib``). With a ``grid``, also ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like
-    it (``analysis.sensitivity.fisher_bit_tables``). ``timings`` (if given) gets the seconds of the gradient pass
-    (``fisher_gradients``) and of the tables (``fisher_tables``)."""
-    timings = {} if timings is None else timings
-    with timed(timings, "fisher_gradients"):
-        fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
-    with timed(timings, "fisher_tables"):
-        if method == "sparsegpt":
-            tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
-        else:
-            tables = fisher_tables(model, fisher, sqnorms, levels, progress)
-        records = {f: {"size": lin.weight.numel(), "fisher": tables[f], "fisher_for": method or "wanda"}
-                   for f, lin in linear_fqns(model).items()}
-        if grid is not None:
-            bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS, progress)
-            for f, record in records.items():
-                record["fisher_bits"] = bit_tables[f]
-    return records
-
-
 DEFAULT_SPARSITY = 0.5
 
 
@@ -167,7 +79,7 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
     ``sparsity`` is the global target (default 0.5): every layer gets it with ``allocation='uniform'``; other
     allocators (owl, alphapruning, errortable, fisher) spread it non-uniformly with the same parameter-weighted mean.
     ``budgets`` (FQN -> sparsity; layers it leaves out get ``sparsity``) replaces the allocator; ``overrides``
-    (regex -> sparsity, ``allocate.apply_overrides``) then set the layers they match. ``pattern`` 'N:M' fixes
+    (regex -> sparsity, ``core.budgets.apply_overrides``) then set the layers they match. ``pattern`` 'N:M' fixes
     every layer at 1 - N/M and takes none of these. The manifest's ``sparsity_target`` is the requested target,
     with budgets or overrides the parameter-weighted mean of the per-layer targets applied.
     ``calib`` (token windows ``(n, seqlen)``) skips loading data. ``wbits`` also quantizes the kept
@@ -197,8 +109,8 @@ def prune(model, tokenizer=None, method: str = "wanda", sparsity: float | None =
     calib_info, timings = None, {}
     if m.needs_data or ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "errors", "fisher"):
         t = time.perf_counter()
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
+        calib, calib_info = calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                            seed, data_dir)
         timings["data"] = time.perf_counter() - t
     if budgets is None and allocation != "uniform" and spec.nm is None:
         t = time.perf_counter()
@@ -277,7 +189,7 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
 
     ``method``: a name in ``quant.methods.QUANTIZERS`` ('rtn', data-free, or 'gptq'). ``avg_bits`` with an
     ``allocation`` gives per-layer bit-widths (integers from 2..8) whose parameter-weighted mean stays at or under
-    ``avg_bits``; ``overrides`` (regex -> bits, ``allocate.apply_overrides``) then set the layers they match.
+    ``avg_bits``; ``overrides`` (regex -> bits, ``core.budgets.apply_overrides``) then set the layers they match.
     ``scale_dtype='float16'``
     rounds scales to float16 so that GGUF export is exact (see quant.grids.float16_scales). ``io`` and
     ``checkpoint`` stream blocks from and to disk and make the run resumable, as in ``prune``.
@@ -285,9 +197,9 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     (``core.engine.compress_blocks``).
 
     Weight-activation quantization: ``abits`` (per token), ``kvbits`` (KV cache per head and token), ``transform``
-    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``), ``weight_clip``,
-    ``act_clip``, ``act_symmetric``, ``kv_clip`` (None: the transform's defaults, ``quant.runtime.DEFAULTS``),
-    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``; ``calibrate_kv`` tunes its cache on
+    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``transforms.outliers``; ``alpha``, ``epochs``), ``weight_clip``,
+    ``act_clip``, ``act_symmetric``, ``kv_clip`` (None: the transform's defaults, ``hooks.runtime.DEFAULTS``),
+    ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``hooks.intactkv``; ``calibrate_kv`` tunes its cache on
     the calibration windows, IntactKV+Cal). The result's tensors hold what
     a reloaded model needs to compute the same thing (``apply_runtime``).
     """
@@ -319,8 +231,8 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     layers = linear_fqns(model)
     if quantizer.needs_data or transform or calibrate_kv or (
             avg_bits is not None and ALLOCATOR_METRIC.get(allocation) in ("owl_lod", "fisher")):
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
+        calib, calib_info = calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                            seed, data_dir)
     reference = intactkv.reference_outputs(model, calib, pivots) if calibrate_kv else None
     bits = {fqn: wbits for fqn in layers}
     if avg_bits is not None:
@@ -379,13 +291,6 @@ def quantize(model, tokenizer=None, method: str = "gptq", wbits: int = 4, group_
     return Result(manifest, {RUNTIME_FILE: tensors} if tensors else {})
 
 
-def _adds_bos(tokenizer) -> bool | None:
-    if tokenizer is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, windows: int | None = None,
              data_dir: str | None = None, device: str = "cpu", batch_size: int = 1,
              progress: bool = True) -> dict:
@@ -406,7 +311,7 @@ def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, wi
     result = perplexity(model, ids, device, batch_size, progress)
     return {"dataset": source, "perplexity": result.perplexity, "nll": result.nll, "windows": result.windows,
             "seqlen": result.seqlen, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
-            "bos_added": _adds_bos(tokenizer)}
+            "bos_added": adds_bos(tokenizer)}
 
 
 def save(model, tokenizer, out, result: Result, overwrite: bool = False):

@@ -37,7 +37,7 @@ from slimlm.runs.save import RECIPE
 def _prune_budget(ns, model) -> str:
     """'2of4', '0.5', 'owl-0.7', 'budgets-0.699': the pattern, or the allocation and the global sparsity, which
     with a budgets map or overrides is the parameter-weighted mean of the per-layer targets they give."""
-    from slimlm.allocate import layer_budgets, size_weighted_mean
+    from slimlm.core.budgets import layer_budgets, size_weighted_mean
     from slimlm.api import DEFAULT_SPARSITY
     from slimlm.core.architectures import linear_fqns
     from slimlm.pruning.spec import parse_pattern
@@ -115,7 +115,7 @@ def _checkpoint(recipe: Recipe, options: RunOptions, out: Path, stream):
 
 
 def _rotate(model, ns) -> dict:
-    from slimlm.quant.rotate import rotate_
+    from slimlm.transforms.rotate import rotate_
     from slimlm.runs.save import versions
 
     start = time.perf_counter()
@@ -218,7 +218,7 @@ def _analyze(model, tokenizer, run, ns, options: RunOptions, out, recipe_text: s
 
 
 def _gguf(model, tokenizer, run, ns, recipe_text: str, progress: bool) -> dict:
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     path = to_gguf(model, tokenizer, ns.out, ns.type, ns.method, ns.imatrix, calib_source=ns.calib,
                    nsamples=ns.nsamples, seqlen=ns.seqlen, sampling=ns.calib_sampling, seed=ns.seed,
@@ -268,7 +268,7 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
 def export(run_dir, ns, recipe_text: str | None, progress: bool = True) -> dict:
     """Write the saved run ``run_dir`` as an export step's settings ``ns`` say; returns its summary."""
     from slimlm.formats.compressed_tensors import export_compressed_tensors
-    from slimlm.formats.gguf import export_gguf
+    from slimlm.gguf.export import export_gguf
     from slimlm.formats.sparse import export_sparse
 
     extra = {}
@@ -286,7 +286,7 @@ def export(run_dir, ns, recipe_text: str | None, progress: bool = True) -> dict:
 
 
 def _gguf_deviation(path: Path) -> float:
-    from slimlm.formats.gguf_metadata import read_metadata
+    from slimlm.gguf.metadata import read_metadata
     return json.loads(read_metadata(path, ["slimlm.export"])["slimlm.export"])["max_abs_deviation"]
 
 

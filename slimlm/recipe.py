@@ -284,9 +284,9 @@ def _check_step(kind: str, ns) -> None:
     from slimlm.formats.source import check_new
     from slimlm.pruning.methods import get_method
     from slimlm.pruning.spec import check_budget_options, check_sparsity, parse_pattern
-    from slimlm.quant.gguf_sizing import parse_size
+    from slimlm.gguf.sizing import parse_size
     from slimlm.quant.grids import QuantGrid
-    from slimlm.quant.runtime import Runtime
+    from slimlm.hooks.runtime import Runtime
 
     if kind in ("prune", "quantize", "analyze", "shrink", "lowrank"):
         check_source(ns.calib)
@@ -389,7 +389,7 @@ def _check_gguf_input(run, ns) -> None:
     needing QuaRot's online Hadamard at inference is refused: GGUF cannot carry it."""
     from slimlm.core.data import check_data
     from slimlm.formats.source import check_runtime
-    from slimlm.runs.save import MANIFEST, read_manifest
+    from slimlm.core.files import MANIFEST, read_manifest
 
     if ns.method == "gptq" or ns.imatrix or ns.size:
         check_data(ns.calib, run.data_dir)

@@ -9,9 +9,9 @@ import torch
 from slimlm.core.linalg import hessian_inverse_cholesky
 from slimlm.quant.gptq import gptq
 from slimlm.quant.grids import QuantGrid, dequantize, fake_quant, quant_params, quantize, quantize_activations
-from slimlm.quant.hadamard import hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
 from slimlm.quant.packing import pack_int, packed_bytes, unpack_int
 from slimlm.quant.rtn import rtn
+from slimlm.transforms.hadamard import hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
 
 GRID_CASES = [(b, sym, gs) for b in range(2, 9) for sym in (True, False) for gs in (None, 50, 64)]
 

@@ -208,7 +208,7 @@ def add_lowrank_settings(p):
 
 
 def add_gguf_settings(p):
-    from slimlm.quant.gguf_mixes import MIXES
+    from slimlm.gguf.mixes import MIXES
 
     p.add_argument("--type", default="Q4_K_M", type=str.upper, choices=list(MIXES), help="llama.cpp file type: "
                    "its per-tensor types are the ones llama-quantize picks for it")

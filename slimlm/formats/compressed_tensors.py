@@ -17,9 +17,9 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, check_runtime, linear_weights, read_run,
                                    run_grids, write_export)
+from slimlm.core.files import MANIFEST
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.packing import pack_int, unpack_int
-from slimlm.runs.save import MANIFEST
 
 logger = logging.getLogger(__name__)
 

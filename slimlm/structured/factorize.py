@@ -18,9 +18,10 @@ import time
 import torch
 
 from slimlm.analysis.activations import OWL_M
-from slimlm.api import Result, _calibration_for
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import linear_fqns
+from slimlm.core.calibration import calibration_for
+from slimlm.core.result import Result
 from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
 from slimlm.structured import lowrank as lr
@@ -55,8 +56,7 @@ def _fisher_losses(model, calib, spectra, whitened: bool, progress) -> dict[str,
 
 def _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress):
     """owl / alphapruning: per-linear fractions of parameters kept -> ranks."""
-    from slimlm.allocate import allocate_from_metrics
-    from slimlm.api import allocation_metrics
+    from slimlm.allocate import allocate_from_metrics, allocation_metrics
 
     metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     kept = allocate_from_metrics(metrics, allocation, keep, "rank")
@@ -97,8 +97,8 @@ def lowrank(model, tokenizer=None, params: float = 0.75, method: str = "svdllm",
     torch.manual_seed(seed)
     start, before, calib_info = time.perf_counter(), parameter_counts(model), None
     if method == "svdllm" or allocation in ("owl", "fisher"):
-        calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
-                                             seed, data_dir)
+        calib, calib_info = calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling,
+                                            seed, data_dir)
     hessians = lr.collect_hessians(model, calib, device, progress, batch_size) if method == "svdllm" else None
     spectra = _spectra(linear_fqns(model), hessians)
     ranks = choose_ranks(model, allocation, params, spectra, hessians is not None, calib, owl_m, device,

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from slimlm.analysis.activations import OWL_M
-from slimlm.api import Result, _calibration_for
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.core.calibration import calibration_for
+from slimlm.core.result import Result
 from slimlm.errors import SlimlmError, unknown
 from slimlm.runs.save import versions
 from slimlm.structured import depth, slicegpt, width, widths
@@ -68,8 +69,8 @@ def shrink(model, tokenizer=None, drop_layers: int | None = None, score: str = "
         sparsity = slicegpt.sparsity_for_params(model, params) if method == "slicegpt" else None
     torch.manual_seed(seed)
     start, before = time.perf_counter(), parameter_counts(model)
-    calib, calib_info = _calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling, seed,
-                                         data_dir)
+    calib, calib_info = calibration_for(model, tokenizer, calib, calib_source, nsamples, seqlen, sampling, seed,
+                                        data_dir)
     if drop_layers is not None:
         removed, rounds = depth.choose_blocks(model, calib, drop_layers, score, iterative, device, batch_size,
                                               progress)
@@ -100,8 +101,8 @@ def _width_fractions(model, allocation: str, keep: float, calib, owl_m, device, 
                      progress) -> list[tuple[float, float]]:
     """Per block (attention, MLP) fractions to remove: OWL's or AlphaPruning's per-linear sparsities at the target
     ``1 - keep``, parameter-weighted over the block's attention and MLP linears."""
-    from slimlm.allocate import allocate_from_metrics, size_weighted_mean
-    from slimlm.api import allocation_metrics
+    from slimlm.allocate import allocate_from_metrics, allocation_metrics
+    from slimlm.core.budgets import size_weighted_mean
 
     metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     budgets = allocate_from_metrics(metrics, allocation, 1 - keep, "sparsity")

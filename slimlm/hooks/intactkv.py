@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.hooks.kvcache import kv_specs_
 from slimlm.quant.grids import straight_through
-from slimlm.quant.kvcache import kv_specs_
 
 HOOK_ATTR = "_slimlm_intact_kv"
 MODES = ("bos", "prefix")

@@ -5,7 +5,7 @@ clipping ratio): QuaRot §4 and FlatQuant §2.2 ("KV4: asymmetric, group size = 
 after RoPE, optionally in a rotated basis: q -> q R⁻ᵀ, k -> k R keeps q kᵀ unchanged, so an orthogonal R
 (QuaRot's and DuQuant's per-head Hadamard) or a learned invertible one (FlatQuant's key transform) spreads the
 keys' outlier channels before they are rounded. The first ``intact`` positions of every sequence (IntactKV's
-pivot tokens, ``quant.intactkv``) are left in full precision.
+pivot tokens, ``hooks.intactkv``) are left in full precision.
 
 How: transformers 5 looks attention up by name in ``AttentionInterface``. ``quantize_kv_`` registers
 ``slimlm_<base>`` (the model's implementation, sdpa or eager, wrapped) and switches the model to it; each
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimlm.errors import SlimlmError
 from slimlm.core.architectures import decoder_blocks
+from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid, quantize_activations
 
 KV_ATTR = "_slimlm_kv"

@@ -9,7 +9,7 @@ together). The scale is clamped at 1e-5 as in DuQuant's use of it (field-next.md
 
 Where the scale goes: SmoothQuant folds diag(s)⁻¹ into the preceding LayerNorm/RMSNorm, which is free at
 inference; so it smooths only the linears right after a norm (attention's q/k/v, the MLP's gate/up), as the
-paper does. DuQuant smooths o_proj and down_proj too (``quant.duquant``), online with its rotations.
+paper does. DuQuant smooths o_proj and down_proj too (``transforms.duquant``), online with its rotations.
 """
 from __future__ import annotations
 

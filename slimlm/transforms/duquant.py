@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
-from slimlm.quant.hadamard import random_orthogonal
-from slimlm.quant.transforms import Op
+from slimlm.transforms.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
+from slimlm.transforms.hadamard import random_orthogonal
+from slimlm.transforms.ops import Op
 
 BLOCK = 128
 MAX_STEPS = 256

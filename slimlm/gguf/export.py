@@ -2,7 +2,7 @@
 (``from_pretrained(folder, gguf_file=name)``).
 
 Written from the GGUF spec (ggml docs/gguf.md: metadata keys ``llama.*``, ``tokenizer.ggml.*``, tensor names
-``blk.N.attn_q.weight`` ... taken from the ``gguf`` package's name map) with ``gguf.GGUFWriter``. Block types
+``blk.N.attn_q.weight`` ... taken from the ``gguf`` package's name map) with ``gguf.GGUFWriter`` (``gguf.writer``). Block types
 (ggml-common.h / dequantize_row_*; 32 weights per block along the input dimension, scales in float16):
 
 - ``Q8_0``: d, 32 int8 q; x = d·q                                       (34 bytes, 8.5 bits per weight)
@@ -33,16 +33,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from slimlm.errors import SlimlmError
 from slimlm.core.linalg import small_op_threads
+from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
-from slimlm.formats.gguf_writer import check_llama, rope_rows, tensor_names, write_gguf
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
+from slimlm.gguf.writer import check_llama, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.grids import QuantGrid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_gguf", "rope_interleave", "GGUF_TYPES"]
+__all__ = ["export_gguf", "GGUF_TYPES"]
 
 QK = 32  # weights per block for Q4_0, Q4_1, Q8_0
 T = gguf.GGMLQuantizationType
@@ -114,12 +114,6 @@ def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_flo
 
 
 # ---------------------------------------------------------------- block encoding
-
-def rope_interleave(W: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of q_proj / k_proj from HF's rotary layout (per head: first halves, then second halves) to ggml's
-    (rotated pairs adjacent), as llama.cpp's converter reorders them."""
-    return W.reshape(heads, 2, W.shape[0] // heads // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
-
 
 def _block_values(d: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     """ggml's float32 decoding of blocks: d·q with signed codes q (Q4_0 stores q + 8) or d·q + m."""

@@ -27,10 +27,10 @@ import time
 import torch
 from torch import nn
 
-from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
-from slimlm.quant.hadamard import random_orthogonal
-from slimlm.quant.kvcache import KV_ATTR, KVQuant
-from slimlm.quant.transforms import Op, transform_weight
+from slimlm.hooks.kvcache import KV_ATTR, KVQuant
+from slimlm.transforms.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
+from slimlm.transforms.hadamard import random_orthogonal
+from slimlm.transforms.ops import Op, transform_weight
 
 EPOCHS, LR, BATCH, DIAG_ALPHA, CLIP_INIT = 15, 5e-3, 4, 0.3, 4.0
 ATTN, O, MLP, DOWN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", \
@@ -88,7 +88,7 @@ class FlatBlock(nn.Module):
 
     def __init__(self, block: nn.Module, absmax: dict[str, torch.Tensor], seed: int, alpha: float = DIAG_ALPHA):
         super().__init__()
-        from slimlm.quant.smoothquant import smoothing_scales
+        from slimlm.transforms.smoothquant import smoothing_scales
 
         attn, mlp = block.self_attn, block.mlp
         head_dim = attn.head_dim
@@ -220,7 +220,7 @@ def finalize_(block: nn.Module, flat: FlatBlock, kvbits: int | None):
     """Fix the trained transforms into ``block``: fold the scales and the value transform into the producing
     modules, transform every weight, clamp it to its learned clipping range (LWC baked in). Returns the ops of
     every linear (block-relative names), each linear's activation clip ratio, and the block's ``KVQuant``."""
-    from slimlm.quant.transforms import set_transform_
+    from slimlm.transforms.ops import set_transform_
 
     ops = flat.ops()
     attn, mlp = block.self_attn, block.mlp

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm.core.architectures import linear_fqns
 from slimlm.core import distributed
+from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
-from slimlm.quant import intactkv
+from slimlm.hooks import intactkv
+from slimlm.hooks.kvcache import attention_modules, kv_specs_, quantize_kv_
 from slimlm.quant.grids import QuantGrid
-from slimlm.quant.hadamard import random_hadamard
-from slimlm.quant.kvcache import attention_modules, kv_specs_, quantize_kv_
-from slimlm.quant.outliers import TRANSFORMS, TransformSettings
-from slimlm.quant.rotate import ROTATABLE, attach_online_down_, quantize_activations_
-from slimlm.quant.transforms import from_record, set_activation_quant_, set_transform_
+from slimlm.transforms.hadamard import random_hadamard
+from slimlm.transforms.ops import from_record, set_activation_quant_, set_transform_
+from slimlm.transforms.outliers import TRANSFORMS, TransformSettings
+from slimlm.transforms.rotate import ROTATABLE, attach_online_down_, quantize_activations_
 
 RUNTIME_FILE = "runtime.safetensors"
 KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_proj (2) rotations
@@ -111,8 +111,8 @@ def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None
                    learned: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest entries of ``runtime`` and the tensors to save in ``RUNTIME_FILE`` (empty: no file).
     ``learned``: FlatQuant's per-linear activation clips and per-block KV quantizers and value transforms
-    (``outliers.flat_preparer``); the pivot cache's values are moved into the blocks' value bases."""
-    from slimlm.quant.transforms import to_record
+    (``transforms.outliers.flat_preparer``); the pivot cache's values are moved into the blocks' value bases."""
+    from slimlm.transforms.ops import to_record
 
     sites_record, tensors = to_record(sites)
     blocks = (learned or {}).get("blocks", {})
