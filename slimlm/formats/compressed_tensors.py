@@ -48,7 +48,8 @@ def _linear_names(run: Path) -> list[str]:
 
 
 def _warn_unfused(schemes: dict[str, dict]) -> None:
-    """vLLM fuses q/k/v and gate/up into one linear, which must share one scheme (field.md §0 fact 10)."""
+    """vLLM fuses q/k/v and gate/up into one linear, which must share one scheme (why AutoRound has
+    ``shared_layers``: intel/auto-round docs/step_by_step.md, §AutoScheme)."""
     for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         by_parent = {}
         for fqn, scheme in schemes.items():

@@ -28,8 +28,9 @@ from slimlm.transforms.rotate import ROTATABLE, attach_online_down_, quantize_ac
 RUNTIME_FILE = "runtime.safetensors"
 KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_proj (2) rotations
 # per method: (smoothing alpha, weight clip, activation clip, symmetric activations), the papers' settings:
-# SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations (§1.1)
-# FlatQuant: α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC); symmetric activations (§2)
+# SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations
+# FlatQuant (its w4a4kv4.sh scripts): α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC);
+# symmetric activations
 # DuQuant+LWC (run_lwc.sh): α 0.5, the weight clipping learned instead of fixed
 DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False),
             "duquant+lwc": (0.5, 1.0, 0.9, False), "flatquant": (0.3, 1.0, 1.0, True)}

@@ -1,7 +1,8 @@
 """FlatQuant: learnable affine transforms per layer that flatten weights and activations before quantization.
 
-Reference: Sun et al., "FlatQuant: Flatness Matters for LLM Quantization", ICML 2025 (field-next.md §2). Each
-linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight W·diag(d)⁻¹·(P₁ ⊗ P₂)⁻ᵀ (the same product), with
+Reference: Sun et al., "FlatQuant: Flatness Matters for LLM Quantization", ICML 2025, §3, and its code
+(ruikangliu/FlatQuant, flatquant/). Each linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight
+W·diag(d)⁻¹·(P₁ ⊗ P₂)⁻ᵀ (the same product), with
   - Kronecker factors of balanced sizes (``kron_dims``: the most balanced n₁·n₂ = n), each P = U·diag(σ)·Vᵀ with
     U, V orthogonal (a fixed random orthogonal start times a Cayley map of a learned skew matrix, so they stay
     orthogonal) and σ learned from 1: P⁻ᵀ = U·diag(1/σ)·Vᵀ exists by construction;
@@ -12,12 +13,13 @@ linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight W·diag(d)�
     applied to both ends of its range, where the paper learns two on asymmetric ones (our grids take one ratio);
   - per head: a value transform merged into v_proj's rows (undone in o_proj), a heads transform on o_proj's input
     (online), and a key transform applied to queries (inverse-transpose) and keys after RoPE (online).
-Calibration (§2.3): block by block, the quantized block's output is fitted to the full-precision block's output,
-each block fed the full-precision model's activations; loss = MSE divided by its own detached value; AdamW
-(weight decay 0.01) at lr 5e-3 for transforms and scales and 10× for the clipping parameters, cosine schedule down
-to lr·1e-3 over all steps; 15 epochs, batch 4. Rounding passes gradients straight through (to the scales too).
-Then the transforms are fixed, the scales folded, LWC baked into the weights (clamped to their learned range) and
-the weights rounded by RTN or GPTQ on the transformed Hessian (``outliers.transforming``).
+Calibration (flatquant/train_utils.py and the W4A4KV4 scripts, scripts/*/w4a4kv4.sh): block by block, the quantized
+block's output is fitted to the full-precision block's output, each block fed the full-precision model's
+activations; loss = MSE divided by its own detached value; AdamW (weight decay 0.01) at lr 5e-3 for transforms and
+scales and 10× for the clipping parameters, cosine schedule down to lr·1e-3 over all steps; 15 epochs, batch 4.
+Rounding passes gradients straight through (to the scales too). Then the transforms are fixed, the scales folded,
+LWC baked into the weights (clamped to their learned range) and the weights rounded by RTN or GPTQ on the
+transformed Hessian (``outliers.transforming``).
 """
 from __future__ import annotations
 
