@@ -54,7 +54,7 @@ def formats_for(run: Path) -> list[str]:
 def export(run: Path, fmt: str, out: Path) -> Path:
     from slimlm.formats.compressed_tensors import export_compressed_tensors
     from slimlm.formats.sparse import export_sparse
-    from slimlm.formats.gguf import export_gguf
+    from slimlm.gguf.export import export_gguf
 
     if fmt == "run":
         return run

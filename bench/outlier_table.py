@@ -24,8 +24,8 @@ from common import RECIPES, RESULTS, peak_rss_mb, recipe_rows, row_recipe, table
 
 
 def _without_intact_kv(model) -> None:
-    from slimlm.quant import intactkv
-    from slimlm.quant.kvcache import KV_ATTR, attention_modules
+    from slimlm.hooks import intactkv
+    from slimlm.hooks.kvcache import KV_ATTR, attention_modules
 
     intactkv.detach_(model)
     for module in attention_modules(model):
@@ -36,7 +36,7 @@ def _without_intact_kv(model) -> None:
 def run_row(name: str, args) -> dict:
     import slimlm
     from slimlm.pipeline import Context, run_steps
-    from slimlm.quant import intactkv
+    from slimlm.hooks import intactkv
     from slimlm.recipe import COMPRESSION, RunOptions
 
     path = recipe_rows(args.recipes)[name]

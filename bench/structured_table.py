@@ -74,7 +74,7 @@ def speeds(dense: tuple[Path, Path | None], row: tuple[Path, Path | None], repea
 def run_row(name, kind, settings, work: Path, dense, calib, data_dir, eval_windows, repeats) -> dict:
     import slimlm
     from slimlm.structured.shrink import parameter_counts
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     model, tok = slimlm.load_model("smollm2-135m")
     before = parameter_counts(model)
@@ -101,7 +101,7 @@ def quantized_pair(best: dict, work: Path, data_dir: str, repeats: int) -> dict:
     import slimlm
     from slimlm.evaluation.llama_cpp import llama_perplexity
     from slimlm.evaluation.speed import measure_speed
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     files = {}
     for label, source in (("dense", "smollm2-135m"), (best["row"], str(work / best["row"].split()[0]))):
@@ -155,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     import slimlm
     from slimlm.structured.shrink import shrink
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     work = Path(tempfile.mkdtemp(prefix="structured-"))
     model, tok = slimlm.load_model("smollm2-135m")

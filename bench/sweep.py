@@ -2,7 +2,7 @@
 AlphaPruning and fisher (slimlm's) budgets, under the protocol of bench/common.py. Writes one JSON, a
 markdown table and the perplexity-vs-sparsity plot.
 
-Cells: recipes/sweep/<method>-<sparsity>-<allocation>.yaml (8 evaluation windows), run by ``slimlm.runs.sweep``
+Cells: recipes/sweep/<method>-<sparsity>-<allocation>.yaml (8 evaluation windows), run by ``slimlm.sweep``
 as Ray tasks (a local Ray unless ``--ray`` names a cluster), each into its run folder (the recipe's out,
 runs/sweep/<cell>); finished cells are skipped on rerun. Each cell plans its budget map on the dense model inside
 its run, as ``slimlm prune --allocation`` does (``allocation_seconds``; ``fisher`` prices the changes each method
@@ -65,7 +65,7 @@ def main() -> None:
         rows = {(r["method"], r["target"], r["allocation"]): r
                 for path in args.merge for r in json.loads(Path(path).read_text())["rows"]}
         return write_outputs(list(rows.values()), args.out)
-    from slimlm.runs.sweep import sweep
+    from slimlm.sweep import sweep
 
     write_outputs(sweep(cells(args), args.runs, args.ray), args.out)
 

@@ -9,15 +9,17 @@ Python API (the CLI is a thin layer over it)::
     print(slimlm.evaluate(model, tokenizer, windows=4))
 """
 from slimlm.version import __version__  # noqa: E402
-from slimlm.api import (Result, analyze, calibration, evaluate, plan_budgets, prune,  # noqa: E402
-                        quantize, save)
+from slimlm.allocate import plan_budgets  # noqa: E402
+from slimlm.api import analyze, evaluate, prune, quantize, save  # noqa: E402
+from slimlm.core.calibration import calibration  # noqa: E402
+from slimlm.core.result import Result  # noqa: E402
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.core.models import load_model  # noqa: E402
-from slimlm.to_gguf import to_gguf  # noqa: E402
+from slimlm.gguf.quantize import to_gguf  # noqa: E402
 from slimlm.structured.shrink import shrink  # noqa: E402
 from slimlm.structured.factorize import lowrank  # noqa: E402
 from slimlm.evaluation.speed import measure_speed  # noqa: E402
-from slimlm.quant.runtime import apply_runtime  # noqa: E402
+from slimlm.hooks.runtime import apply_runtime  # noqa: E402
 from slimlm.core.placement import spread_over  # noqa: E402
 
 __all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",

@@ -3,73 +3,39 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm.allocate import (ALLOCATOR_METRIC, BIT_LEVELS, allocate_from_metrics, apply_overrides,
-                             layer_budgets, round_bits, size_weighted_mean)
+from slimlm.allocate import (ALLOCATOR_METRIC, allocate_from_metrics, allocation_metrics, fisher_metrics, plan_budgets,
+                             round_bits)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
-from slimlm.analysis.sensitivity import (ERROR_LEVELS, FISHER_WINDOWS, fisher_bit_tables, fisher_diagonal,
-                                         fisher_sparsegpt_tables, fisher_tables)
+from slimlm.analysis.sensitivity import ERROR_LEVELS
 from slimlm.analysis.spectra import model_weight_metrics
-from slimlm.core import data as data_mod, distributed, placement
-from slimlm.core.architectures import linear_fqns
-from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
-from slimlm.core.timing import timed
 from slimlm.config import PruneConfig, QuantizeConfig
 from slimlm.config.keywords import configure
+from slimlm.core import data as data_mod, distributed, placement
+from slimlm.core.architectures import linear_fqns
+from slimlm.core.budgets import apply_overrides, layer_budgets, size_weighted_mean
+from slimlm.core.calibration import adds_bos, calibration_for, check_tokens
+from slimlm.core.engine import BlockIO, compress_blocks, compress_data_free
+from slimlm.core.result import Result
+from slimlm.core.timing import timed
 from slimlm.errors import SlimlmError
 from slimlm.evaluation.perplexity import perplexity
+from slimlm.hooks import intactkv
+from slimlm.hooks.runtime import RUNTIME_FILE, runtime_record
+from slimlm.hooks.runtime import attach_ as attach_runtime_
 from slimlm.pruning.methods import get_method
 from slimlm.pruning.spec import PruneSpec, check_budget_options, check_sparsity, parse_pattern
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.methods import GPTQOptions, get_quantizer
 from slimlm.quant.packing import storage_report
-from slimlm.quant import intactkv
-from slimlm.quant.outliers import transform_callbacks
-from slimlm.quant.rotate import rotate_
-from slimlm.quant.runtime import RUNTIME_FILE, runtime_record
-from slimlm.quant.runtime import attach_ as attach_runtime_
 from slimlm.runs.resume import Checkpoint
 from slimlm.runs.save import save_run, versions
+from slimlm.transforms.outliers import transform_callbacks
+from slimlm.transforms.rotate import rotate_
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Result:
-    """What a compression run produced: a JSON-able manifest, and tensors (by safetensors file name) and text files
-    (by file name, e.g. recipe.yaml) to save beside the model."""
-
-    manifest: dict
-    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
-
-
-def check_tokens(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Token ids must index the model's embedding; a mismatched tokenizer is an error, not garbage."""
-    vocab = model.get_input_embeddings().num_embeddings
-    if tokens.numel() and int(tokens.max()) >= vocab:
-        raise SlimlmError(f"token id {int(tokens.max())} is outside the model's vocabulary ({vocab}); "
-                          "the tokenizer does not belong to this model")
-    return tokens
-
-
-def calibration(tokenizer, source: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
-                sampling: str = "random", seed: int = 0, data_dir: str | None = None) -> torch.Tensor:
-    return data_mod.calibration_data(source, tokenizer, nsamples, seqlen, sampling, seed, data_dir)
-
-
-def calibration_for(model, tokenizer, calib: torch.Tensor | None, c, data_dir: str | None):
-    """The calibration windows (``calib`` when given, else read as the calibration settings ``c`` say) and the
-    manifest record describing them."""
-    if calib is None:
-        calib = calibration(tokenizer, c.calib, c.nsamples, c.seqlen, c.calib_sampling, c.seed, data_dir)
-    check_tokens(model, calib)
-    info = {"source": c.calib, "nsamples": calib.shape[0], "seqlen": calib.shape[1], "sampling": c.calib_sampling,
-            "seed": c.seed, "tokens": calib.numel(), "bos_added": _adds_bos(tokenizer)}
-    return calib, info
 
 
 def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, error_levels=ERROR_LEVELS,
@@ -95,61 +61,6 @@ def analyze(model, calib: torch.Tensor | None = None, owl_m: float = OWL_M, erro
                                                   timings=timings).items():
                     metrics[fqn].update(fisher=record["fisher"], fisher_for=record["fisher_for"])
     return metrics
-
-
-def allocation_metrics(model, allocation: str, calib=None, device="cpu", batch_size=None, progress=True,
-                       owl_m: float = OWL_M, grid: QuantGrid | None = None, method: str | None = None):
-    """The metric records an allocator reads, measuring only what it needs (one dense pass at most, or the
-    gradient pass of ``fisher``; with a ``grid``, ``fisher`` measures bit-width tables on that grid's kind, with
-    ``method='sparsegpt'`` it prices SparseGPT's changes, see ``fisher_metrics``)."""
-    metric = ALLOCATOR_METRIC.get(allocation)
-    if metric == "alpha" or metric is None:
-        return model_weight_metrics(model, device, progress) if metric else {f: {"size": l.weight.numel()}
-                                                           for f, l in linear_fqns(model).items()}
-    if calib is None:
-        raise SlimlmError(f"allocation '{allocation}' needs calibration data")
-    if metric == "fisher":
-        return fisher_metrics(model, calib, progress=progress, grid=grid, method=method)
-    levels = ERROR_LEVELS if metric == "errors" else None
-    metrics = calibration_metrics(model, calib, owl_m, levels, device, batch_size, progress)
-    for fqn, lin in linear_fqns(model).items():
-        metrics[fqn]["size"] = lin.weight.numel()
-    return metrics
-
-
-def plan_budgets(model, allocation: str, target: float, calib: torch.Tensor | None = None,
-                 owl_m: float = OWL_M, device: str = "cpu", batch_size: int | None = None,
-                 progress: bool = True, method: str | None = None, **options) -> dict[str, float]:
-    """Per-layer sparsity from an allocator (``options`` go to it: ``lamda``, ``epsilon``); ``method`` is the
-    pruning method the map is for (``fisher`` prices SparseGPT's changes differently from the others')."""
-    metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m, method=method)
-    return allocate_from_metrics(metrics, allocation, target, "sparsity", **options)
-
-
-def fisher_metrics(model, calib: torch.Tensor, levels=ERROR_LEVELS, progress: bool = True,
-                   grid: QuantGrid | None = None, method: str | None = None,
-                   timings: dict[str, float] | None = None) -> dict[str, dict]:
-    """Per linear: ``size`` and ``fisher``, its estimated loss-increase table per sparsity level, the Fisher from
-    the first ``FISHER_WINDOWS`` calibration windows: ``analysis.sensitivity.fisher_tables`` (the weights Wanda would remove),
-    or for ``method='sparsegpt'`` ``analysis.sensitivity.fisher_sparsegpt_tables`` (SparseGPT's own changes, Hessians from all
-    of ``calib``). With a ``grid``, also ``fisher_bits``, the table per bit-width of ``BIT_LEVELS`` on grids like
-    it (``analysis.sensitivity.fisher_bit_tables``). ``timings`` (if given) gets the seconds of the gradient pass
-    (``fisher_gradients``) and of the tables (``fisher_tables``)."""
-    timings = {} if timings is None else timings
-    with timed(timings, "fisher_gradients"):
-        fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
-    with timed(timings, "fisher_tables"):
-        if method == "sparsegpt":
-            tables = fisher_sparsegpt_tables(model, calib, fisher, levels, progress)
-        else:
-            tables = fisher_tables(model, fisher, sqnorms, levels, progress)
-        records = {f: {"size": lin.weight.numel(), "fisher": tables[f], "fisher_for": method or "wanda"}
-                   for f, lin in linear_fqns(model).items()}
-        if grid is not None:
-            bit_tables = fisher_bit_tables(model, fisher, lambda b: replace(grid, bits=b), BIT_LEVELS, progress)
-            for f, record in records.items():
-                record["fisher_bits"] = bit_tables[f]
-    return records
 
 
 DEFAULT_SPARSITY = 0.5  # Wanda and SparseGPT's headline setting
@@ -275,9 +186,9 @@ def quantize(model, tokenizer=None, config: QuantizeConfig | None = None, *, cal
     on the dense model's activations (``core.engine.compress_blocks``).
 
     Weight-activation quantization: ``abits`` (per token), ``kvbits`` (KV cache per head and token), ``transform``
-    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``quant.outliers``; ``alpha``, ``epochs``),
+    (``smoothquant``, ``duquant`` [``lwc``], ``flatquant``: ``transforms.outliers``; ``alpha``, ``epochs``),
     ``weight_clip``, ``act_clip``, ``act_grid``, ``kv_clip`` (None: the transform's defaults,
-    ``quant.runtime.DEFAULTS``), ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``quant.intactkv``;
+    ``hooks.runtime.DEFAULTS``), ``intact_kv`` ('bos' or 'prefix' with ``intact_prefix``: ``hooks.intactkv``;
     ``calibrate_kv`` tunes its cache on the calibration windows, IntactKV+Cal). The result's tensors hold what a
     reloaded model needs to compute the same thing (``apply_runtime``).
     """
@@ -375,13 +286,6 @@ def _quantize_manifest(model, c: QuantizeConfig, runtime, rotation, entries, bit
     }
 
 
-def _adds_bos(tokenizer) -> bool | None:
-    if tokenizer is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, windows: int | None = None,
              data_dir: str | None = None, device: str = "cpu", batch_size: int = 1,
              progress: bool = True) -> dict:
@@ -402,7 +306,7 @@ def evaluate(model, tokenizer, source: str = "wikitext2", seqlen: int = 2048, wi
     result = perplexity(model, ids, device, batch_size, progress)
     return {"dataset": source, "perplexity": result.perplexity, "nll": result.nll, "windows": result.windows,
             "seqlen": result.seqlen, "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
-            "bos_added": _adds_bos(tokenizer)}
+            "bos_added": adds_bos(tokenizer)}
 
 
 def save(model, tokenizer, out, result: Result, overwrite: bool = False):

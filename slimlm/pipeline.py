@@ -40,7 +40,7 @@ from slimlm.api import Result
 def _prune_budget(ns, model) -> str:
     """'2of4', '0.5', 'owl-0.7', 'budgets-0.699': the pattern, or the allocation and the global sparsity, which
     with a budgets map or overrides is the parameter-weighted mean of the per-layer targets they give."""
-    from slimlm.allocate import layer_budgets, size_weighted_mean
+    from slimlm.core.budgets import layer_budgets, size_weighted_mean
     from slimlm.api import DEFAULT_SPARSITY
     from slimlm.core.architectures import linear_fqns
     from slimlm.pruning.spec import parse_pattern
@@ -138,7 +138,7 @@ class Context:
 
 
 def _rotate(ctx: Context, c) -> Result:
-    from slimlm.quant.rotate import rotate_
+    from slimlm.transforms.rotate import rotate_
     from slimlm.runs.save import versions
 
     start = time.perf_counter()
@@ -217,7 +217,7 @@ def _analyze(ctx: Context, c) -> dict:
 
 
 def _gguf(ctx: Context, c) -> dict:
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     path = to_gguf(ctx.model, ctx.tokenizer, c.out, config=c, data_dir=ctx.run.data_dir, source=ctx.run.model,
                    recipe=ctx.text, progress=ctx.progress)
@@ -287,7 +287,7 @@ def write_analysis(model, metrics: dict, folder: Path, unit: str, target: float,
 def export(run_dir, ns, recipe_text: str | None, progress: bool = True) -> dict:
     """Write the saved run ``run_dir`` as an export step's settings ``ns`` say; returns its summary."""
     from slimlm.formats.compressed_tensors import export_compressed_tensors
-    from slimlm.formats.gguf import export_gguf
+    from slimlm.gguf.export import export_gguf
     from slimlm.formats.sparse import export_sparse
 
     extra = {}
@@ -305,7 +305,7 @@ def export(run_dir, ns, recipe_text: str | None, progress: bool = True) -> dict:
 
 
 def _gguf_deviation(path: Path) -> float:
-    from slimlm.formats.gguf_metadata import read_metadata
+    from slimlm.gguf.metadata import read_metadata
     return json.loads(read_metadata(path, ["slimlm.export"])["slimlm.export"])["max_abs_deviation"]
 
 

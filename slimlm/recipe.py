@@ -203,7 +203,7 @@ def _check_gguf_input(run, ns) -> None:
     needing QuaRot's online Hadamard at inference is refused: GGUF cannot carry it."""
     from slimlm.core.data import check_data
     from slimlm.formats.source import check_runtime
-    from slimlm.runs.save import MANIFEST, read_manifest
+    from slimlm.core.files import MANIFEST, read_manifest
 
     if ns.method == "gptq" or ns.imatrix or ns.size is not None:
         check_data(ns.calib, run.data_dir)

@@ -9,12 +9,12 @@ from slimlm.allocate import (
     ALLOCATORS,
     alphapruning,
     block_mean,
-    block_of,
     clip_and_renormalize,
     owl,
     solve_error_table,
     uniform,
 )
+from slimlm.core.architectures import block_of
 
 # SmolLM2-135M-like block: (name, out, in)
 LINEARS = [("self_attn.q_proj", 576, 576), ("self_attn.k_proj", 192, 576), ("self_attn.v_proj", 192, 576),

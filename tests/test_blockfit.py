@@ -1,8 +1,8 @@
 """The straight-through quantizers and the baked clipping of blockfit, against the grids' own formulas."""
 import torch
 
-from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, ste_fake_quant
 from slimlm.quant.grids import QuantGrid, fake_quant
+from slimlm.transforms.blockfit import clamp_rows, fake_quant_weight, ste_fake_quant
 
 
 def test_straight_through_quantizer_matches_the_grid_and_passes_gradients():

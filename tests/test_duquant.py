@@ -1,9 +1,9 @@
 """DuQuant's pieces against their definitions: the spreading rotation, the greedy search, the zigzag deal."""
 import torch
 
-from slimlm.quant.duquant import (block_size, dual_transform, greedy_rotation, spreading_rotation,
+from slimlm.transforms.duquant import (block_size, dual_transform, greedy_rotation, spreading_rotation,
                                   zigzag_permutation)
-from slimlm.quant.transforms import apply_ops, transform_weight
+from slimlm.transforms.ops import apply_ops, transform_weight
 
 
 def test_spreading_rotation_is_orthogonal_and_spreads_its_coordinate_evenly():
@@ -57,7 +57,7 @@ def test_block_size_divides_the_width():
 
 
 def test_learned_clipping_lowers_the_quantized_block_error():
-    from slimlm.quant.duquant import fit_lwc_
+    from slimlm.transforms.duquant import fit_lwc_
     from slimlm.quant.grids import QuantGrid
     from tests.test_flatquant import block_data
     from tests.conftest import tiny_llama

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from slimlm.core.engine import capture_inputs
-from slimlm.quant.flatquant import Affine, FlatBlock, finalize_, kron_dims, train_block_
 from slimlm.quant.grids import QuantGrid
+from slimlm.transforms.flatquant import Affine, FlatBlock, finalize_, kron_dims, train_block_
 from tests.conftest import LLAMA_FAMILY, tiny_llama
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import slimlm
 from slimlm.cli import main
-from slimlm.formats.gguf import export_gguf, rope_interleave
+from slimlm.gguf.export import export_gguf
+from slimlm.gguf.writer import rope_interleave
 from slimlm.quant.grids import QuantGrid, fake_quant, quant_params
 from tests.conftest import tiny_llama, tiny_opt
 
@@ -187,12 +188,12 @@ def test_tokenizer_metadata_matches_llama_cpps_conversion(smollm_export):
 
 
 def test_metadata_reader_matches_transformers_reader(smollm_export, tmp_path):
-    """formats.gguf_metadata.read_metadata (which export uses instead of the slow gguf.GGUFReader) gives every
+    """gguf.metadata.read_metadata (which export uses instead of the slow gguf.GGUFReader) gives every
     key as transformers' GGUF parser reads it, on llama.cpp's file and on ours; a cut file is a SlimlmError."""
     from transformers.integrations.gguf.reader import read_gguf_metadata
 
     from slimlm.core.models import builtin_gguf
-    from slimlm.formats.gguf_metadata import read_metadata
+    from slimlm.gguf.metadata import read_metadata
 
     for path in (str(builtin_gguf("smollm2-135m")), str(smollm_export[1])):
         keys = list(read_gguf_metadata(path)[0])

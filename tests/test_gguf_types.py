@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_blocks import pack
-from slimlm.quant.gguf_mixes import named_mix, use_more_bits
-from slimlm.quant.gguf_types import TYPES, fit, gguf_type
+from slimlm.gguf.blocks import pack
+from slimlm.gguf.mixes import named_mix, use_more_bits
+from slimlm.gguf.types import TYPES, fit, gguf_type
 from slimlm.quant.gptq import gptq_gguf
 
 

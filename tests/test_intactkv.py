@@ -4,8 +4,8 @@ import torch
 
 from tests.conftest import LLAMA_FAMILY, tiny_llama
 from slimlm.errors import SlimlmError
-from slimlm.quant import intactkv
-from slimlm.quant.kvcache import kv_specs_, quantize_kv_
+from slimlm.hooks import intactkv
+from slimlm.hooks.kvcache import kv_specs_, quantize_kv_
 
 
 class Tokenizer:

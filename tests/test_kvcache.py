@@ -5,8 +5,8 @@ from torch import nn
 
 from tests.conftest import tiny_llama
 from slimlm.errors import SlimlmError
-from slimlm.quant.hadamard import random_hadamard
-from slimlm.quant.kvcache import KVQuant, kv_specs_, quantize_kv_
+from slimlm.hooks.kvcache import KVQuant, kv_specs_, quantize_kv_
+from slimlm.transforms.hadamard import random_hadamard
 
 
 def ids(n=2, T=24, seed=0):

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycles between modules, no module much over 400 lines, the public API intact."""
+"""The package's shape: no import cycles between modules, no module reaching up into the entry points (nor core into
+runs), no module much over 400 lines, the public API intact."""
 import ast
 from pathlib import Path
 
@@ -6,6 +7,10 @@ import slimlm
 
 PACKAGE = Path(slimlm.__file__).parent
 MAX_LINES = 420  # "about 400": a module that outgrows it is two concepts
+ENTRY_POINTS = ("slimlm.api", "slimlm.cli", "slimlm.pipeline", "slimlm.recipe")  # the layer users call
+# the modules above the stages, which may call the entry points: the package itself, ``python -m slimlm``, and
+# sweeps (grids of recipes run through the pipeline)
+TOP = ("slimlm", "slimlm.__main__", "slimlm.sweep")
 
 
 def module_name(path: Path) -> str:
@@ -59,6 +64,25 @@ def test_no_import_cycles():
     graph = {name: imports(path, set(mods)) - {name} for name, path in mods.items()}
     assert "slimlm.core.engine" in graph["slimlm.api"]  # the scan sees real edges
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def _within(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_no_module_reaches_up():
+    """Stages (core, analysis, allocate, pruning, quant, transforms, hooks, gguf, structured, formats, evaluation,
+    report, runs) never import the entry points; core, which everything else stands on, never imports runs."""
+    mods = modules()
+    known = set(mods)
+    found = {name: imports(path, known) for name, path in mods.items()}
+    assert "slimlm.api" in found["slimlm"] and "slimlm.runs.save" in found["slimlm.api"]  # the scan sees real edges
+    upward = {name: sorted(m for m in deps if _within(m, ENTRY_POINTS)) for name, deps in found.items()
+              if not _within(name, ENTRY_POINTS) and name not in TOP}
+    assert {name: deps for name, deps in upward.items() if deps} == {}
+    core_on_runs = {name: sorted(m for m in deps if _within(m, ("slimlm.runs",))) for name, deps in found.items()
+                    if _within(name, ("slimlm.core",))}
+    assert {name: deps for name, deps in core_on_runs.items() if deps} == {}
 
 
 def test_no_module_is_much_over_400_lines():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from slimlm.evaluation.llama_cpp import llama_cpp_bin, llama_perplexity, run_tool
-from slimlm.quant.gguf_mixes import named_mix
-from slimlm.to_gguf import to_gguf
+from slimlm.gguf.mixes import named_mix
+from slimlm.gguf.quantize import to_gguf
 from tests.conftest import REPO
 
 
@@ -66,7 +66,7 @@ def test_llama_cpp_decodes_our_blocks_to_our_floats(llama_cpp, wide_llama, tmp_p
 
 
 def test_the_decode_files_cover_every_type():
-    from slimlm.quant.gguf_types import TYPES
+    from slimlm.gguf.types import TYPES
 
     assert set().union(*DECODE_MIXES.values()) == set(TYPES)
 
@@ -176,7 +176,7 @@ def test_pre_tokenizers_split_text_as_the_models_tokenizer(llama_cpp, builtin_fo
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from slimlm.formats.gguf_tokenizer import PRE_TOKENIZERS
+    from slimlm.gguf.tokenizer import PRE_TOKENIZERS
     from tests.conftest import tiny_llama
 
     spec = json.loads(AutoTokenizer.from_pretrained(builtin_folder).backend_tokenizer.to_str())

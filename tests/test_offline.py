@@ -175,7 +175,7 @@ def test_record_needs_a_run_folder(capsys, tmp_path, no_hub, not_loaded):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tiny_run) -> Path:
-    from slimlm.formats.gguf import export_gguf
+    from slimlm.gguf.export import export_gguf
 
     return export_gguf(tiny_run, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
@@ -261,7 +261,7 @@ def modes(root: Path) -> set[tuple[str, int]]:
 
 
 def test_every_written_file_follows_the_umask(tmp_path, umask_027, tiny_run, tokenizer, tiny_gguf, cache):
-    from slimlm.formats.gguf import export_gguf
+    from slimlm.gguf.export import export_gguf
     from slimlm.formats.sparse import export_sparse
 
     model = tiny_llama(vocab=VOCAB)

@@ -6,7 +6,7 @@ import slimlm
 from slimlm.core.architectures import linear_fqns
 from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
-from slimlm.quant.outliers import TransformSettings, transforming
+from slimlm.transforms.outliers import TransformSettings, transforming
 from tests.conftest import LLAMA_FAMILY, tiny_llama, tiny_opt
 from tests.test_intactkv import Tokenizer
 

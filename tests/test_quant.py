@@ -9,9 +9,9 @@ import torch
 from slimlm.core.linalg import hessian_inverse_cholesky
 from slimlm.quant.gptq import gptq
 from slimlm.quant.grids import QuantGrid, dequantize, fake_quant, quant_params, quantize, quantize_activations
-from slimlm.quant.hadamard import hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
 from slimlm.quant.packing import pack_int, packed_bytes, unpack_int
 from slimlm.quant.rtn import rtn
+from slimlm.transforms.hadamard import hadamard_matrix, has_hadamard, random_hadamard, random_orthogonal
 
 GRID_CASES = [(b, sym, gs) for b in range(2, 9) for sym in (True, False) for gs in (None, 50, 64)]
 
@@ -330,7 +330,7 @@ def test_packed_bytes_by_hand():
     assert packed_bytes((10, 200), QuantGrid(3, False, 64), mask_density=0.5) == 376 + 250 + 80 + 16
     codes = torch.zeros(10, 200, dtype=torch.int64)
     assert pack_int(codes, 3).numel() * 4 == 760
-    # field.md §D: 70% sparse + INT4-g128 + bitmask ~ 2.33 bits per weight
+    # 70% sparse + INT4-g128 + bitmask: 0.3·4 (kept codes) + 1 (mask) + 16/128 (float16 scales) = 2.325 bits per weight
     bits_per_weight = 8 * packed_bytes((4096, 4096), QuantGrid(4, True, 128), mask_density=0.3) / 4096**2
     assert bits_per_weight == pytest.approx(2.325, abs=1e-3)
     with pytest.raises(ValueError):

@@ -5,11 +5,10 @@ import copy
 import pytest
 import torch
 
-from slimlm.quant import rotate as rot
 from slimlm.errors import SlimlmError
-from slimlm.quant.hadamard import random_hadamard
-from slimlm.quant import transforms
-from slimlm.quant.rotate import attach_online_down_, fuse_norms_, quantize_activations_, rotate_
+from slimlm.transforms import ops, rotate as rot
+from slimlm.transforms.hadamard import random_hadamard
+from slimlm.transforms.rotate import attach_online_down_, fuse_norms_, quantize_activations_, rotate_
 from tests.conftest import tiny_llama, tiny_opt
 
 OUTLIERS = [3, 17, 40]  # hidden channels scaled by 20 in the embedding
@@ -73,7 +72,7 @@ def test_rotate_keeps_logits(online_down, value_heads):
 
 
 def test_rotate_falls_back_to_random_orthogonal():
-    """Hidden 52 and head_dim 26 have no Hadamard construction in quant.hadamard_matrix."""
+    """Hidden 52 and head_dim 26 have no Hadamard construction in transforms.hadamard.hadamard_matrix."""
     model = llama(hidden=52, intermediate=104, heads=2, kv_heads=1)
     rotated = copy.deepcopy(model)
     record = rotate_(rotated)
@@ -140,7 +139,7 @@ def test_online_rotation_runs_before_activation_quantization(monkeypatch):
     """Even when quantize_activations_ hooks are registered first, the quantizer sees x H, not x."""
     model = prepare(tiny_llama())
     seen = []
-    monkeypatch.setattr(transforms, "quantize_activations", lambda x, bits, clip, symmetric: seen.append(x) or x)
+    monkeypatch.setattr(ops, "quantize_activations", lambda x, bits, clip, symmetric: seen.append(x) or x)
     quantize_activations_(model, 4, targets="layers.0.mlp.down_proj")
     rotate_(model, seed=2)
     raw = []

@@ -165,7 +165,7 @@ def test_slicegpt_shrink_keeps_at_most_the_target_and_reloads_only_through_sliml
 
     with pytest.raises(RuntimeError, match="mismatched"):  # it would otherwise drop the skip matrices silently
         AutoModelForCausalLM.from_pretrained(tmp_path / "run")
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     with pytest.raises(SlimlmError, match="skip matrices"):
         to_gguf(reloaded, tok, tmp_path / "x.gguf", "F16", method="rtn", progress=False)

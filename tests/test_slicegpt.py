@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.quant.rotate import fuse_norms_
 from slimlm.structured.slicegpt import SlicedLayer, param_counts, pca, slice_, sliced_dim
+from slimlm.transforms.rotate import fuse_norms_
 from tests.conftest import tiny_llama, tiny_opt
 
 VOCAB, HIDDEN = 128, 64

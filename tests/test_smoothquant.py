@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.quant.smoothquant import smoothing_scales
+from slimlm.transforms.smoothquant import smoothing_scales
 
 
 def test_scales_follow_the_definition_and_balance_the_ranges():

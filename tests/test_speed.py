@@ -129,7 +129,7 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def tiny_gguf(llama_cpp, tiny_folder, tmp_path_factory):
     from slimlm.core.models import load_model
-    from slimlm.to_gguf import to_gguf
+    from slimlm.gguf.quantize import to_gguf
 
     model, tok = load_model(str(tiny_folder))
     return to_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "tiny-q8_0.gguf", "Q8_0", method="rtn",

@@ -1,4 +1,4 @@
-"""slimlm sweep on a local Ray (runs.sweep): every cell a run folder that `slimlm run` of its recipe reproduces,
+"""slimlm sweep on a local Ray (slimlm.sweep): every cell a run folder that `slimlm run` of its recipe reproduces,
 finished cells skipped on rerun, one JSON and plot; bad input refused before Ray starts or in seconds."""
 import json
 import os

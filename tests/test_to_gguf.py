@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
-from slimlm.quant.gguf_sizing import parse_size, solve
 from slimlm.errors import SlimlmError
+from slimlm.gguf.sizing import parse_size, solve
 from tests.conftest import REPO
 
 
@@ -19,7 +19,7 @@ def cli(*args):
 
 def test_file_decodes_to_the_models_new_weights(tiny_folder, tmp_path, data_dir):
     import slimlm
-    from slimlm.formats.gguf import rope_interleave
+    from slimlm.gguf.writer import rope_interleave
 
     model, tok = slimlm.load_model(str(tiny_folder))
     path = slimlm.to_gguf(model, tok, tmp_path / "t.gguf", "Q4_K_M", method="gptq", nsamples=2, seqlen=32,
@@ -148,7 +148,7 @@ def test_existing_output_and_other_architectures_are_refused(tmp_path):
 def test_gemma3_settings_llama_cpp_computes_otherwise_are_refused():
     """llama.cpp's gemma3 graph fixes the query scale, has no attention soft-capping and no rope scaling on the
     sliding layers: configs that differ are refused, not written into a file that computes something else."""
-    from slimlm.formats.gguf_writer import check_architecture
+    from slimlm.gguf.writer import check_architecture
 
     rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}

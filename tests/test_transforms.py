@@ -1,8 +1,8 @@
 """Input transforms: x T with W T⁻ᵀ keeps every product, the transformed Hessian is Tᵀ H T, records round-trip."""
 import torch
 
-from slimlm.quant.hadamard import random_orthogonal
-from slimlm.quant.transforms import (Op, apply_ops, from_record, to_record, transform_hessian, transform_weight)
+from slimlm.transforms.hadamard import random_orthogonal
+from slimlm.transforms.ops import (Op, apply_ops, from_record, to_record, transform_hessian, transform_weight)
 
 
 def ops_of_every_kind(n=12):

@@ -53,7 +53,7 @@ def cmd_lowrank(args) -> None:
 def cmd_speed(args) -> None:
     """Speed of MODEL beside its baseline (first), measured in alternating rounds (evaluation.speed)."""
     from slimlm.evaluation.speed import format_table, measure_speed
-    from slimlm.runs.save import read_manifest
+    from slimlm.core.files import read_manifest
 
     baseline = args.baseline
     if baseline is None and Path(args.model).is_dir():
@@ -91,7 +91,7 @@ def _values(text: str, kind, flag: str) -> list:
 
 def cmd_sweep(args) -> None:
     from slimlm.recipe import RunOptions, check
-    from slimlm.runs.sweep import grid, sweep
+    from slimlm.sweep import grid, sweep
 
     run = {"model": args.model, "dtype": args.dtype, "device": args.device, "data-dir": args.data_dir}
     prune = {"calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -109,8 +109,9 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from slimlm.allocate import allocate_from_metrics, parse_target, size_weighted_mean
+    from slimlm.allocate import allocate_from_metrics, parse_target
     from slimlm.config import AllocationConfig, from_namespace
+    from slimlm.core.budgets import size_weighted_mean
     from slimlm.report import plots
 
     allocation = from_namespace(AllocationConfig, args)
@@ -135,7 +136,7 @@ def cmd_allocate(args) -> None:
 
 def _budget_table(budgets: dict[str, float], metrics: dict[str, dict]) -> list[str]:
     """One row per block: the parameter-weighted mean budget of its linears, then each linear's by kind."""
-    from slimlm.allocate import size_weighted_mean
+    from slimlm.core.budgets import size_weighted_mean
 
     kinds = list(dict.fromkeys(metrics[n]["kind"] for n in budgets))
     names = [k.rsplit(".", 1)[-1] for k in kinds]  # q_proj rather than self_attn.q_proj, where that is unique
@@ -176,7 +177,8 @@ def cmd_eval(args) -> None:
     from slimlm.core.data import check_data
     from slimlm.core.models import model_source
     from slimlm.evaluation.zeroshot import check_tasks, zero_shot
-    from slimlm.runs.save import MANIFEST, read_manifest, write_manifest
+    from slimlm.core.files import MANIFEST, read_manifest
+    from slimlm.runs.save import write_manifest
 
     if args.engine == "llama.cpp":
         return _eval_llama_cpp(args)

@@ -231,8 +231,8 @@ class QuantizeConfig(CalibrationConfig, AllocationConfig, GridConfig):
                               f"{self.damp}")
 
     def runtime(self):
-        """What runs at inference (``quant.runtime.Runtime``), with the transform's defaults filled in."""
-        from slimlm.quant.runtime import Runtime
+        """What runs at inference (``hooks.runtime.Runtime``), with the transform's defaults filled in."""
+        from slimlm.hooks.runtime import Runtime
 
         transform = None if self.transform == "none" else self.transform
         online_kv = self.kvbits is not None and (self.rotate == "hadamard" or transform == "duquant")
@@ -277,8 +277,8 @@ class GGUFConfig(SmallCalibrationConfig):
         return (self.method == "gptq" and self.type not in ("F16", "F32")) or self.imatrix or self.size is not None
 
     def check(self) -> None:
-        from slimlm.quant.gguf_mixes import MIXES
-        from slimlm.quant.gguf_sizing import parse_size
+        from slimlm.gguf.mixes import MIXES
+        from slimlm.gguf.sizing import parse_size
 
         object.__setattr__(self, "type", self.type.upper())
         if self.type not in MIXES:

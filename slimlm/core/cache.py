@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from slimlm.core.files import follow_umask
 from slimlm.errors import SlimlmError
-from slimlm.runs.save import follow_umask
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -28,9 +28,6 @@ from slimlm.core import distributed, placement
 from slimlm.core.architectures import adapter_for, block_linears, decoder_blocks
 from slimlm.core.stats import Accumulator, LayerStats
 from slimlm.errors import SlimlmError
-
-if TYPE_CHECKING:
-    from slimlm.runs.resume import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +160,23 @@ class BlockRun:
     block_inputs: str | None
 
 
+class BlockCheckpoint(Protocol):
+    """Where finished blocks are saved, so that an interrupted run resumes (``slimlm.runs.resume.Checkpoint``).
+
+    ``restore(blocks)`` loads the blocks an earlier run finished and returns the first block still to do and its
+    inputs (None when not saved: data-free runs); ``save(i, block, activations)`` records block i as finished,
+    with the next block's inputs.
+    """
+
+    def restore(self, blocks) -> tuple[int, torch.Tensor | None]: ...
+
+    def save(self, i: int, block: nn.Module, activations: torch.Tensor | None) -> None: ...
+
+
 def compress_blocks(model: nn.Module, windows: torch.Tensor, compress: CompressFn, targets: set[str],
                     hessian: bool = False, device: str | torch.device = "cpu",
                     batch_size: int | None = None, progress: bool = True, io: BlockIO | None = None,
-                    checkpoint: Checkpoint | None = None, sequential: bool = True,
+                    checkpoint: BlockCheckpoint | None = None, sequential: bool = True,
                     window_mean: bool = False, prepare: Callable | None = None,
                     results: tuple[dict, ...] = ()) -> BlockRun:
     """Calibrate and compress ``model`` in place, block by block.
@@ -266,7 +276,7 @@ def _communicate(timing: dict, fn, *args):
 
 
 def compress_data_free(model: nn.Module, compress: CompressFn, targets: set[str], io: BlockIO | None = None,
-                       checkpoint: Checkpoint | None = None, progress: bool = True,
+                       checkpoint: BlockCheckpoint | None = None, progress: bool = True,
                        results: tuple[dict, ...] = ()) -> BlockRun:
     """Data-free methods (magnitude, RTN): the same ``compress`` callback, called for each linear alone with
     ``stats=None`` and no calibration pass, block by block so that ``io``, ``checkpoint`` and torchrun work as in

@@ -97,7 +97,7 @@ def _from_pretrained(folder, dtype: torch.dtype, allow_pickle: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.core.structure import load_structured
-    from slimlm.runs.save import read_manifest
+    from slimlm.core.files import read_manifest
 
     record = read_manifest(folder).get("structure")
     try:

@@ -113,7 +113,7 @@ def check_folder(folder: Path, allow_pickle: bool) -> None:
     with ``allow_pickle``; every safetensors shard present with a readable header, and no tensor shaped
     differently from what the config gives (with the shapes a structured run's manifest records,
     ``core.structure``). Each problem is one line instead of a traceback."""
-    from slimlm.runs.save import read_manifest
+    from slimlm.core.files import read_manifest
 
     if not has_safetensors(folder):
         if not allow_pickle and any(folder.glob("*.bin")):

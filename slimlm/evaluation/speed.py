@@ -143,9 +143,9 @@ def measure_in_process(name: str, prompt_tokens: int, new_tokens: int, batches: 
                        device: str = "cpu", dtype: str = "float32") -> dict:
     """One round in this process: load, warm up, time greedy decoding at each batch size (batch 1 among them).
     Meant for a fresh process, whose peak memory is then the model's."""
-    from slimlm.quant.runtime import apply_runtime
+    from slimlm.hooks.runtime import apply_runtime
     from slimlm.core.models import load_model
-    from slimlm.runs.save import read_manifest
+    from slimlm.core.files import read_manifest
 
     batches = sorted({1, *batches})
     torch.set_num_threads(threads)

@@ -17,9 +17,9 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, check_runtime, linear_weights, read_run,
                                    run_grids, write_export)
+from slimlm.core.files import MANIFEST
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.packing import pack_int, unpack_int
-from slimlm.runs.save import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def _linear_names(run: Path) -> list[str]:
 
 
 def _warn_unfused(schemes: dict[str, dict]) -> None:
-    """vLLM fuses q/k/v and gate/up into one linear, which must share one scheme (field.md §0 fact 10)."""
+    """vLLM fuses q/k/v and gate/up into one linear, which must share one scheme (why AutoRound has
+    ``shared_layers``: intel/auto-round docs/step_by_step.md, §AutoScheme)."""
     for fused in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
         by_parent = {}
         for fqn, scheme in schemes.items():

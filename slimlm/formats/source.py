@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from slimlm.core.files import MANIFEST, read_manifest
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid
-from slimlm.runs.save import MANIFEST, RECIPE, atomic_dir, read_manifest
+from slimlm.runs.save import RECIPE, atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from slimlm.core.linalg import small_op_threads
 from slimlm.errors import SlimlmError
 from slimlm.formats.source import (EXPORT_RECORD, WEIGHTS, check_new, dtype_name, linear_weights, read_run,
                                    write_export)
+from slimlm.core.files import MANIFEST
 from slimlm.quant.packing import pack_int, unpack_int
-from slimlm.runs.save import MANIFEST
 
 logger = logging.getLogger(__name__)
 

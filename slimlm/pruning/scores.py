@@ -1,6 +1,8 @@
 """Score-based pruning: magnitude, Wanda and RIA. Each scores every weight, then ``masks.score_mask`` keeps the
-highest scores of each comparison group (each paper's own, field.md A8): magnitude per matrix, Wanda per output
-row, RIA per matrix.
+highest scores of each comparison group, each paper's own: magnitude per matrix and Wanda per output row (Sun et
+al., "A Simple and Effective Pruning Approach for Large Language Models", ICLR 2024, §3, "comparison group"), RIA
+per matrix (Zhang et al., "Plug-and-Play: An Efficient Post-training Pruning Method for Large Language Models",
+ICLR 2024; its reference code's default, lib/prune.py).
 """
 from __future__ import annotations
 

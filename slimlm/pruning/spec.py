@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimlm.allocate import apply_overrides
+from slimlm.core.budgets import apply_overrides
 from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid
 

@@ -8,8 +8,8 @@ import torch
 
 from slimlm.core.linalg import column_loop_threads, drop_dead_inputs, hessian_inverse_cholesky
 from slimlm.errors import SlimlmError
+from slimlm.gguf.types import Fitted, GGUFType, check_shape, fit, nearest_codes
 from slimlm.quant.grids import QuantGrid, grid_values_into, quant_params
-from slimlm.quant.gguf_types import Fitted, GGUFType, check_shape, fit, nearest_codes
 
 
 def gptq(
@@ -102,7 +102,7 @@ def gptq_gguf(W: torch.Tensor, H: torch.Tensor, kind: GGUFType, blocksize: int =
               act_order: bool = False) -> tuple[Fitted, torch.Tensor]:
     """GPTQ onto a llama.cpp weight type: the sweep of ``gptq`` where, on entering each of the type's blocks
     (32 or 256 columns), the block's stored scales (float16 d, integer sub-block scales and mins) are fitted by
-    the format's own search (``gguf_types.fit``, importance = diag(H), as llama-imatrix's mean x²) on the weights
+    the format's own search (``gguf.types.fit``, importance = diag(H), as llama-imatrix's mean x²) on the weights
     as updated so far, then fixed while its columns are rounded, so the error GPTQ minimises is that of the values
     llama.cpp decodes. ``act_order`` sweeps the columns of each block by decreasing diag(H) and keeps the blocks
     in order, so the block structure (and the scales fitted per block) is unchanged.

@@ -17,7 +17,8 @@ from slimlm.errors import SlimlmError, read_json
 from slimlm.report import plots
 from slimlm.report.tables import (ANALYSIS_COLUMNS, MISSING, Run, analysis_row, by_kind, columns, finite, get,
                                   html_table, markdown_table, rows, text)
-from slimlm.runs.save import MANIFEST, atomic_dir, check_output, read_manifest, versions, write_manifest
+from slimlm.core.files import MANIFEST, read_manifest
+from slimlm.runs.save import atomic_dir, check_output, versions, write_manifest
 
 
 def collect_runs(folders) -> list[Run]:

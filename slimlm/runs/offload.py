@@ -22,11 +22,12 @@ from torch import nn
 
 from slimlm.core import distributed
 from slimlm.core.architectures import adapter_for, decoder_blocks
+from slimlm.core.files import read_manifest
 from slimlm.core.models import DTYPES
 from slimlm.core.shards import INDEX, TensorIndex, check_shapes, expected_tensors, has_safetensors, read_tensors, skeleton, tensor_index
 from slimlm.errors import SlimlmError
 from slimlm.runs.resume import clear_checkpoint, write_tensors
-from slimlm.runs.save import read_manifest, replace_dir, write_manifest
+from slimlm.runs.save import replace_dir, write_manifest
 
 
 @dataclass

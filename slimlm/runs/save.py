@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from slimlm.errors import SlimlmError, read_json
+from slimlm.core.files import MANIFEST, follow_umask
+from slimlm.errors import SlimlmError
 
-MANIFEST = "slimlm.json"
 RECIPE = "recipe.yaml"  # the pipeline that made the run (slimlm.recipe), replayed by `slimlm run`
 
 
@@ -70,21 +70,6 @@ def replace_dir(tmp: str | Path, out: str | Path) -> None:
         os.replace(tmp, out)
 
 
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(path: str | Path) -> None:
-    """Give ``path`` and everything under it the modes a plain ``open``/``mkdir`` would: mkdtemp makes
-    folders 0700, and safetensors (0.8) writes every file 0600, whatever the umask."""
-    path, mask = Path(path), umask()
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        if not p.is_symlink():
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
 def save_run(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False,
              tensors: dict[str, dict[str, torch.Tensor]] | None = None, files: dict[str, str] | None = None) -> Path:
     """Save model, tokenizer, manifest (and extra safetensors and text files, by file name) atomically. A model
@@ -113,10 +98,3 @@ def write_manifest(folder: str | Path, manifest: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return {}
-    return read_json(path)

@@ -18,11 +18,12 @@ import time
 import torch
 
 from slimlm.analysis.activations import OWL_M
-from slimlm.api import Result, calibration_for
 from slimlm.config import LowrankConfig
 from slimlm.config.keywords import configure
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import linear_fqns
+from slimlm.core.calibration import calibration_for
+from slimlm.core.result import Result
 from slimlm.errors import SlimlmError
 from slimlm.runs.save import versions
 from slimlm.structured import lowrank as lr
@@ -55,8 +56,7 @@ def _fisher_losses(model, calib, spectra, whitened: bool, progress) -> dict[str,
 
 def _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress):
     """owl / alphapruning: per-linear fractions of parameters kept -> ranks."""
-    from slimlm.allocate import allocate_from_metrics
-    from slimlm.api import allocation_metrics
+    from slimlm.allocate import allocate_from_metrics, allocation_metrics
 
     metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     kept = allocate_from_metrics(metrics, allocation, keep, "rank")

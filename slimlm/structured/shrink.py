@@ -13,11 +13,12 @@ import time
 import torch
 from torch import nn
 
-from slimlm.api import Result, calibration_for
 from slimlm.config import ShrinkConfig
 from slimlm.config.keywords import configure
 from slimlm.core import distributed, placement
 from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.core.calibration import calibration_for
+from slimlm.core.result import Result
 from slimlm.runs.save import versions
 from slimlm.structured import depth, slicegpt, width, widths
 
@@ -83,8 +84,8 @@ def _width_fractions(model, allocation: str, keep: float, calib, owl_m, device, 
                      progress) -> list[tuple[float, float]]:
     """Per block (attention, MLP) fractions to remove: OWL's or AlphaPruning's per-linear sparsities at the target
     ``1 - keep``, parameter-weighted over the block's attention and MLP linears."""
-    from slimlm.allocate import allocate_from_metrics, size_weighted_mean
-    from slimlm.api import allocation_metrics
+    from slimlm.allocate import allocate_from_metrics, allocation_metrics
+    from slimlm.core.budgets import size_weighted_mean
 
     metrics = allocation_metrics(model, allocation, calib, device, batch_size, progress, owl_m)
     budgets = allocate_from_metrics(metrics, allocation, 1 - keep, "sparsity")

@@ -4,7 +4,7 @@ Reference: Ashkboos et al., "SliceGPT: Compress Large Language Models by Deletin
 (arXiv 2401.15024). Weights are (out, in) as in ``nn.Linear``; activations are row vectors, y = x Wᵀ.
 
   1. §3.2 computational invariance: with every RMSNorm scale folded into the linears that read it
-     (``quant.rotate.fuse_norms_``), RMSNorm(x Q) = RMSNorm(x) Q for any orthogonal Q, so the residual stream
+     (``transforms.rotate.fuse_norms_``), RMSNorm(x Q) = RMSNorm(x) Q for any orthogonal Q, so the residual stream
      may be expressed in any orthonormal basis as long as every writer and reader absorbs it.
   2. §3.4 a transformation per block: each RMSNorm gets its own basis, the eigenvectors of C = Σ_t x_t x_tᵀ of
      the signal entering it (float64, decreasing eigenvalue). A decoder layer therefore has two: A_l before
@@ -40,7 +40,7 @@ from slimlm.core.architectures import block_linears, decoder_blocks
 from slimlm.core.engine import DEFAULT_BATCH_TOKENS, _batches, capture_inputs
 from slimlm.core.structure import SlicedLayer, attention_branch, mlp_branch
 from slimlm.errors import SlimlmError
-from slimlm.quant.rotate import ROTATABLE, fuse_norms_
+from slimlm.transforms.rotate import ROTATABLE, fuse_norms_
 
 ROUND_TO = 8  # SliceGPT keeps d' a multiple of 8 (GPU-friendly shapes); applied when d >= 64
 PCA_DTYPE = torch.float64

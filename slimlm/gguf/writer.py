@@ -1,8 +1,8 @@
 """Writing a GGUF file: the architecture's hyperparameters (llama, qwen2, qwen3, gemma3), the tokenizer
-(``formats.gguf_tokenizer``), tensors already encoded, written atomically.
+(``gguf.tokenizer``), tensors already encoded, written atomically.
 
 Metadata from the GGUF spec (ggml docs/gguf.md: keys ``{arch}.*``) with ``gguf.GGUFWriter``. Shared by
-``formats.gguf`` (exports of saved runs) and ``to_gguf`` (models quantized onto llama.cpp's types).
+``gguf.export`` (exports of saved runs) and ``gguf.quantize`` (models quantized onto llama.cpp's types).
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
+from slimlm.core.files import follow_umask
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_tokenizer import add_tokenizer
-from slimlm.runs.save import atomic_dir, follow_umask
+from slimlm.gguf.tokenizer import add_tokenizer
+from slimlm.runs.save import atomic_dir
 
 GGUF_FILE = "model.gguf"  # the file's name inside an output folder
 T = gguf.GGMLQuantizationType
@@ -24,7 +26,7 @@ UNQUANTIZED = (T.F32, T.F16)  # written from numpy's own dtypes; others as raw b
 
 
 # HF model_type -> llama.cpp architecture. llama.cpp's llama rope rotates adjacent pairs, so llama's q/k rows are
-# reordered (``formats.gguf.rope_interleave``); qwen2/qwen3/gemma3 use the NEOX rope, HF's own layout.
+# reordered (``rope_interleave``); qwen2/qwen3/gemma3 use the NEOX rope, HF's own layout.
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
                  "gemma3_text": gguf.MODEL_ARCH.GEMMA3}
 ROPE_INTERLEAVED = {"llama"}
@@ -40,6 +42,12 @@ def rope_rows(config: dict) -> dict[str, int]:
         return {}
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return {"q_proj": head_dim, "k_proj": head_dim}
+
+
+def rope_interleave(W: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q_proj / k_proj from HF's rotary layout (per head: first halves, then second halves) to ggml's
+    (rotated pairs adjacent), as llama.cpp's converter reorders them."""
+    return W.reshape(heads, 2, W.shape[0] // heads // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
 
 
 def check_architecture(config: dict) -> str:
@@ -136,7 +144,7 @@ def write_gguf(out: Path, config: dict, tokenizer, source, tensors: list[tuple[s
 
 
 def check_llama(config: dict) -> None:
-    """Exports of saved runs (``formats.gguf``) write llama-architecture runs only."""
+    """Exports of saved runs (``gguf.export``) write llama-architecture runs only."""
     if config.get("model_type") != "llama":
         raise SlimlmError(f"GGUF export writes llama-architecture runs; this run is '{config.get('model_type')}'")
     check_architecture(config)

@@ -1,7 +1,8 @@
 """FlatQuant: learnable affine transforms per layer that flatten weights and activations before quantization.
 
-Reference: Sun et al., "FlatQuant: Flatness Matters for LLM Quantization", ICML 2025 (field-next.md §2). Each
-linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight W·diag(d)⁻¹·(P₁ ⊗ P₂)⁻ᵀ (the same product), with
+Reference: Sun et al., "FlatQuant: Flatness Matters for LLM Quantization", ICML 2025, §3, and its code
+(ruikangliu/FlatQuant, flatquant/). Each linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight
+W·diag(d)⁻¹·(P₁ ⊗ P₂)⁻ᵀ (the same product), with
   - Kronecker factors of balanced sizes (``kron_dims``: the most balanced n₁·n₂ = n), each P = U·diag(σ)·Vᵀ with
     U, V orthogonal (a fixed random orthogonal start times a Cayley map of a learned skew matrix, so they stay
     orthogonal) and σ learned from 1: P⁻ᵀ = U·diag(1/σ)·Vᵀ exists by construction;
@@ -12,12 +13,13 @@ linear's input X becomes X·diag(d)·(P₁ ⊗ P₂) and its weight W·diag(d)�
     applied to both ends of its range, where the paper learns two on asymmetric ones (our grids take one ratio);
   - per head: a value transform merged into v_proj's rows (undone in o_proj), a heads transform on o_proj's input
     (online), and a key transform applied to queries (inverse-transpose) and keys after RoPE (online).
-Calibration (§2.3): block by block, the quantized block's output is fitted to the full-precision block's output,
-each block fed the full-precision model's activations; loss = MSE divided by its own detached value; AdamW
-(weight decay 0.01) at lr 5e-3 for transforms and scales and 10× for the clipping parameters, cosine schedule down
-to lr·1e-3 over all steps; 15 epochs, batch 4. Rounding passes gradients straight through (to the scales too).
-Then the transforms are fixed, the scales folded, LWC baked into the weights (clamped to their learned range) and
-the weights rounded by RTN or GPTQ on the transformed Hessian (``outliers.transforming``).
+Calibration (flatquant/train_utils.py and the W4A4KV4 scripts, scripts/*/w4a4kv4.sh): block by block, the quantized
+block's output is fitted to the full-precision block's output, each block fed the full-precision model's
+activations; loss = MSE divided by its own detached value; AdamW (weight decay 0.01) at lr 5e-3 for transforms and
+scales and 10× for the clipping parameters, cosine schedule down to lr·1e-3 over all steps; 15 epochs, batch 4.
+Rounding passes gradients straight through (to the scales too). Then the transforms are fixed, the scales folded,
+LWC baked into the weights (clamped to their learned range) and the weights rounded by RTN or GPTQ on the
+transformed Hessian (``outliers.transforming``).
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ import time
 import torch
 from torch import nn
 
-from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
-from slimlm.quant.hadamard import random_orthogonal
-from slimlm.quant.kvcache import KV_ATTR, KVQuant
-from slimlm.quant.transforms import Op, transform_weight
+from slimlm.hooks.kvcache import KV_ATTR, KVQuant
+from slimlm.transforms.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
+from slimlm.transforms.hadamard import random_orthogonal
+from slimlm.transforms.ops import Op, transform_weight
 
 EPOCHS, LR, BATCH, DIAG_ALPHA, CLIP_INIT = 15, 5e-3, 4, 0.3, 4.0
 ATTN, O, MLP, DOWN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", \
@@ -88,7 +90,7 @@ class FlatBlock(nn.Module):
 
     def __init__(self, block: nn.Module, absmax: dict[str, torch.Tensor], seed: int, alpha: float = DIAG_ALPHA):
         super().__init__()
-        from slimlm.quant.smoothquant import smoothing_scales
+        from slimlm.transforms.smoothquant import smoothing_scales
 
         attn, mlp = block.self_attn, block.mlp
         head_dim = attn.head_dim
@@ -220,7 +222,7 @@ def finalize_(block: nn.Module, flat: FlatBlock, kvbits: int | None):
     """Fix the trained transforms into ``block``: fold the scales and the value transform into the producing
     modules, transform every weight, clamp it to its learned clipping range (LWC baked in). Returns the ops of
     every linear (block-relative names), each linear's activation clip ratio, and the block's ``KVQuant``."""
-    from slimlm.quant.transforms import set_transform_
+    from slimlm.transforms.ops import set_transform_
 
     ops = flat.ops()
     attn, mlp = block.self_attn, block.mlp

@@ -1,7 +1,7 @@
 """llama.cpp's named file types (Q4_K_M, Q3_K_M, ...) as per-tensor GGUF types, picked by the same rules as
 ``llama-quantize`` (llama.cpp src/llama-quant.cpp: llama_tensor_get_type and its fallback for rows that a type's
-block does not divide; field-next.md §6.1), for dense llama-family models. A test compares the result with the
-types llama-quantize writes for the built-in model.
+block does not divide), for dense llama-family models. A test compares the result with the types llama-quantize
+writes for the built-in model.
 
 The rules, per tensor in file order (GGUF names ``blk.N.attn_v.weight`` ...):
 - the main type of the mix, then bumps: attn_v and ffn_down get more bits in about half the layers

@@ -16,7 +16,7 @@ import gguf
 
 from slimlm.core.models import BUILTIN_MODELS, builtin_gguf
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf_metadata import read_metadata
+from slimlm.gguf.metadata import read_metadata
 
 logger = logging.getLogger(__name__)
 

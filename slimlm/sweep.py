@@ -23,9 +23,10 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from slimlm.core.files import MANIFEST
 from slimlm.errors import SlimlmError, read_json
 from slimlm.recipe import Recipe, RunOptions, dumps, loads, relocated
-from slimlm.runs.save import MANIFEST, RECIPE
+from slimlm.runs.save import RECIPE
 
 log = logging.getLogger(__name__)
 

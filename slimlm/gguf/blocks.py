@@ -1,4 +1,4 @@
-"""Byte layouts of llama.cpp's weight types: a ``quant.gguf_types.Fitted`` tensor -> the bytes GGUF stores.
+"""Byte layouts of llama.cpp's weight types: a ``gguf.types.Fitted`` tensor -> the bytes GGUF stores.
 
 Written from ggml-common.h's block structs and the order in which ggml's dequantize_row_* reads them (QK_K = 256;
 all multi-byte fields little-endian). Each function takes codes shaped (rows, nblocks, block) and returns
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slimlm.quant.gguf_types import Fitted
+from slimlm.gguf.types import Fitted
 
 U8 = torch.uint8
 

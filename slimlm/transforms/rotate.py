@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimlm.errors import SlimlmError
 from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid
-from slimlm.quant.hadamard import has_hadamard, random_hadamard
-from slimlm.quant.transforms import set_activation_quant_
+from slimlm.transforms.hadamard import has_hadamard, random_hadamard
+from slimlm.transforms.ops import set_activation_quant_
 
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
 ONLINE_ATTR = "_slimlm_online_rotation"  # set on each down_proj that carries the online hook (its handle)
@@ -219,7 +219,7 @@ def quantize_activations_(model: nn.Module, bits: int, clip_ratio: float = 1.0, 
 
     ``targets``: names of linears to hook, fully qualified (``model.layers.0.mlp.down_proj``) or as a suffix
     (``mlp.down_proj``, ``q_proj``); None hooks every linear inside the decoder blocks. The quantizer runs after
-    the linear's online transform (``quant.transforms``) and after QuaRot's online rotation, whatever the call
+    the linear's online transform (``transforms.ops``) and after QuaRot's online rotation, whatever the call
     order, so the transformed input is what gets quantized.
     """
     try:

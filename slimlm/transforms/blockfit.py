@@ -1,6 +1,11 @@
 """Fitting a quantized block to the full-precision block's outputs: the training loop of FlatQuant, DuQuant's
 learnable weight clipping (LWC, from OmniQuant) and their straight-through quantizers.
 
+It lives beside its users, the transforms that train per block (``flatquant``, ``duquant`` with LWC): what it fits
+are transformed, clipped, fake-quantized weights, which only those methods have. It is no quantizer of
+``slimlm.quant`` (those round a fixed weight), and IntactKV's calibration (``hooks.intactkv``) tunes a cache, not a
+block's weights, with its own loop.
+
 Rounding has zero gradient almost everywhere; ``ste_fake_quant`` passes the gradient straight through the
 rounding (OmniQuant §3.2, FlatQuant §3.3) while keeping it through the scale, so clipping ratios learn.
 ``fit_block_`` runs the block under ``torch.func.functional_call`` with parameters rebuilt at every step from the

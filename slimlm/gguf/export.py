@@ -2,11 +2,12 @@
 (``from_pretrained(folder, gguf_file=name)``).
 
 Written from the GGUF spec (ggml docs/gguf.md: metadata keys ``llama.*``, ``tokenizer.ggml.*``, tensor names
-``blk.N.attn_q.weight`` ... taken from the ``gguf`` package's name map) with ``gguf.GGUFWriter``. Block types
-(ggml-common.h / dequantize_row_*; 32 weights per block along the input dimension, scales in float16):
+``blk.N.attn_q.weight`` ... taken from the ``gguf`` package's name map) with ``gguf.GGUFWriter`` (``gguf.writer``).
+Block types (``gguf.types``; 32 weights per block along the input dimension, scales in float16), packed by the
+same encoder as ``gguf.quantize``'s files (``gguf.blocks``):
 
 - ``Q8_0``: d, 32 int8 q; x = d·q                                       (34 bytes, 8.5 bits per weight)
-- ``Q4_0``: d, 16 bytes; x = d·(q - 8), weight j in the low nibble of byte j, weight j+16 in its high nibble (18 B)
+- ``Q4_0``: d, 16 bytes; x = d·(q - 8)                                  (18 bytes, 4.5 bits per weight)
 - ``Q4_1``: d, m, 16 bytes as Q4_0; x = d·q + m                           (20 bytes, 5 bits per weight)
 
 A quantized linear maps onto a block type only when that is exact: its groups are whole blocks (group size a
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -33,34 +33,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from slimlm.errors import SlimlmError
 from slimlm.core.linalg import small_op_threads
+from slimlm.errors import SlimlmError
 from slimlm.formats.codes import recover_grid
-from slimlm.formats.gguf_writer import check_llama, rope_rows, tensor_names, write_gguf
 from slimlm.formats.source import check_new, check_runtime, linear_weights, read_run, run_grids
+from slimlm.gguf.blocks import pack
+from slimlm.gguf.types import TYPES, Fitted, GGUFType
+from slimlm.gguf.writer import check_llama, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.grids import QuantGrid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export_gguf", "rope_interleave", "GGUF_TYPES"]
+__all__ = ["export_gguf", "GGUF_TYPES"]
 
 QK = 32  # weights per block for Q4_0, Q4_1, Q8_0
 T = gguf.GGMLQuantizationType
 
-
-@dataclass(frozen=True)
-class Block:
-    """A GGUF block type as a grid: ``grid`` reads a block's signed codes back (recover_grid);
-    asymmetric blocks add the offset m = -zero·d."""
-
-    qtype: T
-    grid: QuantGrid
-
-
-BLOCKS = [Block(T.Q4_0, QuantGrid(4, True, QK)), Block(T.Q4_1, QuantGrid(4, False, QK)),
-          Block(T.Q8_0, QuantGrid(8, True, QK))]  # cheapest first: auto picks the first that holds a grid
+BLOCKS = [TYPES["Q4_0"], TYPES["Q4_1"], TYPES["Q8_0"]]  # cheapest first: auto picks the first that holds a grid
 FLOATS = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}
-GGUF_TYPES = ["auto", *FLOATS, *(b.qtype.name.lower() for b in BLOCKS)]
+GGUF_TYPES = ["auto", *FLOATS, *(b.name.lower() for b in BLOCKS)]
 FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
               T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -70,16 +61,23 @@ MAPPABLE = ("groups of a multiple of 32 (or per channel) with float16 scales (qu
 
 # ---------------------------------------------------------------- plan: which GGUF type each tensor gets
 
-def _holds(block: Block, grid: QuantGrid) -> bool:
+def block_grid(block: GGUFType) -> QuantGrid:
+    """A legacy block type as an integer grid, which reads a block's codes back (recover_grid): the signed codes
+    q - offset of a symmetric type, the codes q of a type with a min (which adds m = -zero·d)."""
+    return QuantGrid(block.qmax.bit_length(), not block.has_min, block.block)
+
+
+def _holds(block: GGUFType, grid: QuantGrid) -> bool:
     """Whether every 32-weight block of a weight on ``grid`` is a ``block`` block up to float16 rounding:
     groups are whole blocks, and the grid's signed codes (asymmetric: code - zero, in [-(2^b-1), 2^b-1]
     spanning at most 2^b-1) fit the block's codes (Q4_1: any span of at most 15)."""
     if grid.group_size is not None and grid.group_size % QK:
         return False
     lo, hi = (grid.qmin, grid.qmax) if grid.symmetric else (-grid.qmax, grid.qmax)
-    if block.grid.symmetric:
-        return block.grid.qmin <= lo and hi <= block.grid.qmax
-    return grid.qmax - grid.qmin <= block.grid.qmax
+    codes = block_grid(block)
+    if codes.symmetric:
+        return codes.qmin <= lo and hi <= codes.qmax
+    return grid.qmax - grid.qmin <= codes.qmax
 
 
 def _describe(grid: QuantGrid) -> str:
@@ -87,8 +85,8 @@ def _describe(grid: QuantGrid) -> str:
     return f"{'symmetric' if grid.symmetric else 'asymmetric'} {grid.bits}-bit {group}"
 
 
-def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_float: T) -> dict[str, Block | T]:
-    """HF linear weight name -> Block or float type. Quantized runs map each linear onto the cheapest block
+def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_float: T) -> dict[str, GGUFType | T]:
+    """HF linear weight name -> block type or float type. Quantized runs map each linear onto the cheapest block
     that holds its grid (or the one asked for); a float ``gguf_type`` writes dequantized floats; unquantized
     runs default to their own float type ``run_float``."""
     if gguf_type not in GGUF_TYPES:
@@ -100,7 +98,7 @@ def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_flo
         raise SlimlmError(f"--gguf-type {gguf_type} needs a quantized run (export writes the run's own grid, it "
                           f"does not requantize); {run} is a '{manifest.get('kind')}' run: use f32, f16 or bf16")
     grids = run_grids(manifest, run)
-    asked = [b for b in BLOCKS if b.qtype.name.lower() == gguf_type]
+    asked = [b for b in BLOCKS if b.name.lower() == gguf_type]
     plan = {}
     for name in linears:
         grid = grids[name.removesuffix(".weight")]
@@ -115,39 +113,35 @@ def _plan(manifest: dict, run: Path, linears: list[str], gguf_type: str, run_flo
 
 # ---------------------------------------------------------------- block encoding
 
-def rope_interleave(W: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of q_proj / k_proj from HF's rotary layout (per head: first halves, then second halves) to ggml's
-    (rotated pairs adjacent), as llama.cpp's converter reorders them."""
-    return W.reshape(heads, 2, W.shape[0] // heads // 2, *W.shape[1:]).transpose(1, 2).reshape(W.shape)
+def _values(block: GGUFType, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """ggml's float32 decoding of blocks (n, 32) of signed codes q (codes q with a min) and per-block d (and m)."""
+    return Fitted(block, q + block.offset, d.unsqueeze(-1), None if m is None else m.unsqueeze(-1)).values()
 
 
-def _block_values(d: torch.Tensor, q: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """ggml's float32 decoding of blocks: d·q with signed codes q (Q4_0 stores q + 8) or d·q + m."""
-    x = d.float().unsqueeze(-1) * q.float()
-    return x if m is None else x + m.float().unsqueeze(-1)
-
-
-def _float16_codes(V: torch.Tensor, K: torch.Tensor, step: torch.Tensor, block: Block, exact: bool):
+def _float16_codes(V: torch.Tensor, K: torch.Tensor, step: torch.Tensor, block: GGUFType, exact: bool):
     """Per block, float16 d (and m) with integer codes q that decode to V (rows, nblocks, 32) exactly.
 
     recover_grid gives the largest step s with signed multiples K; when s is not a float16 value (s is g·s0 for
     codes sharing a factor g), s/j with codes j·K for a small j often is. Blocks with no exact choice are
     SlimlmError, or with ``exact=False`` take the nearest float16 d (and m) for j = 1.
     Returns (q codes as stored, d, m or None)."""
-    sym = block.grid.symmetric
+    codes = block_grid(block)
+    sym = codes.symmetric
     shape = step.shape
     V, K, step = V.reshape(-1, QK), K.reshape(-1, QK), step.reshape(-1)
     q = torch.zeros_like(K)
     d = torch.zeros(step.shape, dtype=torch.float16)
     m = None if sym else torch.zeros(step.shape, dtype=torch.float16)
     todo = torch.arange(step.numel())  # blocks still without codes; each j tries only these
-    for j in range(1, max(-block.grid.qmin, block.grid.qmax) + 1):
+    for j in range(1, max(-codes.qmin, codes.qmax) + 1):
+        if not todo.numel():
+            break
         Kj, dj = K[todo] * j, (step[todo].double() / j).half()
         zero = torch.zeros_like(dj, dtype=K.dtype) if sym else (-Kj.amin(-1)).clamp(min=0)
         qj = Kj + zero.unsqueeze(-1)
-        fits = (qj.amin(-1) >= block.grid.qmin) & (qj.amax(-1) <= block.grid.qmax)
+        fits = (qj.amin(-1) >= codes.qmin) & (qj.amax(-1) <= codes.qmax)
         mj = None if sym else (-zero.double() * dj.double()).half()
-        ok = fits & (_block_values(dj, qj, mj) == V[todo]).all(-1)
+        ok = fits & (_values(block, qj, dj, mj) == V[todo]).all(-1)
         if j == 1 and not exact:
             ok = torch.ones_like(ok)  # nearest float16 values; the deviation is measured after decoding
         hit = todo[ok]
@@ -155,46 +149,28 @@ def _float16_codes(V: torch.Tensor, K: torch.Tensor, step: torch.Tensor, block: 
         if m is not None:
             m[hit] = mj[ok]
         todo = todo[~ok]
-        if not todo.numel():
-            break
     if todo.numel():
         raise SlimlmError(f"{todo.numel()} of {step.numel()} blocks have no exact float16 scale; "
                           "quantize with --scale-dtype float16 for an exact GGUF, or pass --inexact")
-    q, d = q.reshape(*shape, QK), d.reshape(shape)
+    q, d = q.reshape(*shape, QK) + block.offset, d.reshape(shape)  # stored unsigned: x = d·(q - offset)
     m = None if m is None else m.reshape(shape)
-    if block.qtype == T.Q4_0:
-        q = q + 8  # stored unsigned: x = d·(q - 8)
     return q, d, m
 
 
-def _pack(block: Block, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> np.ndarray:
-    """(rows, nblocks, 32) codes and per-block d (m) -> uint8 (rows, nblocks·bytes), ggml's block layout."""
-    rows, nblocks, _ = q.shape
-    parts = [d.view(torch.uint8).reshape(rows, nblocks, 2)]
-    if m is not None:
-        parts.append(m.view(torch.uint8).reshape(rows, nblocks, 2))
-    if block.qtype == T.Q8_0:
-        parts.append(q.to(torch.int8).view(torch.uint8))
-    else:
-        q = q.to(torch.uint8)
-        parts.append(q[..., : QK // 2] | (q[..., QK // 2 :] << 4))
-    return torch.cat(parts, -1).reshape(rows, -1).numpy()
-
-
-def _encode_block(W: torch.Tensor, block: Block, name: str, exact: bool) -> tuple[np.ndarray, float]:
+def _encode_block(W: torch.Tensor, block: GGUFType, name: str, exact: bool) -> tuple[np.ndarray, float]:
     """One quantized weight (out, in) as GGUF blocks, and the largest |decoded - W| (0.0 when exact)."""
     rows, width = W.shape
     if width % QK:
         raise SlimlmError(f"{name} has {width} inputs, not a multiple of GGUF's {QK}-weight blocks")
-    codes, step, zero, _ = recover_grid(W, block.grid, name, exact)  # exact=False: half-precision runs
+    codes, step, zero, _ = recover_grid(W, block_grid(block), name, exact)  # exact=False: half-precision runs
     K = codes.long().reshape(rows, -1, QK) - zero.unsqueeze(-1)
     V = W.float().reshape(rows, -1, QK)
     try:
         q, d, m = _float16_codes(V, K, step.float(), block, exact)
     except SlimlmError as e:
         raise SlimlmError(f"{name}: {e}") from None
-    packed = _pack(block, q, d, m)
-    deviation = _deviation(gguf.quants.dequantize(packed, block.qtype), W)
+    packed = pack(Fitted(block, q.reshape(rows, width), d, m))
+    deviation = _deviation(gguf.quants.dequantize(packed, T[block.name]), W)
     if exact and deviation:
         raise SlimlmError(f"internal error: {name} does not decode to its weights ({deviation:g})")
     return packed, deviation
@@ -247,15 +223,15 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "auto", e
         if role in head_dims:
             W = rope_interleave(W, W.shape[0] // head_dims[role])
         qtype = plan.get(name, FLOATS.get(gguf_type, run_float) if W.dim() == 2 else T.F32)
-        if isinstance(qtype, Block):
+        if isinstance(qtype, GGUFType):
             with small_op_threads(W.numel()):  # many elementwise passes over one weight
                 data, dev = _encode_block(W, qtype, name, exact)
-            qtype = qtype.qtype
+            qtype = T[qtype.name]
         else:
             data, dev = _encode_float(W, qtype)
         writer_args.append((gguf_name(name), data, qtype))
         types[gguf_name(name)], deviation = qtype.name, max(deviation, dev)
-    linear_types = [plan[n].qtype if isinstance(plan[n], Block) else plan[n] for n in linears]
+    linear_types = [T[plan[n].name] if isinstance(plan[n], GGUFType) else plan[n] for n in linears]
     main_type = max(set(linear_types), key=linear_types.count) if linear_types else T.F32
     record = {"format": "gguf", "source": str(run), "exact": deviation == 0, "max_abs_deviation": deviation,
               "types": types, "manifest": manifest}

@@ -1,7 +1,8 @@
 """DuQuant's dual transformation: block rotations around the outliers, a zigzag permutation, a second rotation.
 
 Reference: Lin et al., "DuQuant: Distributing Outliers via Dual Transformation Makes Stronger Quantized LLMs",
-NeurIPS 2024, §3 (field-next.md §1.1). For each linear's input X (after SmoothQuant's smoothing):
+NeurIPS 2024, §3, and its code (Hsu1023/DuQuant quantize/duquant.py, quantize/quantizer.py). For each linear's input
+X (after SmoothQuant's smoothing):
   X -> X R̂₁ P R̂₂, with R̂ₖ = I ⊗ Rₖ block-diagonal (one b×b matrix shared by every block of b channels);
 the weights take the same orthogonal transform, so the product is unchanged.
 
@@ -9,9 +10,9 @@ the weights take the same orthogonal transform, so the product is unchanged.
    uniform direction (an orthogonal matrix whose row for that coordinate is (1/√b)·1, completed by a random
    rotation of the other b−1 directions); keep the prefix of steps whose peak range (max − min) is smallest.
    The outlier index: the paper picks the outlier *channel*; the released code passes the row index of the
-   (−1, b) view of the tensor (field-next.md §1.1, code observation). We take the channel (column mod b):
-   the row of the flattened view is a token/block number, which says nothing about which coordinate to rotate,
-   and the paper's analysis (the outlier spread over its block) holds only for the channel.
+   (−1, b) view of the tensor (quantize/quantizer.py, ``UniformAffineQuantizer.rotation``). We take the channel
+   (column mod b): the row of the flattened view is a token/block number, which says nothing about which
+   coordinate to rotate, and the paper's analysis (the outlier spread over its block) holds only for the channel.
 2. ``zigzag_permutation``: deal channels, ranked by their max |x|, into the K = n/b blocks in the order
    0, 1, ..., K−1, K−1, ..., 0, 0, 1, ... so every block gets a similar share of large channels; the second
    rotation then smooths within each block again.
@@ -25,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimlm.quant.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
-from slimlm.quant.hadamard import random_orthogonal
-from slimlm.quant.transforms import Op
+from slimlm.transforms.blockfit import clamp_rows, fake_quant_weight, fit_block_, ste_fake_quant
+from slimlm.transforms.hadamard import random_orthogonal
+from slimlm.transforms.ops import Op
 
 BLOCK = 128
 MAX_STEPS = 256

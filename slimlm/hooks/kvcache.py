@@ -1,11 +1,11 @@
 """Simulated KV-cache quantization inside attention, after RoPE, as the W4A4KV4 papers define it.
 
-Keys and values are quantized per token and per head (asymmetric, one group = the head dimension, with a
-clipping ratio): QuaRot §4 and FlatQuant §2.2 ("KV4: asymmetric, group size = head_dim"). Keys are quantized
-after RoPE, optionally in a rotated basis: q -> q R⁻ᵀ, k -> k R keeps q kᵀ unchanged, so an orthogonal R
-(QuaRot's and DuQuant's per-head Hadamard) or a learned invertible one (FlatQuant's key transform) spreads the
-keys' outlier channels before they are rounded. The first ``intact`` positions of every sequence (IntactKV's
-pivot tokens, ``quant.intactkv``) are left in full precision.
+Keys and values are quantized per token and per head (asymmetric, one group = the head dimension, with a clipping
+ratio): QuaRot §4 and FlatQuant's W4A4KV4 scripts (asymmetric, group size 128 = head_dim, scripts/*/w4a4kv4.sh).
+Keys are quantized after RoPE, optionally in a rotated basis: q -> q R⁻ᵀ, k -> k R keeps q kᵀ unchanged, so an
+orthogonal R (QuaRot's and DuQuant's per-head Hadamard) or a learned invertible one (FlatQuant's key transform)
+spreads the keys' outlier channels before they are rounded. The first ``intact`` positions of every sequence
+(IntactKV's pivot tokens, ``hooks.intactkv``) are left in full precision.
 
 How: transformers 5 looks attention up by name in ``AttentionInterface``. ``quantize_kv_`` registers
 ``slimlm_<base>`` (the model's implementation, sdpa or eager, wrapped) and switches the model to it; each
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimlm.errors import SlimlmError
 from slimlm.core.architectures import decoder_blocks
+from slimlm.errors import SlimlmError
 from slimlm.quant.grids import QuantGrid, quantize_activations
 
 KV_ATTR = "_slimlm_kv"

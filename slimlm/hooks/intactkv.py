@@ -1,10 +1,11 @@
 """IntactKV: the full-precision model's KV cache of the pivot tokens, prepended at inference.
 
-Reference: Liu et al., "IntactKV: Improving Large Language Model Quantization by Keeping Pivot Tokens Intact",
-ACL Findings 2024 (field-next.md §3). Attention sinks ([BOS], or a fixed system prompt that every request starts
-with) draw most of the attention, and quantization error in their keys and values spreads to every later token.
-IntactKV runs the full-precision model once on those tokens and keeps its past keys and values; the quantized
-model then starts every sequence from that cache instead of computing (and quantizing) it itself.
+Reference: Liu et al., "IntactKV: Improving Large Language Model Quantization by Keeping Pivot Tokens Intact", ACL
+Findings 2024 (pivot tokens and calibration as its code has them: ruikangliu/IntactKV intactkv/utils.py,
+intactkv_train.py). Attention sinks ([BOS], or a fixed system prompt that every request starts with) draw most of
+the attention, and quantization error in their keys and values spreads to every later token. IntactKV runs the
+full-precision model once on those tokens and keeps its past keys and values; the quantized model then starts every
+sequence from that cache instead of computing (and quantizing) it itself.
 
 Modes: ``bos`` = [BOS] alone (IntactKV_[B]); ``prefix`` = [BOS] + a given text (IntactKV_[P]); for a tokenizer
 without a BOS token (Qwen's) the prefix alone: the text every request starts with (its chat template's system
@@ -20,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.hooks.kvcache import kv_specs_
 from slimlm.quant.grids import straight_through
-from slimlm.quant.kvcache import kv_specs_
 
 HOOK_ATTR = "_slimlm_intact_kv"
 MODES = ("bos", "prefix")

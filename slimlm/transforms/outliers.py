@@ -1,14 +1,14 @@
 """Outlier-aware transforms inside the block loop: each set of linears that read one input is transformed from
 its calibration statistics, then quantized on its transformed Hessian (``quantize`` wraps its callback here).
 
-For a set of linears reading X (q/k/v, o_proj, gate/up, down_proj), a transform T (``quant.transforms``) makes
+For a set of linears reading X (q/k/v, o_proj, gate/up, down_proj), a transform T (``transforms.ops``) makes
 them read X T and hold W T⁻ᵀ. Scales right after a norm are folded into it (free at inference); everything
 else runs online in the linears' input hooks. GPTQ then needs the Hessian of X T, which is Tᵀ H T: no second
 calibration pass.
 
-Methods (``TRANSFORMS``): ``smoothquant`` (``quant.smoothquant``: the sets after a norm only, as the paper),
-``duquant`` (``quant.duquant``: smoothing of every set, then R̂₁ P R̂₂; with ``lwc`` its clipping is learned per
-block), ``flatquant`` (``quant.flatquant``: learned per block, before its linears are quantized, through the
+Methods (``TRANSFORMS``): ``smoothquant`` (``transforms.smoothquant``: the sets after a norm only, as the paper),
+``duquant`` (``transforms.duquant``: smoothing of every set, then R̂₁ P R̂₂; with ``lwc`` its clipping is learned per
+block), ``flatquant`` (``transforms.flatquant``: learned per block, before its linears are quantized, through the
 engine's ``prepare`` step). Llama-family models only: the fold into the norm assumes RMSNorm's w ⊙ x̂ (Gemma's
 (1 + w) is refused, as for QuaRot's rotation).
 """
@@ -24,10 +24,10 @@ from torch import nn
 from slimlm.core.architectures import block_of
 from slimlm.core.stats import LayerStats
 from slimlm.errors import SlimlmError
-from slimlm.quant.duquant import MAX_STEPS, dual_transform
-from slimlm.quant.kvcache import kv_specs_
-from slimlm.quant.smoothquant import smoothing_scales
-from slimlm.quant.transforms import Op, set_transform_, transform_hessian, transform_weight
+from slimlm.hooks.kvcache import kv_specs_
+from slimlm.transforms.duquant import MAX_STEPS, dual_transform
+from slimlm.transforms.ops import Op, set_transform_, transform_hessian, transform_weight
+from slimlm.transforms.smoothquant import smoothing_scales
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def flat_preparer(settings: TransformSettings, grid, abits, act_symmetric: bool,
     """The engine's ``prepare`` callback for FlatQuant: train and fix each block's transforms on the
     full-precision block's inputs and outputs, log its loss; fills ``sites`` (FQN -> ops) and ``learned``
     (activation clips by FQN; per block index: its ``KVQuant``, value transform, losses and seconds)."""
-    from slimlm.quant.flatquant import calibrate_block_
+    from slimlm.transforms.flatquant import calibrate_block_
 
     learned["epochs"] = epochs
 
@@ -143,7 +143,7 @@ def lwc_preparer(model: nn.Module, settings: TransformSettings, grid, runtime, s
                  epochs: int):
     """The engine's ``prepare`` callback for DuQuant+LWC: transform every set of linears of the block from its
     statistics, then learn and bake the block's weight clipping (``duquant.fit_lwc_``), logging its loss."""
-    from slimlm.quant.duquant import fit_lwc_
+    from slimlm.transforms.duquant import fit_lwc_
 
     learned["epochs"] = epochs
 
@@ -166,10 +166,10 @@ def lwc_preparer(model: nn.Module, settings: TransformSettings, grid, runtime, s
 def transform_callbacks(model: nn.Module, runtime, grid, compress, sites: dict, learned: dict, seed: int,
                         epochs: int | None):
     """(compress, prepare) for the engine: ``compress`` wrapped by ``transforming``, and the block-level training
-    (FlatQuant, DuQuant+LWC) as ``prepare`` (None for the others). ``runtime``: the run's ``runtime.Runtime``;
+    (FlatQuant, DuQuant+LWC) as ``prepare`` (None for the others). ``runtime``: the run's ``hooks.runtime.Runtime``;
     ``epochs`` None: the method's own (FlatQuant 15, LWC 20)."""
-    from slimlm.quant.duquant import LWC_EPOCHS
-    from slimlm.quant.flatquant import EPOCHS
+    from slimlm.transforms.duquant import LWC_EPOCHS
+    from slimlm.transforms.flatquant import EPOCHS
 
     settings = TransformSettings(runtime.transform, runtime.alpha, seed=seed, lwc=runtime.lwc)
     prepare = None

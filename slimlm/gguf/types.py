@@ -1,7 +1,7 @@
 """llama.cpp's weight types as quantization grids, and the scale search that fits a weight onto them.
 
-Layouts (ggml-common.h; field-next.md §6.1). Every type splits a row into blocks of ``block`` weights along the
-input dimension and each block into sub-blocks of ``sub`` weights that share one step:
+Layouts (ggml's src/ggml-common.h block structs, QK_K = 256). Every type splits a row into blocks of ``block``
+weights along the input dimension and each block into sub-blocks of ``sub`` weights that share one step:
 
 - legacy (block = sub = 32): Q4_0/Q5_0/Q8_0 x = d·(q - offset); Q4_1/Q5_1 x = d·q + m; d, m float16.
 - K-types (block 256): x = d·sc·(q - offset) (Q3_K, Q6_K: signed sub-block scales sc) or x = d·sc·q - dmin·mn
@@ -11,15 +11,15 @@ A fitted tensor (``Fitted``) holds the stored integers. Its values are computed 
 them, in float32: step a = d·sc and offset b = dmin·mn are exact products (11-bit d times an integer of at most
 8 bits), a·k is exact too, so the only rounding is the final add, and a fused multiply-add gives the same bits.
 
-Scale search (llama.cpp ggml-quants.c, §6.2): per sub-block, a weighted least-squares scale over a handful of
-candidate inverse scales (symmetric types: ``make_qx_quants``' 19 candidates around nmax / max, signed so that
-the largest weight takes the wider negative end; types with a min: ``make_qkx3_quants``' 37 candidates with the
-2×2 weighted least-squares (scale, min) solve, min ≤ 0). K-types then quantize the sub-block scales (and mins)
-to their bits under one float16 super-block scale chosen among a few candidates by the weighted error of the
-final rounding (the role of ``make_qp_quants``). Element weights follow llama-quantize: with importance weights
-(imatrix: mean x_j² of input j over calibration tokens) w = imp_j·√(σ² + x²), σ² = 2·mean(x²) of the block's row
-slice; without, the per-type defaults of its reference path (|x| + rms of the sub-block for Q4_K/Q5_K and the
-legacy types, x² for Q3_K/Q6_K, |x| for Q2_K).
+Scale search (ggml's src/ggml-quants.c, quantize_row_*_impl): per sub-block, a weighted least-squares scale over a
+handful of candidate inverse scales (symmetric types: ``make_qx_quants``' 19 candidates around nmax / max, signed so
+that the largest weight takes the wider negative end; types with a min: ``make_qkx3_quants``' 37 candidates with the
+2×2 weighted least-squares (scale, min) solve, min ≤ 0). K-types then quantize the sub-block scales (and mins) to
+their bits under one float16 super-block scale chosen among a few candidates by the weighted error of the final
+rounding (the role of ``make_qp_quants``). Element weights follow llama-quantize: with importance weights (imatrix:
+mean x_j² of input j over calibration tokens) w = imp_j·√(σ² + x²), σ² = 2·mean(x²) of the block's row slice;
+without, the per-type defaults of its reference path (|x| + rms of the sub-block for Q4_K/Q5_K and the legacy types,
+x² for Q3_K/Q6_K, |x| for Q2_K).
 """
 from __future__ import annotations
 

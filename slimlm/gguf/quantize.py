@@ -1,10 +1,10 @@
 """Any model we load, quantized onto llama.cpp's own weight types and written as one GGUF file.
 
 ``to_gguf(model, tokenizer, out, mix="Q4_K_M", method="gptq")``: per-tensor types from llama.cpp's named mix
-(``quant.gguf_mixes``), every matrix quantized by our code onto exactly the grid the file stores
-(``quant.gguf_types.fit``: RTN with the format's scale search; ``quant.gptq.gptq_gguf``: GPTQ whose rounding targets
-that grid, block by block on calibration data), packed (``formats.gguf_blocks``) and written with the model's
-llama metadata and tokenizer (``formats.gguf_writer``). The model's weights are left at the values the file
+(``gguf.mixes``), every matrix quantized by our code onto exactly the grid the file stores
+(``gguf.types.fit``: RTN with the format's scale search; ``quant.gptq.gptq_gguf``: GPTQ whose rounding targets
+that grid, block by block on calibration data), packed (``gguf.blocks``) and written with the model's
+llama metadata and tokenizer (``gguf.writer``). The model's weights are left at the values the file
 decodes to, so slimlm's own evaluation of the model measures the file.
 """
 from __future__ import annotations
@@ -16,21 +16,19 @@ import gguf
 import torch
 from tqdm.auto import tqdm
 
-from slimlm.api import calibration_for
+from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.config import GGUFConfig
 from slimlm.config.keywords import configure
-from slimlm.core.engine import compress_blocks
 from slimlm.core.architectures import decoder_blocks, linear_fqns
+from slimlm.core.calibration import calibration_for
+from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
-from slimlm.formats.gguf import rope_interleave
-from slimlm.formats.gguf_blocks import pack
-from slimlm.formats.gguf_writer import (NORM_SHIFT, T, check_architecture, rope_rows, tensor_names,
-                                       write_gguf)
 from slimlm.formats.source import check_new
-from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
-from slimlm.quant.gguf_mixes import named_mix
-from slimlm.quant.gguf_sizing import cost_table, parse_size, solve, tensor_bytes
-from slimlm.quant.gguf_types import TYPES, Fitted, fit
+from slimlm.gguf.blocks import pack
+from slimlm.gguf.mixes import named_mix
+from slimlm.gguf.sizing import cost_table, parse_size, solve, tensor_bytes
+from slimlm.gguf.types import TYPES, Fitted, fit
+from slimlm.gguf.writer import NORM_SHIFT, T, check_architecture, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.gptq import gptq_gguf
 from slimlm.runs.save import versions
 
@@ -49,8 +47,8 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: G
     output matrix are rounded without data (llama-imatrix skips them too). Defaults follow llama-imatrix's
     protocol: 32 windows of 512 tokens. ``source`` names the model in the file's record.
 
-    ``size`` ('3.5bpw', '70MB', ...: ``quant.gguf_sizing.parse_size``) replaces the mix's rule for the decoder
-    blocks' matrices by our own choice of types at that size, from measured Fisher costs (``gguf_sizing``);
+    ``size`` ('3.5bpw', '70MB', ...: ``gguf.sizing.parse_size``) replaces the mix's rule for the decoder
+    blocks' matrices by our own choice of types at that size, from measured Fisher costs (``gguf.sizing``);
     the embedding, output and norms keep the mix's types.
     """
     c = configure(GGUFConfig, config, {**settings, **({"type": mix} if mix is not None else {}), "out": str(out)})
@@ -136,7 +134,7 @@ def layer_widths(model) -> list[tuple[int, int, int]] | None:
 
 
 def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> dict[str, str]:
-    """GGUF name -> type for the decoder blocks' matrices at the ``target`` size (``gguf_sizing``)."""
+    """GGUF name -> type for the decoder blocks' matrices at the ``target`` size (``gguf.sizing``)."""
     fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
     fisher = {f"{fqn}.weight": F for fqn, F in fisher.items() if f"{fqn}.weight" in weights}
     tokens = calib[:FISHER_WINDOWS].numel()

@@ -5,11 +5,12 @@ Models", ICML 2023, §4, Eq. 4: s_j = max|X_j|^α / max|W_j|^(1−α), then X ->
 so X Wᵀ is unchanged while the activation's per-channel ranges are flattened (α = 0.5 balances the two sides;
 larger α moves more difficulty into the weights). max|X_j| is the abs-max of channel j over the calibration
 tokens; max|W_j| the abs-max of input column j over every linear that reads X (q/k/v together, gate/up
-together). The scale is clamped at 1e-5 as in DuQuant's use of it (field-next.md §1.1, step 1).
+together). The scale is clamped at 1e-5 as in DuQuant's use of it (Lin et al., NeurIPS 2024, §3; its code's
+smoothing step, Hsu1023/DuQuant quantize/duquant.py, CLIPMIN).
 
 Where the scale goes: SmoothQuant folds diag(s)⁻¹ into the preceding LayerNorm/RMSNorm, which is free at
 inference; so it smooths only the linears right after a norm (attention's q/k/v, the MLP's gate/up), as the
-paper does. DuQuant smooths o_proj and down_proj too (``quant.duquant``), online with its rotations.
+paper does. DuQuant smooths o_proj and down_proj too (``transforms.duquant``), online with its rotations.
 """
 from __future__ import annotations
 

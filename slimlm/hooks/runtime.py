@@ -14,22 +14,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm.core.architectures import linear_fqns
 from slimlm.core import distributed
+from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
-from slimlm.quant import intactkv
+from slimlm.hooks import intactkv
+from slimlm.hooks.kvcache import attention_modules, kv_specs_, quantize_kv_
 from slimlm.quant.grids import QuantGrid
-from slimlm.quant.hadamard import random_hadamard
-from slimlm.quant.kvcache import attention_modules, kv_specs_, quantize_kv_
-from slimlm.quant.outliers import TRANSFORMS, TransformSettings
-from slimlm.quant.rotate import ROTATABLE, attach_online_down_, quantize_activations_
-from slimlm.quant.transforms import from_record, set_activation_quant_, set_transform_
+from slimlm.transforms.hadamard import random_hadamard
+from slimlm.transforms.ops import from_record, set_activation_quant_, set_transform_
+from slimlm.transforms.outliers import TRANSFORMS, TransformSettings
+from slimlm.transforms.rotate import ROTATABLE, attach_online_down_, quantize_activations_
 
 RUNTIME_FILE = "runtime.safetensors"
 KEY_SEED_OFFSET = 3  # after rotate_'s residual (0), value-head (1) and down_proj (2) rotations
 # per method: (smoothing alpha, weight clip, activation clip, symmetric activations), the papers' settings:
-# SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations (§1.1)
-# FlatQuant: α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC); symmetric activations (§2)
+# SmoothQuant α 0.5; DuQuant run.sh α 0.6, --swc 0.8, --lac 0.9, asymmetric per-token activations
+# FlatQuant (its w4a4kv4.sh scripts): α 0.3 initialises its per-channel scales; clipping is learned (LWC, LAC);
+# symmetric activations
 # DuQuant+LWC (run_lwc.sh): α 0.5, the weight clipping learned instead of fixed
 DEFAULTS = {None: (None, 1.0, 1.0, True), "smoothquant": (0.5, 1.0, 1.0, True), "duquant": (0.6, 0.8, 0.9, False),
             "duquant+lwc": (0.5, 1.0, 0.9, False), "flatquant": (0.3, 1.0, 1.0, True)}
@@ -111,8 +112,8 @@ def runtime_record(runtime: Runtime, seed: int, sites: dict, pivots: list | None
                    learned: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest entries of ``runtime`` and the tensors to save in ``RUNTIME_FILE`` (empty: no file).
     ``learned``: FlatQuant's per-linear activation clips and per-block KV quantizers and value transforms
-    (``outliers.flat_preparer``); the pivot cache's values are moved into the blocks' value bases."""
-    from slimlm.quant.transforms import to_record
+    (``transforms.outliers.flat_preparer``); the pivot cache's values are moved into the blocks' value bases."""
+    from slimlm.transforms.ops import to_record
 
     sites_record, tensors = to_record(sites)
     blocks = (learned or {}).get("blocks", {})
