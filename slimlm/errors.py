@@ -27,3 +27,12 @@ def unknown(what: str, value, choices) -> SlimlmError:
     """The error for a name that is not one of ``choices``, naming the closest valid one."""
     return SlimlmError(f"unknown {what} '{value}'{closest(value, choices)}; choose one of "
                        f"{', '.join(map(str, choices))}")
+
+
+def lookup(registry: dict, name, what: str):
+    """``registry[name]``. Every registry of plug-ins (pruning methods, quantizers, allocators, width and low-rank
+    methods) is a dict name -> entry read through here, so an unknown name is one error naming the closest valid
+    one, and a new plug-in is one function plus one entry."""
+    if name not in registry:
+        raise unknown(what, name, registry)
+    return registry[name]

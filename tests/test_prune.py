@@ -153,7 +153,7 @@ def test_bad_sparsity_rejected(bad):
 
 
 def test_unknown_method_and_group_rejected():
-    with pytest.raises(SlimlmError, match="unknown method"):
+    with pytest.raises(SlimlmError, match="unknown pruning method 'obc'"):
         get_method("obc")
     with pytest.raises(SlimlmError):
         PruneSpec(group="column")

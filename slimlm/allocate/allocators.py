@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from slimlm.core.architectures import BLOCK_PATTERN, block_of
-from slimlm.errors import SlimlmError, unknown
+from slimlm.errors import SlimlmError, lookup, unknown
 
 SPARSITY_BOUNDS = (0.0, 0.99)  # never prune a whole layer: 100% would cut the residual branch entirely
 TARGET_RTOL = 1e-3  # the allocation contract: weighted mean within 0.1% of the target
@@ -352,7 +352,7 @@ def allocate_from_metrics(metrics: dict[str, dict], allocation: str, target: flo
     kwargs = dict(lo=lo, hi=hi, **options)
     if allocation != "uniform":
         kwargs["higher_is_more_compression"] = more
-    return ALLOCATORS[allocation](scores, sizes, target, **kwargs)
+    return lookup(ALLOCATORS, allocation, "allocation")(scores, sizes, target, **kwargs)
 
 
 def _table(errors: dict) -> dict[float, float]:

@@ -16,7 +16,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Literal
 
-from slimlm.errors import SlimlmError, unknown
+from slimlm.errors import SlimlmError, lookup, unknown
 
 
 def option(default, help: str, *, metavar: str | None = None, value_type: type | None = None):
@@ -86,8 +86,10 @@ def ordered_fields(cls) -> list:
 
 def check_name(name: str, value, registry, what: str) -> None:
     """``value`` of field ``name`` must be a key of ``registry`` (a method or allocator registry)."""
-    if value not in registry:
-        raise SlimlmError(f"{flag(name)}: {unknown(what, value, list(registry))}")
+    try:
+        lookup(registry, value, what)
+    except SlimlmError as e:
+        raise SlimlmError(f"{flag(name)}: {e}") from None
 
 
 def default_of(cls, name: str):

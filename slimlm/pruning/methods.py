@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from slimlm.errors import unknown
+from slimlm.errors import lookup
 from slimlm.pruning.scores import magnitude_scores, ria_scores, score_method, wanda
 from slimlm.pruning.sparsegpt import sparsegpt
 
@@ -29,6 +29,4 @@ METHODS = {
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise unknown("method", name, METHODS)
-    return METHODS[name]
+    return lookup(METHODS, name, "pruning method")

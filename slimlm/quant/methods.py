@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from slimlm.core.stats import LayerStats
-from slimlm.errors import SlimlmError
+from slimlm.errors import lookup
 from slimlm.quant.gptq import gptq
 from slimlm.quant.grids import QuantGrid
 from slimlm.quant.rtn import rtn
@@ -49,6 +49,4 @@ QUANTIZERS = {"rtn": Quantizer(rtn_weights, needs_data=False), "gptq": Quantizer
 
 
 def get_quantizer(name: str) -> Quantizer:
-    if name not in QUANTIZERS:
-        raise SlimlmError(f"unknown quantization method '{name}'; choose one of {', '.join(QUANTIZERS)}")
-    return QUANTIZERS[name]
+    return lookup(QUANTIZERS, name, "quantization method")
