@@ -45,6 +45,24 @@ def test_a_float_file_needs_no_calibration_and_records_no_method(tiny_folder, tm
     assert {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1} == {"F16"}
 
 
+def test_token_embedding_type_sets_that_tensor_alone(tiny_folder, tmp_path):
+    import slimlm
+
+    model, tok = slimlm.load_model(str(tiny_folder))
+    path = slimlm.to_gguf(model, tok, tmp_path / "e.gguf", "Q4_0", method="rtn", token_embedding_type="f16",
+                          progress=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_q.weight"] == "Q4_0"
+    record = json.loads(gguf.GGUFReader(path).get_field("slimlm.export").contents())
+    assert record["config"]["token-embedding-type"] == "F16"
+    with pytest.raises(SlimlmError, match="blocks of 256 do not divide the embedding's 64-wide rows"):
+        slimlm.to_gguf(model, tok, tmp_path / "k.gguf", "Q4_0", method="rtn", token_embedding_type="Q6_K",
+                       progress=False)
+    with pytest.raises(SlimlmError, match="unknown GGUF type 'Q9_0'"):
+        slimlm.to_gguf(model, tok, tmp_path / "x.gguf", "Q4_0", method="rtn", token_embedding_type="Q9_0")
+    assert not (tmp_path / "k.gguf").exists() and not (tmp_path / "x.gguf").exists()
+
+
 def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     """All-Q8_0 minus 20 kB: the block matrices (78 kB in Q8_0) must give some of it up, and the file meets it."""
     def tensor_bytes(path):

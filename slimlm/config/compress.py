@@ -261,6 +261,8 @@ class GGUFConfig(SmallCalibrationConfig):
     size: str | None = option(None, "our own per-tensor types fitted to this size instead of the mix's rule for the "
                               "decoder blocks: bits per weight over all tensors (3.5bpw) or tensor bytes (70MB); "
                               "costs from measured Fisher information on the calibration data")
+    token_embedding_type: str | None = option(None, "type of the token embedding (token_embd), as llama-quantize's "
+                                              "--token-embedding-type: F16, Q8_0, Q6_K, ... (default: the mix's)")
     out: str = option(MISSING, "new .gguf file (or new folder) to write")
 
     RULES = (
@@ -279,6 +281,7 @@ class GGUFConfig(SmallCalibrationConfig):
     def check(self) -> None:
         from slimlm.gguf.mixes import MIXES
         from slimlm.gguf.sizing import parse_size
+        from slimlm.gguf.types import TYPES
 
         object.__setattr__(self, "type", self.type.upper())
         if self.type not in MIXES:
@@ -287,3 +290,7 @@ class GGUFConfig(SmallCalibrationConfig):
         CalibrationConfig.check(self)
         if self.size is not None:
             parse_size(self.size)
+        if self.token_embedding_type is not None:
+            object.__setattr__(self, "token_embedding_type", self.token_embedding_type.upper())
+            check_name("token_embedding_type", self.token_embedding_type, {**TYPES, "F16": None, "F32": None},
+                       "GGUF type")

@@ -25,7 +25,7 @@ from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
 from slimlm.formats.source import check_new
 from slimlm.gguf.blocks import pack
-from slimlm.gguf.mixes import named_mix
+from slimlm.gguf.mixes import block_size, named_mix
 from slimlm.gguf.sizing import cost_table, parse_size, solve, tensor_bytes
 from slimlm.gguf.types import TYPES, Fitted, fit
 from slimlm.gguf.writer import NORM_SHIFT, T, check_architecture, rope_interleave, rope_rows, tensor_names, write_gguf
@@ -85,6 +85,12 @@ def _plan_types(model, tokenizer, c: GGUFConfig, weights, model_config, calib, d
     uses_data = (c.method == "gptq" and not float_mix) or c.imatrix or c.size is not None
     types = named_mix(c.type, {gguf_name(n): tuple(W.shape) for n, W in weights.items()},
                       model_config["num_hidden_layers"], gqa, has_imatrix=uses_data)
+    if c.token_embedding_type is not None:  # before the size mix, which counts the embedding's bytes as fixed
+        width = next(W.shape[-1] for n, W in weights.items() if gguf_name(n) == "token_embd.weight")
+        if width % block_size(c.token_embedding_type):
+            raise SlimlmError(f"--token-embedding-type {c.token_embedding_type}: its blocks of "
+                              f"{block_size(c.token_embedding_type)} do not divide the embedding's {width}-wide rows")
+        types["token_embd.weight"] = c.token_embedding_type
     calib_info = None
     if uses_data:
         calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
