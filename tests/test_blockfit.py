@@ -27,3 +27,16 @@ def test_baked_clipping_gives_the_trained_quantization():
     grouped = QuantGrid(4, group_size=8)
     assert torch.allclose(fake_quant_weight(W, grouped, torch.ones(6, 1), torch.ones(6, 1)),
                           fake_quant(W, grouped), atol=1e-6)
+
+
+def test_partial_last_group_is_quantized_as_the_grid_does():
+    """576-wide rows with groups of 128 (the built-in model's default) end in a 64-wide group; a width under one
+    group (a tiny model's 64 with groups of 128) is one partial group."""
+    for width, group in ((80, 32), (64, 128), (576, 128)):
+        W = torch.randn(3, width, generator=torch.Generator().manual_seed(width), requires_grad=True)
+        ones = torch.ones(3, 1)
+        for symmetric in (True, False):
+            grid = QuantGrid(4, symmetric, group)
+            assert torch.allclose(fake_quant_weight(W, grid, ones, ones), fake_quant(W.detach(), grid), atol=1e-6)
+        fake_quant_weight(W, QuantGrid(4, group_size=group), ones, ones).sum().backward()
+        assert W.grad.abs().sum() > 0

@@ -64,3 +64,15 @@ def test_training_lowers_the_block_error_on_its_calibration_data():
     flat = FlatBlock(block, absmax, seed=0)
     first, last = train_block_(block, flat, x, y, call_args, QuantGrid(3), 4, True, 4, epochs=6, batch=2)
     assert last < first
+
+
+@pytest.mark.parametrize("transform", [["--transform", "flatquant"], ["--transform", "duquant", "--lwc"]])
+def test_the_default_group_size_trains_on_rows_it_does_not_divide(tiny_folder, calib, tmp_path, transform):
+    """The README's W4A4KV4 command with the default --group-size 128 on 64-wide rows: one partial group per
+    row, as RTN and GPTQ quantize it (it used to crash in the training path)."""
+    from slimlm.cli import main
+
+    code = main(["quantize", str(tiny_folder), "--wbits", "4", "--abits", "4", "--kvbits", "4", *transform,
+                 "--epochs", "1", "--calib", calib, "--nsamples", "2", "--seqlen", "16", "--out",
+                 str(tmp_path / "run"), "--quiet"])
+    assert code == 0 and (tmp_path / "run" / "slimlm.json").is_file()

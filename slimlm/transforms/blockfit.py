@@ -40,12 +40,18 @@ def ste_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, hi_ratio, lo_rat
 
 
 def fake_quant_weight(W: torch.Tensor, grid, hi_ratio, lo_ratio) -> torch.Tensor:
-    """``ste_fake_quant`` of W (out, in) on ``grid`` (per row, or per group of columns), each row's range scaled by
-    its LWC ratios (out, 1)."""
+    """``ste_fake_quant`` of W (out, in) on ``grid`` (per row, or per group of columns, the last group partial
+    where the group size does not divide the width, as ``quant.grids`` has it: 576 = 4x128 + 64), each row's range
+    scaled by its LWC ratios (out, 1)."""
     if grid.group_size is None:
         return ste_fake_quant(W, grid.bits, grid.symmetric, hi_ratio, lo_ratio)
-    groups = W.unflatten(-1, (-1, grid.group_size))
-    return ste_fake_quant(groups, grid.bits, grid.symmetric, hi_ratio[:, None], lo_ratio[:, None]).flatten(-2)
+    g = grid.group_size
+    full = W.shape[-1] // g * g
+    parts = [] if full == 0 else [ste_fake_quant(W[:, :full].unflatten(-1, (-1, g)), grid.bits, grid.symmetric,
+                                                 hi_ratio[:, None], lo_ratio[:, None]).flatten(-2)]
+    if full < W.shape[-1]:
+        parts.append(ste_fake_quant(W[:, full:], grid.bits, grid.symmetric, hi_ratio, lo_ratio))
+    return torch.cat(parts, -1)
 
 
 @torch.no_grad()
