@@ -28,7 +28,9 @@ if complete; then echo "$BIN"; exit 0; fi   # a build missing a tool added since
 WORK="$ROOT.partial"
 rm -rf "$WORK" && mkdir -p "$WORK"
 echo "downloading the llama-cpp-python $VERSION sdist" >&2
-python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORK" >&2
+# --no-binary for this package alone: with :all: pip would also build the sdist's build requirements (cmake
+# itself) from source just to read its metadata
+python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$WORK" >&2
 tar xzf "$WORK"/llama_cpp_python-$VERSION.tar.gz -C "$WORK"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 

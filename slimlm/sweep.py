@@ -117,9 +117,9 @@ def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None,
     log.info("sweep: %d cells, %d finished before, %d to run", len(cells), len(cells) - len(todo), len(todo))
     failed, manifests = {}, {}
     if todo:
+        connect(address)  # first: it says how to install Ray where it is missing
         import ray
 
-        connect(address)
         task = ray.remote(_run_cell).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         pending = {task.remote(texts[name], options): name for name in todo}
         bar, start = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", disable=not progress), \

@@ -95,3 +95,17 @@ def builtin_folder():
     from slimlm.core.models import builtin_gguf
 
     return gguf_to_folder(builtin_gguf("smollm2-135m"))
+
+
+def llama_cpp_tools(tool: str = "llama-quantize"):
+    """The folder of llama.cpp's tools. Where they are not built a test skips, saying so; under CI (CI=true) it
+    fails, since CI builds them first and a missing build must not pass as skipped checks."""
+    from slimlm.evaluation.llama_cpp import llama_cpp_bin
+
+    folder = llama_cpp_bin()
+    if folder is None or not (folder / tool).is_file():
+        message = f"llama.cpp tools are not built ({tool} missing; bash scripts/build_llama_cpp.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ", and CI=true: CI must build them")
+        pytest.skip(message)
+    return folder

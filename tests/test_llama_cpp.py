@@ -15,15 +15,12 @@ import torch
 from slimlm.evaluation.llama_cpp import llama_cpp_bin, llama_perplexity, run_tool
 from slimlm.gguf.mixes import named_mix
 from slimlm.gguf.quantize import to_gguf
-from tests.conftest import REPO
+from tests.conftest import REPO, llama_cpp_tools
 
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    folder = llama_cpp_bin()
-    if folder is None or not (folder / "llama-quantize").is_file():
-        pytest.skip("llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)")
-    return folder
+    return llama_cpp_tools("llama-quantize")
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def _params(bench: bool):
         if (mark == BENCH_MARK) != bench:
             continue
         marks = [pytest.mark.readme_bench] if bench else []
-        if mark == LLAMA_CPP_MARK and llama_cpp_bin() is None:
+        if mark == LLAMA_CPP_MARK and llama_cpp_bin() is None and os.environ.get("CI") != "true":
+            # under CI a missing build fails these blocks instead (CI builds the tools first)
             marks.append(pytest.mark.skip(reason="llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)"))
         params.append(pytest.param(commands, id=f"line{line}", marks=marks))
     return params

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluation.llama_cpp import llama_cpp_bin
 from slimlm.evaluation.speed import format_table, greedy, main, measure_speed, prompt_ids
-from tests.conftest import tiny_llama
+from tests.conftest import llama_cpp_tools, tiny_llama
 
 FAST = {"prompt_tokens": 16, "new_tokens": 4, "repeats": 1, "threads": 1, "progress": False}
 
@@ -120,10 +119,7 @@ def test_a_failing_round_is_one_error_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    folder = llama_cpp_bin()
-    if folder is None or not (folder / "llama-bench").is_file():
-        pytest.skip("llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)")
-    return folder
+    return llama_cpp_tools("llama-bench")
 
 
 @pytest.fixture(scope="module")

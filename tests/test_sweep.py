@@ -15,7 +15,13 @@ from slimlm.pipeline import Context, run_steps
 from slimlm.recipe import RunOptions, read_recipe
 from tests.conftest import REPO
 
-pytest.importorskip("ray")
+
+
+@pytest.fixture
+def ray():
+    """Tests that start or reach Ray need it installed (pip install 'slimlm[ray]'); the refusals before Ray starts
+    run without it."""
+    return pytest.importorskip("ray")
 
 
 def sweep_args(model, out, calib, *extra):
@@ -30,7 +36,7 @@ def slimlm_cli(*argv) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def test_four_cell_sweep_on_local_ray(tmp_path, tiny_folder, calib):
+def test_four_cell_sweep_on_local_ray(ray, tmp_path, tiny_folder, calib):
     out = tmp_path / "sweep"
     done = slimlm_cli(*sweep_args(tiny_folder, out, calib))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -67,7 +73,7 @@ def test_four_cell_sweep_on_local_ray(tmp_path, tiny_folder, calib):
     assert time.perf_counter() - start < 900
 
 
-def test_unreachable_ray_address_fails_fast(capsys, tmp_path, tiny_folder, calib):
+def test_unreachable_ray_address_fails_fast(ray, capsys, tmp_path, tiny_folder, calib):
     start = time.perf_counter()
     code = main(sweep_args(tiny_folder, tmp_path / "sweep", calib, "--ray", "127.0.0.1:9"))
     err = capsys.readouterr().err
@@ -95,3 +101,10 @@ def test_a_folder_of_other_settings_is_not_taken_as_finished(capsys, tmp_path, t
     code = main(sweep_args(tiny_folder, out, calib))
     err = capsys.readouterr().err
     assert code == 2 and "holds a run with other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_ray_the_sweep_says_how_to_install_it(capsys, tmp_path, tiny_folder, calib, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    code = main(sweep_args(tiny_folder, tmp_path / "sweep", calib))
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'slimlm[ray]'" in err and len(err.strip().splitlines()) == 1
