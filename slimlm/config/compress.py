@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Literal
 
-from slimlm.config.schema import Config, Rule, check_name, option
+from slimlm.config.schema import Config, Rule, SettingError, check_name, option
 from slimlm.errors import SlimlmError, closest, read_json
 
 CALIBRATION = ("calib", "nsamples", "seqlen", "calib_sampling", "seed", "batch_size", "owl_m")  # CalibrationConfig's fields
@@ -285,8 +285,8 @@ class GGUFConfig(SmallCalibrationConfig):
 
         object.__setattr__(self, "type", self.type.upper())
         if self.type not in MIXES:
-            raise SlimlmError(f"--type: unknown GGUF mix '{self.type}'{closest(self.type, MIXES)}; choose one of "
-                              f"{', '.join(MIXES)}")
+            raise SettingError("type", f"unknown GGUF mix '{self.type}'{closest(self.type, MIXES)}; choose one of "
+                               f"{', '.join(MIXES)}")
         CalibrationConfig.check(self)
         if self.size is not None:
             parse_size(self.size)

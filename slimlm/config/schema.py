@@ -19,6 +19,14 @@ from typing import Any, Callable, ClassVar, Literal
 from slimlm.errors import SlimlmError, lookup, unknown
 
 
+class SettingError(SlimlmError):
+    """A bad value of one setting: ``str()`` names its flag (``--sparsity: ...``), a recipe names its key path."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{flag(name)}: {reason}")
+        self.name, self.reason = name, reason
+
+
 def option(default, help: str, *, metavar: str | None = None, value_type: type | None = None):
     """A setting: its ``default`` and ``help`` (the flag's --help text). ``value_type``: the type of the values
     of a REGEX -> VALUE mapping (``override``)."""
@@ -89,7 +97,7 @@ def check_name(name: str, value, registry, what: str) -> None:
     try:
         lookup(registry, value, what)
     except SlimlmError as e:
-        raise SlimlmError(f"{flag(name)}: {e}") from None
+        raise SettingError(name, str(e)) from None
 
 
 def default_of(cls, name: str):
@@ -122,31 +130,31 @@ def _coerce(value, hint, f):
     text, an int for a float, a mapping or pairs for REGEX -> VALUE). A wrong type or choice is a SlimlmError
     naming the flag."""
     base, optional = _parts(hint)
-    name = flag(f.name)
+    name = f.name
     if value is None:
         if optional or f.default is None:
             return None
-        raise SlimlmError(f"{name}: a value is required")
+        raise SettingError(name, "a value is required")
     choices = choices_of(base)
     if choices is not None:
         if str(value) not in choices:
-            raise SlimlmError(f"{name}: {unknown('value', value, choices)}")
+            raise SettingError(name, str(unknown('value', value, choices)))
         return str(value)
     if f.metadata.get("value_type") is not None:
         return _pairs(value, f.metadata["value_type"], name)
     if base is bool:
         if not isinstance(value, bool):
-            raise SlimlmError(f"{name}: expected true or false, got {value!r}")
+            raise SettingError(name, f"expected true or false, got {value!r}")
         return value
     if isinstance(value, (dict, list, tuple, set)) and base in (int, float, str):
-        raise SlimlmError(f"{name}: expected a single value, got {value!r}")
+        raise SettingError(name, f"expected a single value, got {value!r}")
     if base in (int, float):
         if isinstance(value, bool) or (base is int and isinstance(value, float)):
-            raise SlimlmError(f"{name}: invalid {base.__name__} value: {value!r}")
+            raise SettingError(name, f"invalid {base.__name__} value: {value!r}")
         try:
             return base(value)
         except (TypeError, ValueError):
-            raise SlimlmError(f"{name}: invalid {base.__name__} value: '{value}'") from None
+            raise SettingError(name, f"invalid {base.__name__} value: '{value}'") from None
     if base is str:
         return str(value)
     return value  # a union such as str | dict: the config's check() reads it
@@ -157,17 +165,17 @@ def _pairs(value, value_type: type, name: str) -> tuple[tuple[str, Any], ...]:
     if isinstance(value, dict):
         value = list(value.items())
     if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
-        raise SlimlmError(f"{name}: expected a mapping REGEX: VALUE, got {value!r}")
+        raise SettingError(name, f"expected a mapping REGEX: VALUE, got {value!r}")
     pairs = []
     for regex, v in value:
         try:
             re.compile(regex)
         except re.error as e:
-            raise SlimlmError(f"{name}: bad regular expression '{regex}': {e}") from None
+            raise SettingError(name, f"bad regular expression '{regex}': {e}") from None
         try:
             pairs.append((str(regex), value_type(v)))
         except (TypeError, ValueError):
-            raise SlimlmError(f"{name}: invalid {value_type.__name__} value '{v}' for '{regex}'") from None
+            raise SettingError(name, f"invalid {value_type.__name__} value '{v}' for '{regex}'") from None
     return tuple(pairs) or None
 
 
@@ -191,17 +199,11 @@ def from_mapping(cls, data, path: str = ""):
         raise SlimlmError(f"{path + '.' if path else ''}{missing[0].replace('_', '-')}: a value is required")
     try:
         return cls(**values)
-    except SlimlmError as e:
-        keys = {str(key).replace("_", "-"): str(key) for key in data}  # the key as the recipe spells it
-        raise SlimlmError(_recipe_message(str(e), path, keys)) from None
-
-
-def _recipe_message(message: str, path: str, keys: dict[str, str]) -> str:
-    """A config's error in a recipe's words: the key path first, flags without ``--``."""
-    found = re.match(r"--([\w-]+): (.*)", message)
-    if found:
-        return f"{path + '.' if path else ''}{keys.get(found[1], found[1])}: {found[2]}"
-    return f"{path or 'recipe'}: {message.replace('--', '')}"
+    except SettingError as e:  # one key's value: named by its path, as the recipe spells the key
+        key = {name.replace("-", "_"): str(k) for k in data for name in [str(k).replace("_", "-")]}.get(e.name, e.name)
+        raise SlimlmError(f"{path + '.' if path else ''}{key}: {e.reason}") from None
+    except SlimlmError as e:  # a rule between keys: named by the step, flags without --
+        raise SlimlmError(f"{path or 'recipe'}: {str(e).replace('--', '')}") from None
 
 
 def to_mapping(config) -> dict:
