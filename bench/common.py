@@ -2,7 +2,8 @@
 
 Calibration: the whole text of wikitext2/valid.tokens tokenized as one string (tokenizer defaults),
 first 32 non-overlapping windows of 512 tokens. Evaluation: the whole text of wikitext2/test.raw the
-same way, first 32 non-overlapping windows of 2048 tokens (8 for some tables).
+same way, the first non-overlapping windows of 2048 tokens, as many as each row's eval_windows says (32 by the
+protocol; the tables run on 2 CPU cores used 8).
 
 Each row of a table is a recipe, ``recipes/<table>/<row>.yaml``, which says all of it (calibration, steps, the
 evaluation windows), so the table and ``slimlm run recipes/<table>/<row>.yaml`` cannot drift apart. Each row runs
@@ -91,7 +92,9 @@ def run_rows(script: str, names: list[str], extra: list[str]) -> list[dict]:
 def write_json(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"protocol": __doc__.split("\n\n")[1], "rows": rows}, indent=2) + "\n")
+    windows = sorted({r["eval_windows"] for r in rows if "eval_windows" in r})  # what the rows measured
+    path.write_text(json.dumps({"protocol": __doc__.split("\n\n")[1], "eval_windows": windows, "rows": rows},
+                               indent=2) + "\n")
     return path
 
 
