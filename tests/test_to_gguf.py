@@ -79,6 +79,24 @@ def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     assert tensor_bytes(out) <= target and len(kinds) > 1
 
 
+def test_a_size_too_small_is_refused_from_the_shapes_naming_one_that_fits(tiny_folder, tmp_path, data_dir):
+    """Refused before any calibration (the data folder does not exist), with the smallest size that fits, which
+    then works."""
+    import re
+
+    import slimlm
+
+    model, tok = slimlm.load_model(str(tiny_folder))
+    with pytest.raises(SlimlmError, match="smallest size that fits is --size") as refused:
+        slimlm.to_gguf(model, tok, tmp_path / "a.gguf", "Q4_0", method="rtn", size="1.5bpw",
+                       data_dir=str(tmp_path / "no-data"), progress=False)
+    fits = re.search(r"--size (\S+)$", str(refused.value))[1]
+    path = slimlm.to_gguf(model, tok, tmp_path / "b.gguf", "Q4_0", method="rtn", size=fits, nsamples=2,
+                          seqlen=32, data_dir=data_dir, progress=False)
+    record = json.loads(gguf.GGUFReader(path).get_field("slimlm.export").contents())
+    assert record["bits_per_weight"] <= float(fits.removesuffix("bpw")) and not (tmp_path / "a.gguf").exists()
+
+
 def test_a_run_folder_goes_to_gguf_with_its_zeros(tiny_folder, tmp_path):
     """`slimlm gguf RUN`: a pruned run's folder is a model like any other; Q4_0 stores 0 exactly (d·(8 - 8)),
     so RTN keeps every pruned weight at zero, and the file names the run as its source."""

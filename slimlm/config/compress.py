@@ -259,7 +259,7 @@ class GGUFConfig(SmallCalibrationConfig):
     blocksize: int = option(128, "gptq: columns per lazy-update block")
     damp: float = option(0.01, "gptq: dampening added to the Hessian, as a fraction of its mean diagonal")
     size: str | None = option(None, "our own per-tensor types fitted to this size instead of the mix's rule for the "
-                              "decoder blocks: bits per weight over all tensors (3.5bpw) or tensor bytes (70MB); "
+                              "decoder blocks: bits per weight over all tensors (5.5bpw) or tensor bytes (100MB); "
                               "costs from measured Fisher information on the calibration data")
     token_embedding_type: str | None = option(None, "type of the token embedding (token_embd), as llama-quantize's "
                                               "--token-embedding-type: F16, Q8_0, Q6_K, ... (default: the mix's)")

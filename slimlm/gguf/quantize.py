@@ -26,7 +26,7 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.source import check_new
 from slimlm.gguf.blocks import pack
 from slimlm.gguf.mixes import block_size, named_mix
-from slimlm.gguf.sizing import cost_table, parse_size, solve, tensor_bytes
+from slimlm.gguf.sizing import check_size_fits, cost_table, parse_size, solve, tensor_bytes
 from slimlm.gguf.types import TYPES, Fitted, fit
 from slimlm.gguf.writer import NORM_SHIFT, T, check_architecture, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.gptq import gptq_gguf
@@ -91,12 +91,20 @@ def _plan_types(model, tokenizer, c: GGUFConfig, weights, model_config, calib, d
             raise SlimlmError(f"--token-embedding-type {c.token_embedding_type}: its blocks of "
                               f"{block_size(c.token_embedding_type)} do not divide the embedding's {width}-wide rows")
         types["token_embd.weight"] = c.token_embedding_type
+    if c.size is not None:  # from the shapes alone, in a second, before any calibration
+        check_size_fits(c.size, {n: tuple(W.shape) for n, W in weights.items()}, types, _sized_names(model, weights),
+                        gguf_name)
     calib_info = None
     if uses_data:
         calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
     if c.size is not None:
         types |= _sized_types(model, weights, types, parse_size(c.size), calib, gguf_name, progress)
     return types, calib, calib_info
+
+
+def _sized_names(model, weights) -> list[str]:
+    """HF names of the matrices the size mix chooses types for: the decoder blocks' linears, in model order."""
+    return [f"{fqn}.weight" for fqn in linear_fqns(model) if f"{fqn}.weight" in weights]
 
 
 def _quantize_tensors(model, c: GGUFConfig, weights, types, gguf_name, calib, progress) -> dict:
@@ -142,7 +150,7 @@ def layer_widths(model) -> list[tuple[int, int, int]] | None:
 def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> dict[str, str]:
     """GGUF name -> type for the decoder blocks' matrices at the ``target`` size (``gguf.sizing``)."""
     fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
-    fisher = {f"{fqn}.weight": F for fqn, F in fisher.items() if f"{fqn}.weight" in weights}
+    fisher = {name: fisher[name.removesuffix(".weight")] for name in _sized_names(model, weights)}
     tokens = calib[:FISHER_WINDOWS].numel()
     importance = {f"{fqn}.weight": s / tokens for fqn, s in sqnorms.items()}
     costs = cost_table(weights, fisher, importance, progress)

@@ -76,6 +76,25 @@ def cost_table(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
     return table
 
 
+def check_size_fits(size: str, shapes: dict[str, tuple[int, ...]], types: dict[str, str], sized: list[str],
+                    gguf_name) -> None:
+    """Refuse a ``size`` the model cannot reach, from its tensor shapes alone: the tensors the size mix does not
+    choose (embedding, output, norms: the mix's ``types``) plus the ``sized`` matrices in their smallest types. The
+    error names the smallest ``--size`` that fits."""
+    target = parse_size(size)
+    params = sum(math.prod(shape) for shape in shapes.values())
+    smallest = {n: min(tensor_bytes(k, shapes[n]) for k in choices(shapes[n][1])) for n in sized
+                if choices(shapes[n][1])}
+    fixed = sum(tensor_bytes(types[gguf_name(n)], shape) for n, shape in shapes.items() if n not in smallest)
+    need = fixed + sum(smallest.values())
+    if target.budget(params) < need:
+        fits = f"{math.ceil(800 * need / params) / 100:g}bpw" if target.bpw is not None else f"{need}"
+        raise SlimlmError(f"--size {size} is too small for this model: its embedding, output and norms take "
+                          f"{fixed / 1e6:.1f} MB in the mix's types and its block matrices at least "
+                          f"{sum(smallest.values()) / 1e6:.1f} MB in their smallest types; the smallest size that "
+                          f"fits is --size {fits}")
+
+
 def solve(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int) -> dict[str, str]:
     """Types minimising the summed cost with Σ bytes ≤ budget (SlimlmError when even the smallest choices do
     not fit)."""
