@@ -150,3 +150,14 @@ def test_export_cli_round_trip(capsys, tmp_path, tiny_folder, data_dir):
     code, _, err = run(capsys, "export", str(run_dir), "--format", "compressed-tensors", "--out",
                        str(tmp_path / "ct"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("argv", [["speed", "runs/does-not-exist"], ["speed", "runs/does-not-exist", "--baseline",
+                                                                     "smollm2-135m"], ["eval", "runs/typo"]])
+def test_a_missing_run_folder_is_named_as_such(capsys, tmp_path, monkeypatch, argv):
+    """Not "--baseline is needed", not the Hugging Face hub: runs/ exists, so runs/X is a path that does not."""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"slimlm: error: no such model folder: {argv[1]} (runs has no {argv[1][5:]})\n"

@@ -52,9 +52,11 @@ def cmd_lowrank(args) -> None:
 
 def cmd_speed(args) -> None:
     """Speed of MODEL beside its baseline (first), measured in alternating rounds (evaluation.speed)."""
-    from slimlm.evaluation.speed import format_table, measure_speed
     from slimlm.core.files import read_manifest
+    from slimlm.core.models import model_source
+    from slimlm.evaluation.speed import format_table, measure_speed
 
+    model_source(args.model, args.allow_pickle)  # a missing folder or file is said first, before the baseline
     baseline = args.baseline
     if baseline is None and Path(args.model).is_dir():
         baseline = read_manifest(args.model).get("model")

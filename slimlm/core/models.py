@@ -66,6 +66,8 @@ def model_source(name: str, allow_pickle: bool = False) -> tuple[str, Path | str
         return "folder", path
     if path.exists() or name.startswith((".", "/")) or name.count("/") > 1:
         raise SlimlmError(f"cannot read model '{name}': not a model folder, .gguf file or hub id")
+    if name.count("/") == 1 and path.parent.is_dir():  # runs/typo: a path under a local folder, not a hub id
+        raise SlimlmError(f"no such model folder: {name} ({path.parent} has no {path.name})")
     if alias := builtin_near_miss(name):
         raise SlimlmError(f"unknown model '{name}': did you mean {alias}? (models are a built-in alias, "
                           "a local folder, a .gguf file or a hub id)")
