@@ -222,7 +222,8 @@ def check(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
     for i, (kind, ns) in enumerate(recipe.steps):
         try:
             if kind in ("export", "gguf"):
-                check_new(ns.out)
+                run_out = Path(recipe.run.out) if recipe.run.out else None
+                check_new(ns.out, (run_out, run_out.parent) if run_out else ())
             if kind == "gguf":
                 _check_gguf_input(recipe.run, ns)
         except SlimlmError as e:

@@ -155,13 +155,14 @@ def test_a_recipe_prunes_then_writes_gguf_and_refuses_what_gguf_cannot_hold(tiny
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--size", "2bpw", "--method", "rtn"], "smallest types need"),
+    (["--size", "2bpw", "--method", "rtn"], "the smallest size that fits is --size "),
     (["--size", "lots"], "bits per weight"),
     (["--method", "gptq", "--imatrix"], "--imatrix only applies with --method rtn"),
     (["--type", "Q4_K_X"], "unknown GGUF mix 'Q4_K_X' (did you mean 'Q4_K_S'?)"),
+    (["--method", "gptq"], "its folder"),  # with --out under folders that do not exist: none is made
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_folder, tmp_path, data_dir, args, message):
-    out = tmp_path / "x.gguf"
+    out = tmp_path / ("no/such/x.gguf" if args == ["--method", "gptq"] else "x.gguf")
     done = cli("gguf", tiny_folder, *args, "--nsamples", "2", "--seqlen", "32", "--data-dir", data_dir, "--out", out)
     assert done.returncode != 0 and message in done.stderr
     assert "Traceback" not in done.stderr

@@ -58,10 +58,15 @@ def linear_weights(manifest: dict, tensors: dict) -> list[str]:
     return names
 
 
-def check_new(out: str | Path) -> Path:
+def check_new(out: str | Path, made_by_the_run: tuple[Path, ...] = ()) -> Path:
+    """``out`` as a new output: it must not exist, and its folder must (a typo'd folder is refused rather than
+    made), unless the folder is one the run itself creates (``made_by_the_run``: the run folder and its parent)."""
     out = Path(out)
     if out.exists():
-        raise SlimlmError(f"output {out} already exists; exports never overwrite, choose a new folder")
+        raise SlimlmError(f"output {out} already exists; outputs are never overwritten: choose a new name")
+    made = any(out.parent == p or p in out.parent.parents for p in made_by_the_run)
+    if not out.parent.is_dir() and not made:
+        raise SlimlmError(f"cannot write {out}: its folder {out.parent} does not exist")
     return out
 
 

@@ -90,9 +90,13 @@ def check_size_fits(size: str, shapes: dict[str, tuple[int, ...]], types: dict[s
     if target.budget(params) < need:
         fits = f"{math.ceil(800 * need / params) / 100:g}bpw" if target.bpw is not None else f"{need}"
         raise SlimlmError(f"--size {size} is too small for this model: its embedding, output and norms take "
-                          f"{fixed / 1e6:.1f} MB in the mix's types and its block matrices at least "
-                          f"{sum(smallest.values()) / 1e6:.1f} MB in their smallest types; the smallest size that "
+                          f"{_megabytes(fixed)} in the mix's types and its block matrices at least "
+                          f"{_megabytes(sum(smallest.values()))} in their smallest types; the smallest size that "
                           f"fits is --size {fits}")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def solve(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int) -> dict[str, str]:
