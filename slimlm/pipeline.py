@@ -217,11 +217,20 @@ def _analyze(ctx: Context, c) -> dict:
 
 
 def _gguf(ctx: Context, c) -> dict:
+    """The file written, with its bits per weight, how many tensors of each type, and the size of the model it
+    came from (a GGUF can be larger than its source: the built-in Q4_1 file's 576-wide rows cannot hold Q4_K)."""
+    from collections import Counter
+
+    from slimlm.core.models import source_bytes
+    from slimlm.gguf.metadata import read_metadata
     from slimlm.gguf.quantize import to_gguf
 
     path = to_gguf(ctx.model, ctx.tokenizer, c.out, config=c, data_dir=ctx.run.data_dir, source=ctx.run.model,
                    recipe=ctx.text, progress=ctx.progress)
-    return {"out": str(path), "bytes": path.stat().st_size}
+    record = json.loads(read_metadata(path, ["slimlm.export"])["slimlm.export"])
+    counts = Counter(kind for name, kind in record["types"].items() if name.endswith(".weight"))
+    return {"out": str(path), "bytes": path.stat().st_size, "bits_per_weight": round(record["bits_per_weight"], 3),
+            "types": dict(counts.most_common()), "source_bytes": source_bytes(ctx.run.model)}
 
 
 def _export(ctx: Context, c) -> dict:

@@ -68,8 +68,12 @@ def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     def tensor_bytes(path):
         return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
-    assert cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--out", tmp_path / "q8.gguf",
-               "--quiet").returncode == 0
+    done = cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--out", tmp_path / "q8.gguf", "--quiet")
+    assert done.returncode == 0
+    summary = json.loads(done.stdout)  # what a user reads: the file against its source
+    assert summary["bytes"] == (tmp_path / "q8.gguf").stat().st_size and summary["types"]["Q8_0"] > 0
+    assert summary["source_bytes"] == (tiny_folder / "model.safetensors").stat().st_size
+    assert 8.0 < summary["bits_per_weight"] < 9.0  # Q8_0 is 8.5 bits; float norms add a little
     target = tensor_bytes(tmp_path / "q8.gguf") - 20_000
     out = tmp_path / "sized.gguf"
     done = cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--size", target, "--nsamples", "2",

@@ -76,6 +76,18 @@ def model_source(name: str, allow_pickle: bool = False) -> tuple[str, Path | str
     return "hub", name  # transformers downloads it
 
 
+def source_bytes(name: str) -> int | None:
+    """The bytes a model takes where it is stored: its .gguf file, or its folder's weight files (None for a hub
+    id, whose size is not known here)."""
+    kind, where = model_source(name)
+    if kind == "hub":
+        return None
+    path = Path(where)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False,
                cache: bool = True):
     """Load ``(model, tokenizer)`` on the CPU in ``dtype``; see the module docstring for sources.
