@@ -96,8 +96,10 @@ def from_data(data) -> Recipe:
 
 
 def to_data(recipe: Recipe) -> dict:
-    """The recipe as YAML data, every setting listed (defaults too)."""
-    return {**to_mapping(recipe.run), "steps": [{kind: to_mapping(c)} for kind, c in recipe.steps]}
+    """The recipe as YAML data: every setting in effect, defaults too, so that a later change of a default does
+    not change its replay; a setting that another one makes ineffective (a depth shrink's width method) is left
+    out, as its value changes nothing."""
+    return {**to_mapping(recipe.run), "steps": [{kind: c.in_effect()} for kind, c in recipe.steps]}
 
 
 class _Loader(yaml.SafeLoader):

@@ -10,7 +10,7 @@ import slimlm
 from slimlm.cli.parser import build_parser
 from slimlm.config import STEP_CONFIGS, PruneConfig, QuantizeConfig, from_mapping, to_mapping
 from slimlm.config.keywords import configure
-from slimlm.config.schema import from_namespace
+from slimlm.config.schema import from_namespace, never
 from slimlm.errors import SlimlmError
 from tests.conftest import tiny_llama
 
@@ -41,9 +41,10 @@ def test_every_field_is_a_flag_with_help_and_its_default():
     commands = {a.dest: a for a in parser._actions if a.dest == "command"}["command"].choices
     for kind in ("prune", "quantize", "shrink", "lowrank", "analyze", "gguf", "export"):
         actions = {a.dest: a for a in commands[kind]._actions}
+        kept_for_old_recipes = {n for r in STEP_CONFIGS[kind].RULES if r.applies is never for n in r.options}
         for f in fields(STEP_CONFIGS[kind]):
-            if f.name == "out" and kind in ("analyze",):
-                continue  # the command's own --out is the analysis folder
+            if (f.name == "out" and kind in ("analyze",)) or f.name in kept_for_old_recipes:
+                continue  # the command's own --out is the analysis folder; no flag for what never applies
             assert f.name in actions, (kind, f.name)
             assert actions[f.name].help == f.metadata["help"] and actions[f.name].help
             assert actions[f.name].required or actions[f.name].default == f.default
@@ -103,6 +104,16 @@ def test_manifest_says_which_activations_each_block_was_calibrated_on(settings, 
     result = slimlm.quantize(tiny_llama(), None, config, wbits=8, group_size=None, calib=ids(), progress=False)
     assert result.manifest["block_inputs"] == block_inputs
     assert result.manifest["config"].get("one-pass", False) == settings.get("one_pass", False)
+
+
+def test_a_setting_kept_for_old_recipes_is_no_flag_but_reads_at_its_default():
+    from slimlm.config import GGUFConfig
+
+    assert from_mapping(QuantizeConfig, {"owl-m": 5.0}) == QuantizeConfig()  # as recipes written before list it
+    with pytest.raises(SlimlmError, match="owl-m only applies with prune or analyze"):
+        from_mapping(GGUFConfig, {"out": "x.gguf", "owl-m": 3})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "m", "--owl-m", "3"])
 
 
 def test_a_config_is_immutable_and_checked_once():

@@ -46,11 +46,19 @@ def test_round_trip_keeps_every_setting():
     assert to_data(again) == to_data(recipe)
     written = yaml.safe_load(text)
     prune = written["steps"][1]["prune"]
-    # every setting is listed, defaults too, under the flag's name
-    assert prune["calib-sampling"] == "first" and prune["pattern"] == "2:4" and prune["ria-alpha"] == 0.5
-    assert prune["sparsity"] is None and prune["override"] == {}
+    # every setting in effect is listed, defaults too, under the flag's name; one that changes nothing is not
+    assert prune["calib-sampling"] == "first" and prune["pattern"] == "2:4" and prune["blocksize"] == 128
+    assert prune["sparsity"] is None and prune["override"] == {} and "ria-alpha" not in prune
     assert written["steps"][2]["quantize"]["override"] == {r"layers\.0\.": 8, "down_proj": 3}
     assert written["dtype"] == "float32" and written["steps"][3]["eval"]["eval-seqlen"] == 2048
+
+
+def test_a_depth_shrink_recipe_lists_no_width_settings():
+    recipe = loads("model: m\nsteps:\n- shrink: {drop-layers: 2}\n")
+    (step,) = yaml.safe_load(dumps(recipe))["steps"]
+    assert step["shrink"]["drop-layers"] == 2 and step["shrink"]["score"] == "influence"
+    assert not {"method", "allocation", "no-compensate"} & set(step["shrink"])
+    assert loads(dumps(recipe)) == recipe
 
 
 def test_unquoted_nm_pattern_stays_a_pattern():

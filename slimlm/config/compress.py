@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Literal
 
-from slimlm.config.schema import Config, Rule, SettingError, check_name, option
+from slimlm.config.schema import Config, Rule, SettingError, check_name, never, option
 from slimlm.errors import SlimlmError, closest, read_json
 
 CALIBRATION = ("calib", "nsamples", "seqlen", "calib_sampling", "seed", "batch_size", "owl_m")  # CalibrationConfig's fields
@@ -200,7 +200,7 @@ class QuantizeConfig(CalibrationConfig, AllocationConfig, GridConfig):
                                     "REGEX wins", value_type=int)
 
     RULES = AllocationConfig.RULES + (
-        Rule(("owl_m",), lambda c: False, "prune or analyze (quantize's owl allocation keeps M at 5)"),
+        Rule(("owl_m",), never, "prune or analyze (quantize's owl allocation keeps M at 5)"),
         Rule(("act_order", "blocksize", "damp"), lambda c: c.method == "gptq", "--method gptq"),
         Rule(("one_pass",), lambda c: c.method == "gptq" and c.transform != "flatquant",
              "--method gptq without --transform flatquant (which always calibrates on full-precision activations)"),
@@ -266,7 +266,7 @@ class GGUFConfig(SmallCalibrationConfig):
     out: str = option(MISSING, "new .gguf file (or new folder) to write")
 
     RULES = (
-        Rule(("owl_m",), lambda c: False, "prune or analyze"),
+        Rule(("owl_m",), never, "prune or analyze"),
         Rule(("batch_size",), lambda c: c.method == "gptq" or c.imatrix, "--method gptq or --imatrix"),
         Rule(("imatrix",), lambda c: c.method == "rtn", "--method rtn"),
         Rule(("act_order", "blocksize", "damp"), lambda c: c.method == "gptq", "--method gptq"),

@@ -16,7 +16,7 @@ class RunConfig(Config):
 
     model: str = option(MISSING, "built-in alias (smollm2-135m), HF folder, .gguf file, or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = option(
-        "float32", "dtype of the weights while computing and in the saved run")
+        "float32", "dtype of the weights while computing and in the saved run or file")
     device: str = option("cpu", "compute device (cpu, cuda, cuda:1); the model stays on the CPU and each block "
                          "visits the device in turn")
     data_dir: str | None = option(None, "offline data folder (wikitext2/test.raw, wikitext2/valid.tokens); "

@@ -33,6 +33,12 @@ def option(default, help: str, *, metavar: str | None = None, value_type: type |
     return field(default=default, metadata={"help": help, "metavar": metavar, "value_type": value_type})
 
 
+def never(config) -> bool:
+    """A rule's ``applies`` for a setting a step only keeps so that older recipes listing its default still read:
+    it is no flag of that step's command (``add_arguments`` leaves it out) and any other value is refused."""
+    return False
+
+
 @dataclass(frozen=True)
 class Rule:
     """``options`` (field names) take effect only when ``applies(config)``: one set away from its default where
@@ -222,6 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
     defaults for this command). Values are parsed by the config itself (``from_namespace``), so the parser keeps
     them as text; --help shows each field's help, choices and default."""
     hints = typing.get_type_hints(cls)
+    skip = (*skip, *(name for rule in cls.RULES if rule.applies is never for name in rule.options))
     for f in ordered_fields(cls):
         if f.name in skip:
             continue
