@@ -9,7 +9,7 @@ import torch
 from slimlm.allocate import (ALLOCATOR_METRIC, allocate_from_metrics, allocation_metrics, fisher_metrics, plan_budgets,
                              round_bits)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
-from slimlm.analysis.sensitivity import ERROR_LEVELS
+from slimlm.analysis.sensitivity import ERROR_LEVELS, FISHER_WINDOWS
 from slimlm.analysis.spectra import model_weight_metrics
 from slimlm.config import PruneConfig, QuantizeConfig
 from slimlm.config.keywords import configure
@@ -107,7 +107,24 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calib: to
     achieved, perms, engine = _run_prune(model, c, m, targets, calib, device, progress, io, checkpoint)
     timings |= engine.timings
     timings["total"] = time.perf_counter() - start
-    return _prune_result(model, c, m, sparsity, targets, achieved, perms, engine, calib_info, device, timings)
+    return _with_resume(_prune_result(model, c, m, sparsity, targets, achieved, perms, engine, calib_info, device,
+                                      timings), checkpoint)
+
+
+def _with_resume(result: Result, checkpoint: Checkpoint | None) -> Result:
+    """A resumed run's manifest lists every process that worked on it (where each started, its seconds), and its
+    total seconds are theirs together."""
+    if checkpoint is not None and checkpoint.earlier:
+        result.manifest["resumed"] = checkpoint.processes()
+        result.manifest["timings"]["total"] += sum(p["seconds"] for p in checkpoint.earlier)
+    return result
+
+
+def _fisher_windows(allocation: str, calib_info: dict | None) -> dict:
+    """The windows the Fisher allocator read: the first ``FISHER_WINDOWS`` of the calibration windows."""
+    if allocation != "fisher" or calib_info is None:
+        return {}
+    return {"fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"])}
 
 
 def _run_prune(model, c: PruneConfig, m, targets, calib, device, progress, io, checkpoint):
@@ -148,6 +165,7 @@ def _prune_result(model, c: PruneConfig, m, sparsity, targets, achieved, perms, 
         "sparsity_target": size_weighted_mean(targets, sizes) if user_map or c.override else sparsity,
         "sparsity": zeros / sum(sizes[f] for f in achieved),
         "allocation": {"name": "budgets" if user_map else c.allocation, **c.allocation_options(),
+                       **({} if user_map else _fisher_windows(c.allocation, calib_info)),
                        **({"file": c.budgets} if isinstance(c.budgets, str) else {}),
                        **({"overrides": c.overrides()} if c.override else {})},
         "config": c.in_effect(), "calibration": calib_info, "block_inputs": engine.block_inputs,
@@ -221,7 +239,7 @@ def quantize(model, tokenizer=None, config: QuantizeConfig | None = None, *, cal
     timings["total"] = time.perf_counter() - start
     manifest = _quantize_manifest(model, c, runtime, rotation, entries, bits, grids, losses, engine, calib_info,
                                   device, timings)
-    return Result(manifest, {RUNTIME_FILE: tensors} if tensors else {})
+    return _with_resume(Result(manifest, {RUNTIME_FILE: tensors} if tensors else {}), checkpoint)
 
 
 def _plan_bits(model, c: QuantizeConfig, calib, device, progress) -> dict[str, int]:
@@ -278,6 +296,7 @@ def _quantize_manifest(model, c: QuantizeConfig, runtime, rotation, entries, bit
         "bits": sum(bits[f] * layers[f].weight.numel() for f in layers)
         / sum(lin.weight.numel() for lin in layers.values()),
         "allocation": {"name": c.allocation, "avg_bits": c.avg_bits, **c.allocation_options(),
+                       **(_fisher_windows(c.allocation, calib_info) if c.avg_bits is not None else {}),
                        **({"overrides": c.overrides()} if c.override else {})}, "config": c.in_effect(),
         "calibration": calib_info, "block_inputs": engine.block_inputs, "device": placement.describe(device),
         "seed": c.seed, **distributed.record(), "timings": timings, "versions": versions(),

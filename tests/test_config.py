@@ -122,3 +122,14 @@ def test_a_config_is_immutable_and_checked_once():
         config.wbits = 3  # frozen: what ran is what was checked
     with pytest.raises(SlimlmError, match="bits must be an integer in 2..8"):
         QuantizeConfig(wbits=9)
+
+
+def test_manifest_says_how_many_windows_the_fisher_allocator_read():
+    from slimlm.analysis.sensitivity import FISHER_WINDOWS
+
+    n = FISHER_WINDOWS + 2
+    manifest = slimlm.prune(tiny_llama(layers=4), method="wanda", sparsity=0.5, allocation="fisher",
+                            calib=ids(n), progress=False).manifest
+    assert manifest["calibration"]["nsamples"] == n and manifest["allocation"]["fisher_windows"] == FISHER_WINDOWS
+    uniform = slimlm.prune(tiny_llama(), method="wanda", calib=ids(), progress=False).manifest
+    assert "fisher_windows" not in uniform["allocation"]

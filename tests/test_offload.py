@@ -171,6 +171,11 @@ def test_killed_run_resumes_to_identical_weights(capsys, tmp_path, src, calib, m
     assert_same_weights(out, reference)
     layers = [json.loads((f / "slimlm.json").read_text())["layers"] for f in (out, reference)]
     assert layers[0] == layers[1]
+    manifest = json.loads((out / "slimlm.json").read_text())  # the manifest says the run was resumed, and where
+    processes = manifest["resumed"]
+    assert [p["from_block"] for p in processes] == [0, after + (method == "save")]
+    assert manifest["timings"]["total"] >= sum(p["seconds"] for p in processes[:-1])
+    assert "resumed" not in json.loads((reference / "slimlm.json").read_text())
 
 
 def test_disk_full_is_one_line_and_keeps_finished_blocks(capsys, tmp_path, src, calib, monkeypatch):

@@ -66,7 +66,8 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: G
     params = sum(W.numel() for W in weights.values())
     float_mix = c.type in ("F16", "F32")
     record = {"format": "gguf", "source": source, "mix": c.type, "method": None if float_mix else c.method,
-              "imatrix": c.imatrix, "size": None if c.size is None else {"target": c.size, "allocation": "fisher"},
+              "imatrix": c.imatrix, "size": None if c.size is None else {"target": c.size, "allocation": "fisher",
+                                                     "fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"])},
               "act_order": c.act_order, "config": c.in_effect(), "calibration": calib_info, "types": types,
               "tensor_bytes": nbytes, "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
               "versions": versions()}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,14 @@ class Checkpoint:
     weights: bool = True
     records: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the processes before this one that worked on the run: {"from_block", "seconds"} each (see ``processes``)
+    earlier: list[dict] = field(default_factory=list)
+    first_block: int = 0  # where this process started
+    started: float = field(default_factory=time.perf_counter)
+
+    def processes(self) -> list[dict]:
+        """Every process that worked on this run so far, this one last: where each started, how long it ran."""
+        return [*self.earlier, {"from_block": self.first_block, "seconds": time.perf_counter() - self.started}]
 
     def _file(self, kind: str, i: int) -> Path:
         shared = kind == "block" or distributed.world() == 1  # else each rank's own share of the activations
@@ -112,6 +121,7 @@ class Checkpoint:
                               f"or delete {self.folder}")
         done = progress["done"]
         self.records.update(progress["records"])
+        self.earlier, self.first_block = progress.get("processes", []), done
         if done == 0:
             return 0, None
         saved = load_file(self._file("acts", done - 1))
@@ -136,4 +146,4 @@ class Checkpoint:
 
     def _write_progress(self, done: int) -> None:
         _write_json({"done": done, "settings": self.settings, "records": self.records,
-                     "world_size": distributed.world()}, self.folder / PROGRESS)
+                     "world_size": distributed.world(), "processes": self.processes()}, self.folder / PROGRESS)
