@@ -133,3 +133,11 @@ def test_manifest_says_how_many_windows_the_fisher_allocator_read():
     assert manifest["calibration"]["nsamples"] == n and manifest["allocation"]["fisher_windows"] == FISHER_WINDOWS
     uniform = slimlm.prune(tiny_llama(), method="wanda", calib=ids(), progress=False).manifest
     assert "fisher_windows" not in uniform["allocation"]
+
+
+def test_joint_pruning_quantizes_on_the_group_size_asked():
+    """PruneConfig's comparison ``group`` and the grid's ``group_size`` are two settings: the grid is grouped."""
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, wbits=4, group_size=64)
+    assert config.grid(4).group_size == 64 and config.group is None
+    manifest = slimlm.prune(tiny_llama(), None, config, calib=ids(), progress=False).manifest
+    assert manifest["quantization"]["group_size"] == 64

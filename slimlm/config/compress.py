@@ -76,15 +76,12 @@ class GridConfig(Config):
     scale_dtype: Literal["float16"] | None = option(None, "round scales to float16 (exact GGUF Q4_0/Q4_1/Q8_0 "
                                                     "export; default float32)")
 
-    @property
-    def group(self) -> int | None:
-        """``group_size`` as ``QuantGrid`` takes it (None: one scale per output channel)."""
-        return None if self.group_size in (-1, 0) else self.group_size
-
     def grid(self, bits: int, clip: float = 1.0):
+        """The grid at ``bits`` (``group_size`` -1 or 0: one scale per output channel)."""
         from slimlm.quant.grids import QuantGrid
 
-        return QuantGrid(bits, not self.asym, self.group, clip, self.scale_dtype)
+        group_size = None if self.group_size in (-1, 0) else self.group_size
+        return QuantGrid(bits, not self.asym, group_size, clip, self.scale_dtype)
 
 
 def _check_sparsity_options(c) -> None:
