@@ -141,3 +141,13 @@ def test_joint_pruning_quantizes_on_the_group_size_asked():
     assert config.grid(4).group_size == 64 and config.group is None
     manifest = slimlm.prune(tiny_llama(), None, config, calib=ids(), progress=False).manifest
     assert manifest["quantization"]["group_size"] == 64
+
+
+def test_no_field_shadows_a_method_or_property_of_its_bases():
+    import types
+
+    for cls in STEP_CONFIGS.values():
+        for f in fields(cls):
+            clashes = [base.__name__ for base in cls.__mro__
+                       if isinstance(vars(base).get(f.name), (property, types.FunctionType))]
+            assert not clashes, (cls.__name__, f.name, clashes)
