@@ -7,7 +7,7 @@ import slimlm
 
 PACKAGE = Path(slimlm.__file__).parent
 MAX_LINES = 420  # "about 400": a module that outgrows it is two concepts
-ENTRY_POINTS = ("slimlm.api", "slimlm.cli", "slimlm.pipeline", "slimlm.recipe")  # the layer users call
+ENTRY_POINTS = ("slimlm.api", "slimlm.cli", "slimlm.pipeline", "slimlm.recipe", "slimlm.steps")  # the layer users call
 # the modules above the stages, which may call the entry points: the package itself, ``python -m slimlm``, and
 # sweeps (grids of recipes run through the pipeline)
 TOP = ("slimlm", "slimlm.__main__", "slimlm.sweep")

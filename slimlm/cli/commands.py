@@ -161,7 +161,7 @@ def cmd_export(args) -> None:
     """Export a saved run; the export carries the run's recipe with this export step added (runs saved before
     recipes existed have none to carry)."""
     from slimlm.cli.settings import step_config
-    from slimlm.pipeline import export
+    from slimlm.steps import export
     from slimlm.recipe import Recipe, dumps, read_recipe
     from slimlm.runs.save import RECIPE
 

@@ -1,7 +1,7 @@
 """Typed step configs: the one schema of every setting (``config.schema``). The command line's flags and --help,
 a recipe step's keys, the Python API's keywords and a run's manifest all come from these dataclasses.
 
-``STEP_CONFIGS``: recipe step kind -> its config type (``pipeline.STEPS`` pairs each with the function that runs
+``STEP_CONFIGS``: recipe step kind -> its config type (``steps.STEPS`` pairs each with the function that runs
 it)."""
 from slimlm.config.compress import (AllocationConfig, CalibrationConfig, GGUFConfig, GridConfig, PruneConfig,
                                     QuantizeConfig, SmallCalibrationConfig)
