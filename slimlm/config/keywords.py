@@ -8,7 +8,10 @@ from dataclasses import MISSING, fields, replace
 from slimlm.errors import SlimlmError, closest
 
 RENAMED = {"calib_source": "calib", "sampling": "calib_sampling", "overrides": "override", "mix": "type"}
-NEGATED = {"symmetric": "asym", "sequential": "one_pass", "compensate": "no_compensate"}  # the old name's opposite
+# old name -> (field, its value from the old one's)
+CONVERTED = {"symmetric": ("asym", lambda v: not v), "sequential": ("one_pass", lambda v: not v),
+             "compensate": ("no_compensate", lambda v: not v),
+             "act_symmetric": ("act_grid", lambda v: None if v is None else "sym" if v else "asym")}
 ALLOCATOR_KEYWORDS = {"lamda": "owl_lambda", "epsilon": "alpha_epsilon"}  # allocation_options={...}
 
 
@@ -23,11 +26,11 @@ def _settings(cls, keywords: dict) -> dict:
                                       "(alphapruning)")
                 settings[ALLOCATOR_KEYWORDS[option]] = v
             continue
-        name = RENAMED.get(key, NEGATED.get(key, key))
+        name = RENAMED.get(key, CONVERTED[key][0] if key in CONVERTED else key)
         if name not in names:
             raise SlimlmError(f"unknown setting '{key}'{closest(key, names)} for {cls.__name__}")
-        if key in NEGATED:
-            value = not value
+        if key in CONVERTED:
+            value = CONVERTED[key][1](value)
         elif name == "group_size" and value is None:  # None: one scale per output channel
             value = -1
         elif value is None and names[name].default == "none":  # rotate=None, transform=None
