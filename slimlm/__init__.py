@@ -8,19 +8,28 @@ Python API (the CLI is a thin layer over it)::
     slimlm.save(model, tokenizer, "runs/wanda50", result)
     print(slimlm.evaluate(model, tokenizer, windows=4))
 """
-from slimlm.version import __version__  # noqa: E402
-from slimlm.allocate import plan_budgets  # noqa: E402
-from slimlm.api import analyze, evaluate, prune, quantize, save  # noqa: E402
-from slimlm.core.calibration import calibration  # noqa: E402
-from slimlm.core.result import Result  # noqa: E402
-from slimlm.errors import SlimlmError  # noqa: E402
-from slimlm.core.models import load_model  # noqa: E402
-from slimlm.gguf.quantize import to_gguf  # noqa: E402
-from slimlm.structured.shrink import shrink  # noqa: E402
-from slimlm.structured.factorize import lowrank  # noqa: E402
-from slimlm.evaluation.speed import measure_speed  # noqa: E402
-from slimlm.hooks.runtime import apply_runtime  # noqa: E402
-from slimlm.core.placement import spread_over  # noqa: E402
+from slimlm.version import __version__
 
-__all__ = ["__version__", "Result", "SlimlmError", "analyze", "apply_runtime", "calibration", "evaluate", "load_model",
-           "lowrank", "measure_speed", "plan_budgets", "prune", "quantize", "save", "shrink", "spread_over", "to_gguf"]
+# name -> module: imported on first use (PEP 562), so `slimlm --version` and the CLI's argument checks load no torch
+_PUBLIC = {"plan_budgets": "slimlm.allocate", "analyze": "slimlm.api", "evaluate": "slimlm.api",
+           "prune": "slimlm.api", "quantize": "slimlm.api", "save": "slimlm.api", "calibration": "slimlm.core.calibration",
+           "Result": "slimlm.core.result", "SlimlmError": "slimlm.errors", "load_model": "slimlm.core.models",
+           "to_gguf": "slimlm.gguf.quantize", "shrink": "slimlm.structured.shrink",
+           "lowrank": "slimlm.structured.factorize", "measure_speed": "slimlm.evaluation.speed",
+           "apply_runtime": "slimlm.hooks.runtime", "spread_over": "slimlm.core.placement"}
+
+__all__ = ["__version__", *sorted(_PUBLIC, key=str.lower)]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'slimlm' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

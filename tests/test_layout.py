@@ -76,7 +76,7 @@ def test_no_module_reaches_up():
     mods = modules()
     known = set(mods)
     found = {name: imports(path, known) for name, path in mods.items()}
-    assert "slimlm.api" in found["slimlm"] and "slimlm.runs.save" in found["slimlm.api"]  # the scan sees real edges
+    assert "slimlm.recipe" in found["slimlm.pipeline"] and "slimlm.runs.save" in found["slimlm.api"]  # real edges
     upward = {name: sorted(m for m in deps if _within(m, ENTRY_POINTS)) for name, deps in found.items()
               if not _within(name, ENTRY_POINTS) and name not in TOP}
     assert {name: deps for name, deps in upward.items() if deps} == {}
@@ -96,3 +96,14 @@ def test_public_api_is_unchanged():
                  "__version__"):
         assert name in slimlm.__all__ and hasattr(slimlm, name)
     assert callable(slimlm.prune) and callable(slimlm.evaluate)  # no subpackage shadows an API function
+
+
+def test_the_command_line_parser_and_the_package_load_no_torch():
+    """`slimlm --version` and --help stay fast: torch loads with the first model, check of a method or API call."""
+    import subprocess
+    import sys
+
+    code = ("import sys, slimlm; from slimlm.cli.parser import build_parser; build_parser(); "
+            "import slimlm.config, slimlm.cli; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

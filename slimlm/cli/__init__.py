@@ -11,7 +11,6 @@ from safetensors import SafetensorError
 
 from slimlm.cli import commands
 from slimlm.cli.parser import build_parser
-from slimlm.core import distributed
 from slimlm.errors import SlimlmError
 
 
@@ -45,6 +44,7 @@ DATA_PARALLEL = ("prune", "quantize", "shrink", "lowrank", "run")  # commands wh
 
 def _join_ranks(args) -> None:
     """Under torchrun: join the other ranks (``core.distributed``); rank 0 alone shows progress."""
+    from slimlm.core import distributed  # here: it imports torch, which --help and --version do not need
     if distributed.launched() and args.command not in DATA_PARALLEL:
         raise SlimlmError(f"torchrun splits the calibration of slimlm {', '.join(DATA_PARALLEL)}; run "
                           f"'slimlm {args.command}' as one process")
