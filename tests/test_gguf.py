@@ -286,3 +286,20 @@ def test_builtin_model_q4_gguf_has_the_runs_perplexity(tmp_path, monkeypatch, ca
     assert perplexity[run_dir] == perplexity[path]
     types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types == {"F32", "Q4_1" if asym else "Q4_0"}
+
+
+def test_a_damaged_gguf_file_is_named_as_such_in_one_line(tmp_path):
+    """Before any conversion or llama.cpp run: not a GGUF file, a header cut short, tensor data cut short."""
+    from slimlm.cli import main
+    from slimlm.core.models import builtin_gguf, model_source
+
+    data = builtin_gguf("smollm2-135m").read_bytes()
+    cases = {"junk.gguf": (b"hello world" * 100, "is not a GGUF file"),
+             "head.gguf": (data[:5000], "is truncated or damaged"),
+             "half.gguf": (data[:len(data) // 2], f"is truncated: its tensor data ends at byte {len(data):,}")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(slimlm.SlimlmError, match=message):
+            model_source(str(tmp_path / name))
+        for engine in ("transformers", "llama.cpp"):
+            assert main(["eval", str(tmp_path / name), "--engine", engine, "--eval-windows", "1"]) == 2

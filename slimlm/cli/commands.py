@@ -224,9 +224,13 @@ def _eval_llama_cpp(args) -> None:
     if not args.model.endswith(".gguf"):
         raise SlimlmError(f"--engine llama.cpp evaluates a .gguf file; {args.model} is not one (write one with "
                           "slimlm gguf or slimlm export --format gguf)")
+    from slimlm.gguf.metadata import check_file
+
     for path in (args.model, args.kld_reference):
         if path is not None and not Path(path).is_file():
             raise SlimlmError(f"no such file: {path}")
+        if path is not None:
+            check_file(path)  # llama.cpp's own reason would be lost behind "failed to load model"
     check_data(args.eval_dataset, args.data_dir)
     text = Path(args.eval_dataset)
     if args.eval_dataset in OFFLINE_FILES:

@@ -58,6 +58,9 @@ def model_source(name: str, allow_pickle: bool = False) -> tuple[str, Path | str
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SlimlmError(f"model file not found: {path}")
+        from slimlm.gguf.metadata import check_file
+
+        check_file(path)  # "not a GGUF file" or "truncated" in a second, before any conversion
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -8,6 +8,7 @@ type and the value, an array being its item type (uint32), its length (uint64) a
 """
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -40,8 +41,10 @@ def read_metadata(path: str | Path, keys: Iterable[str]) -> dict:
     return found
 
 
-def _string(f: BinaryIO) -> str:
+def _string(f: BinaryIO, limit: int | None = None) -> str:
     (length,) = struct.unpack("<Q", f.read(8))
+    if limit is not None and length > limit:  # damaged: no string is longer than the file
+        raise ValueError(f"string of {length} bytes")
     return f.read(length).decode("utf-8")
 
 
@@ -56,3 +59,41 @@ def _value(f: BinaryIO, kind: int):
     if kind not in SCALARS:
         raise SlimlmError(f"unknown GGUF metadata value type {kind}")
     return struct.unpack(f"<{SCALARS[kind]}", f.read(struct.calcsize(SCALARS[kind])))[0]
+
+
+def check_file(path: str | Path) -> None:
+    """A whole GGUF file, checked from its header and tensor table in about a second, before anything is converted
+    or handed to llama.cpp: one line saying "not a GGUF file" or "truncated" (or that a field is unreadable)
+    otherwise. The tensors' data must end inside the file: data start (aligned) + offset + bytes of its type."""
+    import gguf
+
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SlimlmError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+            version, tensors, count = struct.unpack("<IQQ", f.read(20))
+            if version not in (2, 3) or max(tensors, count) > size:
+                raise SlimlmError(f"{path} is not a GGUF file slimlm reads (version {version}, little-endian 2 or 3)")
+            alignment = 32  # GGUF's default (general.alignment)
+            for _ in range(count):
+                key = _string(f, size)
+                (kind,) = struct.unpack("<I", f.read(4))
+                value = _value(f, kind)
+                alignment = value if key == "general.alignment" else alignment
+            ends = [0]
+            for _ in range(tensors):
+                _string(f, size)
+                (ndim,) = struct.unpack("<I", f.read(4))
+                dims = struct.unpack(f"<{ndim}Q", f.read(8 * ndim))
+                qtype, offset = struct.unpack("<IQ", f.read(12))
+                block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+                ends.append(offset + math.prod(dims) // block * nbytes)
+            start = f.tell() + (-f.tell()) % alignment
+    except SlimlmError:
+        raise
+    except (struct.error, UnicodeDecodeError, ValueError, KeyError, OverflowError, MemoryError):
+        raise SlimlmError(f"{path} is truncated or damaged: its GGUF header cannot be read to the end") from None
+    if start + max(ends) > size:
+        raise SlimlmError(f"{path} is truncated: its tensor data ends at byte {start + max(ends):,}, the file has "
+                          f"{size:,}")
