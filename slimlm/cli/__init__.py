@@ -52,12 +52,30 @@ def _join_ranks(args) -> None:
     args.quiet = args.quiet or not distributed.is_main()
 
 
+class _Format(logging.Formatter):
+    """One style for everything slimlm says on stderr, as its errors: ``slimlm: ...``, ``slimlm: warning: ...``;
+    other libraries' warnings keep their name."""
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        who = "slimlm" if record.name.startswith("slimlm") else record.name
+        return f"{who}: {level}{record.getMessage()}"
+
+
+def _log_like_errors(quiet: bool) -> None:
+    """slimlm's progress messages at INFO (none with --quiet); other libraries' only from WARNING up (the gguf
+    writer's INFO lines name its temporary file, which says nothing to a user)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("slimlm").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _join_ranks(args)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
+        _log_like_errors(args.quiet)
         with _bars_off() if args.quiet else contextlib.nullcontext():
             getattr(commands, f"cmd_{args.command}")(args)
     except SlimlmError as e:
