@@ -17,8 +17,8 @@ as ``eval-windows`` too); values are what the flag takes, ``true``/``false`` for
 ``REGEX: VALUE`` for ``override``; a missing key or ``null`` means the flag's default. Each step is read into
 the same typed config as its command's flags (``config.STEP_CONFIGS``), so a recipe accepts exactly what the
 command line does and is refused by the same rules; an unknown key or choice is one error naming its path
-(``steps[0].prune.methd``) and the closest valid name. A recipe that slimlm writes lists every setting,
-defaults included, so that a later change of a default does not change its replay. Relative paths are read
+(``steps[0].prune.methd``) and the closest valid name. A recipe that slimlm writes lists every setting in
+effect, defaults included, so that a later change of a default does not change its replay. Relative paths are read
 from the current folder, as on the command line.
 
 Step kinds: ``analyze`` (an analysis folder: the step's ``out``, or the recipe's when nothing is compressed),
