@@ -225,7 +225,7 @@ def check(recipe: Recipe, options: RunOptions, name_steps: bool = True) -> None:
         try:
             if kind in ("export", "gguf"):
                 run_out = Path(recipe.run.out) if recipe.run.out else None
-                check_new(ns.out, (run_out, run_out.parent) if run_out else ())
+                check_new(ns.out, (run_out, run_out.parent) if run_out else (), options.overwrite and kind == "gguf")
             if kind == "gguf":
                 _check_gguf_input(recipe.run, ns)
         except SlimlmError as e:

@@ -125,7 +125,7 @@ def _gguf(ctx: Context, c) -> dict:
     from slimlm.gguf.quantize import to_gguf
 
     path = to_gguf(ctx.model, ctx.tokenizer, c.out, config=c, data_dir=ctx.run.data_dir, source=ctx.run.model,
-                   recipe=ctx.text, progress=ctx.progress)
+                   recipe=ctx.text, progress=ctx.progress, overwrite=ctx.options.overwrite)
     record = json.loads(read_metadata(path, ["slimlm.export"])["slimlm.export"])
     counts = Counter(kind for name, kind in record["types"].items() if name.endswith(".weight"))
     return {"out": str(path), "bytes": path.stat().st_size, "bits_per_weight": round(record["bits_per_weight"], 3),

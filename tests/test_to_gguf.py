@@ -101,6 +101,17 @@ def test_a_size_too_small_is_refused_from_the_shapes_naming_one_that_fits(tiny_f
     assert record["bits_per_weight"] <= float(fits.removesuffix("bpw")) and not (tmp_path / "a.gguf").exists()
 
 
+def test_an_existing_file_is_replaced_only_with_overwrite(tiny_folder, tmp_path):
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"an older file")
+    done = cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--out", out, "--quiet")
+    assert done.returncode == 2 and "already exists" in done.stderr and "--overwrite" in done.stderr
+    assert out.read_bytes() == b"an older file"
+    done = cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--out", out, "--overwrite", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:4] == b"GGUF" and [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
+
+
 def test_a_run_folder_goes_to_gguf_with_its_zeros(tiny_folder, tmp_path):
     """`slimlm gguf RUN`: a pruned run's folder is a model like any other; Q4_0 stores 0 exactly (d·(8 - 8)),
     so RTN keeps every pruned weight at zero, and the file names the run as its source."""

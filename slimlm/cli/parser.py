@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gguf", help="quantize any model onto llama.cpp's weight types and write one GGUF file")
     _add_model_args(p)
     add_step_settings(p, "gguf", skip=())
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file (atomically: the old "
+                   "file stays until the new one is whole)")
 
     p = sub.add_parser("sweep", help="a grid of prune runs (methods x sparsities x allocations x seeds), every "
                        "cell a Ray task; finished cells are skipped on rerun; one JSON and the perplexity plot")

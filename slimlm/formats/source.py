@@ -58,12 +58,14 @@ def linear_weights(manifest: dict, tensors: dict) -> list[str]:
     return names
 
 
-def check_new(out: str | Path, made_by_the_run: tuple[Path, ...] = ()) -> Path:
-    """``out`` as a new output: it must not exist, and its folder must (a typo'd folder is refused rather than
-    made), unless the folder is one the run itself creates (``made_by_the_run``: the run folder and its parent)."""
+def check_new(out: str | Path, made_by_the_run: tuple[Path, ...] = (), replace_file: bool = False) -> Path:
+    """``out`` as a new output: it must not exist (``replace_file``: a .gguf file may, as it is replaced atomically
+    once the new one is written), and its folder must (a typo'd folder is refused rather than made), unless the
+    folder is one the run itself creates (``made_by_the_run``: the run folder and its parent)."""
     out = Path(out)
-    if out.exists():
-        raise SlimlmError(f"output {out} already exists; outputs are never overwritten: choose a new name")
+    if out.exists() and not (replace_file and out.is_file() and out.suffix == ".gguf"):
+        hint = " (slimlm gguf --overwrite replaces a .gguf file)" if out.suffix == ".gguf" else ""
+        raise SlimlmError(f"output {out} already exists; outputs are not overwritten: choose a new name{hint}")
     made = any(out.parent == p or p in out.parent.parents for p in made_by_the_run)
     if not out.parent.is_dir() and not made:
         raise SlimlmError(f"cannot write {out}: its folder {out.parent} does not exist")

@@ -36,7 +36,7 @@ from slimlm.runs.save import versions
 
 def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: GGUFConfig | None = None, *,
             calib: torch.Tensor | None = None, data_dir: str | None = None, source: str | None = None,
-            recipe: str | None = None, progress: bool = True, **settings) -> Path:
+            recipe: str | None = None, progress: bool = True, overwrite: bool = False, **settings) -> Path:
     """Quantize ``model`` (a llama, qwen2, qwen3 or gemma3 text causal LM, float weights) onto the GGUF types of
     llama.cpp's file type ``mix`` (``config.type``) and write ``out`` (a new ``.gguf`` file, or a new folder
     holding model.gguf), as ``config`` (a ``GGUFConfig``, or its fields as keywords) says; returns the file.
@@ -52,7 +52,7 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: G
     the embedding, output and norms keep the mix's types.
     """
     c = configure(GGUFConfig, config, {**settings, **({"type": mix} if mix is not None else {}), "out": str(out)})
-    out = check_new(c.out)
+    out = check_new(c.out, replace_file=overwrite)  # a replaced file is swapped only once the new one is whole
     model_config = model.config.to_dict()
     check_architecture(model_config)
     _check_plain_linears(model)
