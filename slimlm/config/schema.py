@@ -4,7 +4,7 @@ A field's name is its flag without ``--`` (``nsamples`` is ``--nsamples`` and th
 underscore is a dash on the command line and in YAML), its default and help text sit on the field (``option``),
 its annotation is its type (``Literal[...]`` for choices, ``X | None`` where unset means "the method's own"), and
 the rules between fields are the config's own (``Rule``, ``Config.check``), checked once when it is built. From
-these, ``add_arguments`` builds a command's flags, ``from_mapping`` reads a recipe step, ``to_mapping`` writes it,
+these, ``add_arguments`` builds a command's flags, ``from_mapping`` reads a recipe step, ``in_effect`` writes it,
 and the Python API builds the same config from its keywords. Nothing here imports torch.
 """
 from __future__ import annotations
@@ -80,11 +80,6 @@ class Config:
         options of rules that do not apply here are left out."""
         off = {name for rule in self.RULES if not rule.applies(self) for name in rule.options}
         return {k: v for k, v in to_mapping(self).items() if k.replace("-", "_") not in off}
-
-    def changed(self) -> dict:
-        """The settings away from their defaults."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) != default_of(type(self), f.name)}
 
 
 def ordered_fields(cls) -> list:
