@@ -82,13 +82,12 @@ def model_source(name: str, allow_pickle: bool = False) -> tuple[str, Path | str
 def source_bytes(name: str) -> int | None:
     """The bytes a model takes where it is stored: its .gguf file, or its folder's weight files (None for a hub
     id, whose size is not known here)."""
-    kind, where = model_source(name)
-    if kind == "hub":
-        return None
-    path = Path(where)
+    path = builtin_gguf(name) if name in BUILTIN_MODELS else Path(name)  # loaded already: no checks again
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return None
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", allow_pickle: bool = False,

@@ -61,13 +61,24 @@ def _value(f: BinaryIO, kind: int):
     return struct.unpack(f"<{SCALARS[kind]}", f.read(struct.calcsize(SCALARS[kind])))[0]
 
 
+_WHOLE: set[tuple[str, int, int]] = set()  # files found whole (path, size, mtime): a command checks before loading,
+# and loading checks again; the header of a large vocabulary takes seconds to read
+
+
 def check_file(path: str | Path) -> None:
     """A whole GGUF file, checked from its header and tensor table in about a second, before anything is converted
     or handed to llama.cpp: one line saying "not a GGUF file" or "truncated" (or that a field is unreadable)
     otherwise. The tensors' data must end inside the file: data start (aligned) + offset + bytes of its type."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _WHOLE:
+        _check_tensor_table(path, stat.st_size)
+        _WHOLE.add(key)
+
+
+def _check_tensor_table(path: str | Path, size: int) -> None:
     import gguf
 
-    size = Path(path).stat().st_size
     try:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
