@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from slimlm.allocate import (ALLOCATOR_METRIC, allocate_from_metrics, allocation_metrics, fisher_metrics, plan_budgets,
-                             round_bits)
+from slimlm.allocate import (ALLOCATOR_METRIC, allocate_from_metrics, allocation_metrics, fisher_metrics, holdout,
+                             plan_budgets, round_bits)
 from slimlm.analysis.activations import OWL_M, calibration_metrics
 from slimlm.analysis.sensitivity import ERROR_LEVELS, FISHER_WINDOWS
 from slimlm.analysis.spectra import model_weight_metrics
@@ -93,22 +93,49 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calib: to
         raise SlimlmError(f"allocation '{c.allocation}' needs the whole model in memory; with --offload disk use "
                           "--allocation uniform or a --budgets map")
     torch.manual_seed(c.seed)
-    start, calib_info, timings = time.perf_counter(), None, {}
-    if m.needs_data or ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "errors", "fisher"):
+    start, calib_info, timings, check = time.perf_counter(), None, {}, None
+    allocating = budgets is None and c.allocation != "uniform" and nm is None
+    if m.needs_data or ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "errors", "fisher") or (
+            allocating and c.holdout):
         with timed(timings, "data"):
-            calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
-    if budgets is None and c.allocation != "uniform" and nm is None:
+            calib, calib_info = _calibration(model, tokenizer, calib, c, data_dir, allocating)
+    if allocating:
         with timed(timings, "allocation"):
+            calib, reference = _held_out(model, calib, calib_info, c.holdout)
             budgets = plan_budgets(model, c.allocation, sparsity, calib, c.owl_m, device, c.batch_size, progress,
                                    c.method, **c.allocation_options())
+            if reference is not None:
+                budgets, check = holdout.check_sparsity(model, budgets, sparsity, calib, reference,
+                                                        c.allocation in holdout.SELECTING, progress)
     targets = layer_budgets(layers, sparsity, budgets, c.overrides())
     for value in targets.values():
         check_sparsity(value)
     achieved, perms, engine = _run_prune(model, c, m, targets, calib, device, progress, io, checkpoint)
     timings |= engine.timings
     timings["total"] = time.perf_counter() - start
-    return _with_resume(_prune_result(model, c, m, sparsity, targets, achieved, perms, engine, calib_info, device,
-                                      timings), checkpoint)
+    result = _prune_result(model, c, m, sparsity, targets, achieved, perms, engine, calib_info, device, timings)
+    if check is not None:
+        result.manifest["allocation"]["check"] = check
+    return _with_resume(result, checkpoint)
+
+
+def _calibration(model, tokenizer, calib, c, data_dir, allocating: bool):
+    """``calibration_for``, refusing in one line where only the allocation check needs windows and none can be
+    read (a data-free method called without a tokenizer)."""
+    if calib is None and tokenizer is None and allocating and c.holdout:
+        raise SlimlmError(f"the allocation check measures '{c.allocation}' against uniform budgets on held-out "
+                          "calibration windows: pass a tokenizer or calib, or holdout=0 to skip the check")
+    return calibration_for(model, tokenizer, calib, c, data_dir)
+
+
+def _held_out(model, calib, calib_info, windows: int):
+    """(planning windows, the source's reference on the held-out ones) for the allocation check; the calibration
+    record says how many windows were held out (``allocate.holdout``). No check: (calib, None)."""
+    if not windows:
+        return calib, None
+    calib, held = holdout.split(calib, windows)
+    calib_info["held_out"] = held.shape[0]
+    return calib, holdout.Reference(model, held)
 
 
 def _with_resume(result: Result, checkpoint: Checkpoint | None) -> Result:
@@ -121,10 +148,10 @@ def _with_resume(result: Result, checkpoint: Checkpoint | None) -> Result:
 
 
 def _fisher_windows(allocation: str, calib_info: dict | None) -> dict:
-    """The windows the Fisher allocator read: the first ``FISHER_WINDOWS`` of the calibration windows."""
+    """The windows the Fisher allocator read: the first ``FISHER_WINDOWS`` of the calibration windows it plans on."""
     if allocation != "fisher" or calib_info is None:
         return {}
-    return {"fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"])}
+    return {"fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"] - calib_info.get("held_out", 0))}
 
 
 def _run_prune(model, c: PruneConfig, m, targets, calib, device, progress, io, checkpoint):
@@ -222,11 +249,12 @@ def quantize(model, tokenizer=None, config: QuantizeConfig | None = None, *, cal
     start, timings, calib_info = time.perf_counter(), {}, None
     rotation = rotate_(model, seed=c.seed, progress=progress) if c.rotate == "hadamard" else None
     pivots = intactkv.pivot_cache(model, pivot_ids) if pivot_ids else None  # full precision, before rounding
+    allocating = c.avg_bits is not None and c.allocation != "uniform"
     if get_quantizer(c.method).needs_data or c.transform != "none" or c.calibrate_kv or (
-            c.avg_bits is not None and ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "fisher")):
-        calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+            allocating and (ALLOCATOR_METRIC.get(c.allocation) in ("owl_lod", "fisher") or c.holdout)):
+        calib, calib_info = _calibration(model, tokenizer, calib, c, data_dir, allocating)
+    bits, calib, check = _plan_bits(model, c, calib, calib_info, device, progress)
     reference = intactkv.reference_outputs(model, calib, pivots) if c.calibrate_kv else None
-    bits = _plan_bits(model, c, calib, device, progress)
     grids = {fqn: c.grid(b, runtime.weight_clip) for fqn, b in bits.items()}
     losses, sites, learned, engine = _run_quantize(model, c, runtime, grids, calib, device, progress, io, checkpoint)
     timings |= engine.timings
@@ -239,19 +267,28 @@ def quantize(model, tokenizer=None, config: QuantizeConfig | None = None, *, cal
     timings["total"] = time.perf_counter() - start
     manifest = _quantize_manifest(model, c, runtime, rotation, entries, bits, grids, losses, engine, calib_info,
                                   device, timings)
+    if check is not None:
+        manifest["allocation"]["check"] = check
     return _with_resume(Result(manifest, {RUNTIME_FILE: tensors} if tensors else {}), checkpoint)
 
 
-def _plan_bits(model, c: QuantizeConfig, calib, device, progress) -> dict[str, int]:
-    """Each linear's bit-width: ``wbits``, or an allocation at ``avg_bits``; then the overrides."""
+def _plan_bits(model, c: QuantizeConfig, calib, calib_info, device, progress):
+    """Each linear's bit-width: ``wbits``, or an allocation at ``avg_bits`` (checked against uniform bits on held-out
+    windows, ``allocate.holdout``); then the overrides. Returns (bits, the windows left for the method, the check's
+    record or None)."""
     layers = linear_fqns(model)
     bits = {fqn: c.wbits for fqn in layers}
+    check = None
     if c.avg_bits is not None:
+        calib, reference = _held_out(model, calib, calib_info, c.holdout if c.allocation != "uniform" else 0)
         metrics = allocation_metrics(model, c.allocation, calib, device, c.batch_size, progress,
                                      grid=c.grid(c.wbits))
         continuous = allocate_from_metrics(metrics, c.allocation, c.avg_bits, "bits", **c.allocation_options())
         bits = round_bits(continuous, {f: layers[f].weight.numel() for f in layers})
-    return apply_overrides(bits, c.overrides())
+        if reference is not None:
+            bits, check = holdout.check_bits(model, continuous, c.avg_bits, c.grid, reference,
+                                             c.allocation in holdout.SELECTING, progress)
+    return apply_overrides(bits, c.overrides()), calib, check
 
 
 def _run_quantize(model, c: QuantizeConfig, runtime, grids, calib, device, progress, io, checkpoint):

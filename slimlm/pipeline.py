@@ -129,9 +129,12 @@ def _run_manifest(recipe: Recipe, manifests: list[dict]) -> dict:
 
 
 def _summary(out: Path, manifest: dict) -> dict:
+    from slimlm.allocate import holdout
+
     keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage", "removed_layers", "params_kept")
     summary = {"out": str(out), **{k: manifest[k] for k in keys if k in manifest},
-               "seconds": round(manifest["timings"]["total"], 2)}
+               "seconds": round(manifest["timings"]["total"], 2),
+               **holdout.summary((manifest.get("allocation") or {}).get("check"))}
     if "perplexity" in manifest.get("metrics", {}):
         summary["perplexity"] = manifest["metrics"]["perplexity"]["perplexity"]
     return summary

@@ -120,6 +120,7 @@ def _gguf(ctx: Context, c) -> dict:
     came from (a GGUF can be larger than its source: the built-in Q4_1 file's 576-wide rows cannot hold Q4_K)."""
     from collections import Counter
 
+    from slimlm.allocate import holdout
     from slimlm.core.models import source_bytes
     from slimlm.gguf.metadata import read_metadata
     from slimlm.gguf.quantize import to_gguf
@@ -129,7 +130,8 @@ def _gguf(ctx: Context, c) -> dict:
     record = json.loads(read_metadata(path, ["slimlm.export"])["slimlm.export"])
     counts = Counter(kind for name, kind in record["types"].items() if name.endswith(".weight"))
     return {"out": str(path), "bytes": path.stat().st_size, "bits_per_weight": round(record["bits_per_weight"], 3),
-            "types": dict(counts.most_common()), "source_bytes": source_bytes(ctx.run.model)}
+            "types": dict(counts.most_common()), "source_bytes": source_bytes(ctx.run.model),
+            **holdout.summary((record.get("size") or {}).get("check"))}
 
 
 def _export(ctx: Context, c) -> dict:

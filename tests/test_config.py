@@ -127,10 +127,11 @@ def test_a_config_is_immutable_and_checked_once():
 def test_manifest_says_how_many_windows_the_fisher_allocator_read():
     from slimlm.analysis.sensitivity import FISHER_WINDOWS
 
-    n = FISHER_WINDOWS + 2
+    n = FISHER_WINDOWS + 6  # 4 held out for the allocation check leave 18 to plan on, of which the Fisher reads 16
     manifest = slimlm.prune(tiny_llama(layers=4), method="wanda", sparsity=0.5, allocation="fisher",
                             calib=ids(n), progress=False).manifest
-    assert manifest["calibration"]["nsamples"] == n and manifest["allocation"]["fisher_windows"] == FISHER_WINDOWS
+    assert manifest["calibration"]["nsamples"] == n and manifest["calibration"]["held_out"] == 4
+    assert manifest["allocation"]["fisher_windows"] == FISHER_WINDOWS
     uniform = slimlm.prune(tiny_llama(), method="wanda", calib=ids(), progress=False).manifest
     assert "fisher_windows" not in uniform["allocation"]
 

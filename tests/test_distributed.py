@@ -76,42 +76,26 @@ def manifest(folder) -> dict:
     return json.loads((folder / "slimlm.json").read_text())
 
 
-@pytest.mark.parametrize("command,exact", [
-    (["quantize", "--method", "rtn", "--wbits", "4"], True),  # data-free: each rank rounds half the linears
-    (["prune", "--method", "wanda", "--sparsity", "0.5", "--offload", "disk"], False),
-    (["quantize", "--method", "gptq", "--wbits", "4", "--group-size", "32"], False),
+@pytest.mark.parametrize("command", [
+    ["quantize", "--method", "rtn", "--wbits", "4"],  # data-free: each rank rounds half the linears
+    ["prune", "--method", "wanda", "--sparsity", "0.5", "--offload", "disk"],
+    ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
+    ["quantize", "--method", "gptq", "--wbits", "4", "--group-size", "32"],
 ])
-def test_two_processes_equal_one(capsys, tmp_path, src, calib, command, exact):
+def test_two_processes_equal_one(capsys, tmp_path, src, calib, command):
+    """Bit for bit: statistics are float64 sums of per-window float32 products, rounded once (core.stats), so
+    neither the split over ranks nor the batch size changes them, and the methods see the same Hessians."""
     assert main(run_args(command, src, tmp_path / "one", calib)) == 0
     done = torchrun(tmp_path, run_args(command, src, tmp_path / "two", calib))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 0 wrote one folder, nothing else
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert one.keys() == two.keys()
+    assert main(run_args(command, src, tmp_path / "batch", calib, "--batch-size", "3")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch", "one", "two"]  # rank 0 wrote one folder
+    one, two, batch = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "batch")
+    assert one.keys() == two.keys() == batch.keys()
+    assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], batch[k]) for k in one)
     m1, m2 = manifest(tmp_path / "one"), manifest(tmp_path / "two")
     assert (m1["world_size"], m2["world_size"], m2["backend"]) == (1, 2, "gloo")
-    measured = {"timings", "world_size", "backend", *(["layers"] if "gptq" in command else [])}  # gptq_loss
-    assert {k for k in m1.keys() | m2.keys() if m1.get(k) != m2.get(k)} <= measured
-    if exact:
-        assert all(torch.equal(one[k], two[k]) for k in one)
-        return
-    flips = sum(int(((one[k] == 0) != (two[k] == 0)).sum()) for k in one)
-    assert flips <= 1e-3 * sum(t.numel() for t in one.values())  # pruning masks: ties within rounding only
-    if command[0] == "prune":  # Wanda keeps weights unchanged: any kept weight equals the source's
-        assert m1["layers"] == m2["layers"]
-        return
-    # GPTQ: error feedback amplifies float32-epsilon changes of the Hessian into some flipped roundings; the
-    # function must stay as close to the one-process result as rounding noise allows: its logits are nearer to
-    # the one-process model's than either is to the unquantized model's
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = [AutoModelForCausalLM.from_pretrained(f).eval()(ids).logits
-                  for f in (tmp_path / "one", tmp_path / "two", src)]
-    assert (logits[0] - logits[1]).abs().max() < 0.5 * (logits[0] - logits[2]).abs().max()
-    losses = [[m["layers"][f]["gptq_loss"] for f in sorted(m["layers"])] for m in (m1, m2)]
-    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=0.1)
+    assert {k for k in m1.keys() | m2.keys() if m1.get(k) != m2.get(k)} <= {"timings", "world_size", "backend"}
 
 
 def test_killed_rank_resumes_to_identical_weights(tmp_path, src, calib):

@@ -26,7 +26,7 @@ RUNS = {
     "w3_channel": lambda m: slimlm.quantize(m, method="rtn", wbits=3, group_size=None),
     "w4g32_gptq": lambda m: slimlm.quantize(m, method="gptq", wbits=4, group_size=32, calib=CALIB, progress=False),
     "mixed_bits": lambda m: slimlm.quantize(m, method="rtn", wbits=4, group_size=32, avg_bits=3.5,
-                                            allocation="alphapruning"),
+                                            allocation="alphapruning", calib=CALIB, progress=False),
 }
 SPARSE = ["unstructured50", "nm24", "nm24_w4"]
 QUANTIZED = ["w4g32_sym", "w4g32_asym", "w3_channel", "w4g32_gptq", "nm24_w4", "mixed_bits"]

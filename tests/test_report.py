@@ -276,10 +276,13 @@ def test_chromium_renders_a_nonblank_page(report, tmp_path):
 
 def test_quantize_records_the_achieved_mean_bits(llama):
     """The report's bits column for mixed precision: the parameter-weighted mean of the per-layer bits."""
+    import torch
+
     import slimlm
     from slimlm.core.architectures import linear_fqns
 
-    manifest = slimlm.quantize(llama, method="rtn", wbits=4, avg_bits=3.5, allocation="alphapruning",
+    calib = torch.randint(0, llama.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    manifest = slimlm.quantize(llama, method="rtn", wbits=4, avg_bits=3.5, allocation="alphapruning", calib=calib,
                                progress=False).manifest
     sizes = {f: lin.weight.numel() for f, lin in linear_fqns(llama).items()}
     bits = {f: rec["bits"] for f, rec in manifest["layers"].items()}

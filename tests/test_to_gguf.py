@@ -79,8 +79,11 @@ def test_cli_writes_a_size_fitted_file(tiny_folder, tmp_path, data_dir):
     done = cli("gguf", tiny_folder, "--type", "Q8_0", "--method", "rtn", "--size", target, "--nsamples", "2",
                "--seqlen", "32", "--data-dir", data_dir, "--out", out, "--quiet")
     assert done.returncode == 0, done.stderr
-    kinds = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if "blk" in t.name and len(t.shape) > 1}
-    assert tensor_bytes(out) <= target and len(kinds) > 1
+    assert tensor_bytes(out) <= target
+    check = json.loads(gguf.GGUFReader(out).get_field("slimlm.export").contents())["size"]["check"]
+    figures = {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
+    assert figures[check["kept"]] == min(figures.values()) <= check["baseline"]  # never worse than llama.cpp's rule
+    assert check["bytes"]["baseline"] <= check["bytes"]["budget"] and check["bytes"]["kept"] <= check["bytes"]["budget"]
 
 
 def test_a_size_too_small_is_refused_from_the_shapes_naming_one_that_fits(tiny_folder, tmp_path, data_dir):

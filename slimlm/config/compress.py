@@ -52,14 +52,21 @@ class AllocationConfig(Config):
                              "errortable, or fisher (slimlm's own)")
     owl_lambda: float = option(0.08, "OWL: budgets span target +- lambda")
     alpha_epsilon: float = option(0.2, "AlphaPruning: ratios span 1 +- epsilon")
+    # allocate.holdout: 4 x 512 tokens measure a plan in seconds; at most half the windows are held out
+    holdout: int = option(4, "calibration windows held out (never planned on) to measure the allocation against "
+                          "uniform budgets before the run commits; fisher and errortable keep the better (0: no "
+                          "check)")
 
     RULES = (Rule(("owl_lambda",), lambda c: c.allocation == "owl", "--allocation owl"),
-             Rule(("alpha_epsilon",), lambda c: c.allocation == "alphapruning", "--allocation alphapruning"))
+             Rule(("alpha_epsilon",), lambda c: c.allocation == "alphapruning", "--allocation alphapruning"),
+             Rule(("holdout",), lambda c: c.allocation != "uniform", "a non-uniform --allocation"))
 
     def check(self) -> None:
         from slimlm.allocate import ALLOCATORS
 
         check_name("allocation", self.allocation, ALLOCATORS, "allocation")
+        if self.holdout < 0:
+            raise SlimlmError(f"--holdout must be at least 0, got {self.holdout}")
 
     def allocation_options(self) -> dict:
         """The allocator's own keywords (``allocate.allocate_from_metrics``)."""
@@ -258,6 +265,8 @@ class GGUFConfig(SmallCalibrationConfig):
     size: str | None = option(None, "our own per-tensor types fitted to this size instead of the mix's rule for the "
                               "decoder blocks: bits per weight over all tensors (5.5bpw) or tensor bytes (100MB); "
                               "costs from measured Fisher information on the calibration data")
+    holdout: int = option(4, "with --size: calibration windows held out (never planned on) to measure the size mix "
+                          "against llama.cpp's mix that fits the size; the better is kept (0: no check)")
     token_embedding_type: str | None = option(None, "type of the token embedding (token_embd), as llama-quantize's "
                                               "--token-embedding-type: F16, Q8_0, Q6_K, ... (default: the mix's)")
     out: str = option(MISSING, "new .gguf file (or new folder) to write")
@@ -268,7 +277,8 @@ class GGUFConfig(SmallCalibrationConfig):
         Rule(("imatrix",), lambda c: c.method == "rtn", "--method rtn"),
         Rule(("act_order", "blocksize", "damp"), lambda c: c.method == "gptq", "--method gptq"),
         Rule(CALIBRATION, lambda c: c.method == "gptq" or c.imatrix or c.size is not None,
-             "--method gptq, --imatrix or --size"))
+             "--method gptq, --imatrix or --size"),
+        Rule(("holdout",), lambda c: c.size is not None, "--size"))
 
     def uses_data(self) -> bool:
         """Whether calibration windows are read: GPTQ's Hessians (float file types round nothing), the imatrix's
@@ -287,6 +297,8 @@ class GGUFConfig(SmallCalibrationConfig):
         CalibrationConfig.check(self)
         if self.size is not None:
             parse_size(self.size)
+        if self.holdout < 0:
+            raise SlimlmError(f"--holdout must be at least 0, got {self.holdout}")
         if self.token_embedding_type is not None:
             object.__setattr__(self, "token_embedding_type", self.token_embedding_type.upper())
             check_name("token_embedding_type", self.token_embedding_type, {**TYPES, "F16": None, "F32": None},

@@ -3,7 +3,7 @@
 Every rank runs the same block loop (``core.engine``) on its own contiguous share of the calibration batches, so
 the forwards, which are most of a calibrated run's time, split N ways. After each block's statistics pass the
 statistics of every distinct linear input are all-reduced: channel maxima exactly (MAX), sums (Hessians, channel
-norms and totals, token counts) in float64 and rounded back once, so every rank holds the statistics of all the
+norms and totals, token counts) in float64, so every rank holds the statistics of all the
 windows. The sets of linears that share an input are then dealt round-robin to the ranks; each set is compressed
 once, by its owner, and its new weights and per-layer records are broadcast from there. Only rank 0 writes files.
 
@@ -12,11 +12,11 @@ environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, set by `
 (or with ``WORLD_SIZE=1``) everything here is a no-op and runs are exactly the one-process code.
 
 Equality with one process: a window's forward is the same computation (the batches are the same windows in the
-same shapes), the maxima are exact, but a sum over all batches is rounded differently: one process keeps a float32
-running sum, N ranks add their float32 partial sums in float64 and round once. Statistics agree to about float32
-epsilon, and a method's output agrees except where a value sits on a decision boundary (a pruning threshold, a
-rounding midpoint); ``tests/test_distributed.py`` measures that tolerance. For a fixed world size and backend the
-reduction order is fixed (ring all-reduce over a fixed topology), so runs repeat bit-identically.
+same shapes), the maxima are exact, and the sums are float64 sums of per-window float32 products (``core.stats``),
+which the ranks add in float64 and which are rounded to float32 once. A different split changes a float64 sum by
+about 2^-29 of a float32 step, so the rounded statistics, and what a method makes of them, are the same bits unless
+a sum falls that close to a float32 rounding boundary (``tests/test_distributed.py`` compares the weights with
+``torch.equal``).
 
 ``SLIMLM_DIST_TIMEOUT`` (seconds, default 1800) bounds how long a rank waits for the others: a rank that died
 makes the rest fail instead of hanging (a closed connection already does on gloo), and ``--resume`` restarts the

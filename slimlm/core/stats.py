@@ -10,6 +10,11 @@ from dataclasses import dataclass
 import torch
 
 ACCUM_DTYPE = torch.float32  # statistics and compression math run in float32 (as GPTQ/SparseGPT do)
+# Sums over windows run in float64 and are rounded to float32 once, in ``stats``: each window's own products are
+# float32 computations of that window alone, so the statistics do not depend on how the windows were batched or
+# split over torchrun ranks (a float32 running sum rounds differently for each split, and SparseGPT's greedy sweep
+# and GPTQ's error feedback turn those last bits into different masks and roundings).
+SUM_DTYPE = torch.float64
 
 
 GRAM_BLOCKS = 4  # Gram matrices (ESD, calibration Hessians) in 4x4 column blocks, lower ones only (add_lower_gram_)
@@ -68,35 +73,43 @@ class Accumulator:
     def __init__(self, width: int, hessian: bool, device, window_mean: bool = False):
         self.ntokens, self.windows = 0, 0
         # with a Hessian the channel norms are its Gram's diagonal, so only one of the two is accumulated
-        self.xtx = torch.zeros(width, width, dtype=ACCUM_DTYPE, device=device) if hessian else None
-        self.sqnorm = None if hessian else torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
-        self.total = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
+        self.xtx = torch.zeros(width, width, dtype=SUM_DTYPE, device=device) if hessian else None
+        self.sqnorm = None if hessian else torch.zeros(width, dtype=SUM_DTYPE, device=device)
+        self.total = torch.zeros(width, dtype=SUM_DTYPE, device=device)
         self.absmax = torch.zeros(width, dtype=ACCUM_DTYPE, device=device)
         self.window_sum = 0 if window_mean else None
+        self._gram = None  # one window's float32 Gram, reused
         self._stats = None
 
     def add(self, x: torch.Tensor) -> None:
-        if self.window_sum is not None:  # (windows, T, n): one sum per position
-            self.window_sum = self.window_sum + x.reshape(-1, *x.shape[-2:]).to(ACCUM_DTYPE).sum(0)
-            self.windows += x.reshape(-1, *x.shape[-2:]).shape[0]
-        x = x.reshape(-1, x.shape[-1]).to(ACCUM_DTYPE)
-        torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
-        self.ntokens += x.shape[0]
-        self.total += x.sum(0)
+        """Add a batch of windows (..., T, n) or of tokens (T, n)."""
+        windows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]
+        if self.window_sum is not None:  # one sum per position
+            self.window_sum = self.window_sum + windows.to(SUM_DTYPE).sum(0)
+            self.windows += windows.shape[0]
+        flat = x.reshape(-1, x.shape[-1])
+        torch.maximum(self.absmax, flat.abs().amax(0).to(ACCUM_DTYPE), out=self.absmax)
+        self.ntokens += flat.shape[0]
+        exact = flat.to(SUM_DTYPE)  # float32 -> float64 is exact; squares and sums then round at 2^-53
+        self.total += exact.sum(0)
         if self.xtx is None:
-            self.sqnorm += x.square().sum(0)
-        else:  # ~40% fewer flops than the full product; completed in stats()
-            add_lower_gram_(self.xtx, x)
+            self.sqnorm += exact.square().sum(0)
+            return
+        for window in windows:  # ~40% fewer flops than the full product; completed in stats()
+            self._gram = torch.zeros_like(self.xtx, dtype=ACCUM_DTYPE) if self._gram is None else self._gram.zero_()
+            self.xtx += add_lower_gram_(self._gram, window.to(ACCUM_DTYPE))
 
     def stats(self) -> LayerStats:
         """Finalised statistics; computed once, as linears that share an input share this object."""
         if self._stats is None:
-            mean = None if self.window_sum is None else self.window_sum / self.windows
+            mean = None if self.window_sum is None else (self.window_sum / self.windows).to(ACCUM_DTYPE)
+            total = self.total.to(ACCUM_DTYPE)
             if self.xtx is None:
-                self._stats = LayerStats(self.ntokens, self.sqnorm, total=self.total, absmax=self.absmax,
+                self._stats = LayerStats(self.ntokens, self.sqnorm.to(ACCUM_DTYPE), total=total, absmax=self.absmax,
                                          window_mean=mean)
             else:  # Σ_t x_tj² is the Gram's diagonal
-                self._stats = LayerStats(self.ntokens, torch.diagonal(self.xtx).clone(),
-                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens), self.total,
+                self._stats = LayerStats(self.ntokens, torch.diagonal(self.xtx).to(ACCUM_DTYPE),
+                                         symmetrize_lower(self.xtx).mul_(2.0 / self.ntokens).to(ACCUM_DTYPE), total,
                                          self.absmax, mean)
+            self.xtx = self._gram = None  # the float64 sums are done with
         return self._stats

@@ -16,6 +16,7 @@ import gguf
 import torch
 from tqdm.auto import tqdm
 
+from slimlm.allocate import holdout
 from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 from slimlm.config import GGUFConfig
 from slimlm.config.keywords import configure
@@ -26,7 +27,8 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.source import check_new
 from slimlm.gguf.blocks import pack
 from slimlm.gguf.mixes import block_size, named_mix
-from slimlm.gguf.sizing import check_size_fits, cost_table, parse_size, solve, tensor_bytes
+from slimlm.gguf.sizing import (check_size_fits, cost_table, departures, parse_size, rule_for_size, solve,
+                                tensor_bytes)
 from slimlm.gguf.types import TYPES, Fitted, fit
 from slimlm.gguf.writer import NORM_SHIFT, T, check_architecture, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.gptq import gptq_gguf
@@ -58,7 +60,8 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: G
     _check_plain_linears(model)
     start = time.perf_counter()
     weights, gguf_name = _file_tensors(model, model_config), tensor_names(model_config)
-    types, calib, calib_info = _plan_types(model, tokenizer, c, weights, model_config, calib, data_dir, progress)
+    types, calib, calib_info, check = _plan_types(model, tokenizer, c, weights, model_config, calib, data_dir,
+                                                  progress)
     fitted = _quantize_tensors(model, c, weights, types, gguf_name, calib, progress)
     tensors = [_encode(name, W, fitted.get(name), types[gguf_name(name)], model_config, gguf_name)
                for name, W in weights.items()]
@@ -66,8 +69,9 @@ def to_gguf(model, tokenizer, out: str | Path, mix: str | None = None, config: G
     params = sum(W.numel() for W in weights.values())
     float_mix = c.type in ("F16", "F32")
     record = {"format": "gguf", "source": source, "mix": c.type, "method": None if float_mix else c.method,
-              "imatrix": c.imatrix, "size": None if c.size is None else {"target": c.size, "allocation": "fisher",
-                                                     "fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"])},
+              "imatrix": c.imatrix, "size": None if c.size is None else {
+                  "target": c.size, "allocation": "fisher", "check": check,
+                  "fisher_windows": min(FISHER_WINDOWS, calib_info["nsamples"] - calib_info.get("held_out", 0))},
               "act_order": c.act_order, "config": c.in_effect(), "calibration": calib_info, "types": types,
               "tensor_bytes": nbytes, "bits_per_weight": 8 * nbytes / params, "seconds": time.perf_counter() - start,
               "versions": versions()}
@@ -95,12 +99,20 @@ def _plan_types(model, tokenizer, c: GGUFConfig, weights, model_config, calib, d
     if c.size is not None:  # from the shapes alone, in a second, before any calibration
         check_size_fits(c.size, {n: tuple(W.shape) for n, W in weights.items()}, types, _sized_names(model, weights),
                         gguf_name)
-    calib_info = None
+    calib_info, check = None, None
     if uses_data:
         calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
     if c.size is not None:
-        types |= _sized_types(model, weights, types, parse_size(c.size), calib, gguf_name, progress)
-    return types, calib, calib_info
+        reference = None
+        if c.holdout:
+            calib, held = holdout.split(calib, c.holdout)
+            calib_info["held_out"], reference = held.shape[0], holdout.Reference(model, held)
+        shapes = {gguf_name(n): tuple(W.shape) for n, W in weights.items()}
+        sized, check = _sized_types(model, weights, types, parse_size(c.size), calib, reference,
+                                    lambda mix: named_mix(mix, shapes, model_config["num_hidden_layers"], gqa,
+                                                          has_imatrix=True), gguf_name, progress)
+        types |= sized
+    return types, calib, calib_info, check
 
 
 def _sized_names(model, weights) -> list[str]:
@@ -148,8 +160,10 @@ def layer_widths(model) -> list[tuple[int, int, int]] | None:
     return widths if len(set(widths)) > 1 else None
 
 
-def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> dict[str, str]:
-    """GGUF name -> type for the decoder blocks' matrices at the ``target`` size (``gguf.sizing``)."""
+def _sized_types(model, weights, types, target, calib, reference, rule_types, gguf_name, progress):
+    """(GGUF name -> type for the decoder blocks' matrices at the ``target`` size, the held-out check's record or
+    None): the Fisher-cost mix (``gguf.sizing``), checked against llama.cpp's mix that fits the size
+    (``allocate.holdout``, the importance-weighted scale search standing in for the method) when ``reference``."""
     fisher, sqnorms = fisher_diagonal(model, calib[:FISHER_WINDOWS], progress)
     fisher = {name: fisher[name.removesuffix(".weight")] for name in _sized_names(model, weights)}
     tokens = calib[:FISHER_WINDOWS].numel()
@@ -158,7 +172,23 @@ def _sized_types(model, weights, types, target, calib, gguf_name, progress) -> d
     nbytes = {n: {k: tensor_bytes(k, tuple(weights[n].shape)) for k in costs[n]} for n in costs}
     fixed = sum(tensor_bytes(types[gguf_name(n)], tuple(W.shape)) for n, W in weights.items() if n not in costs)
     budget = target.budget(sum(W.numel() for W in weights.values())) - fixed
-    return {gguf_name(n): kind for n, kind in solve(costs, nbytes, budget).items()}
+    rule = rule_for_size(lambda mix: {n: rule_types(mix)[gguf_name(n)] for n in costs}, nbytes, budget)
+    plan, check = solve(costs, nbytes, budget), None
+    if reference is not None and rule is not None:
+        def stand_in(fqn, W, kind):
+            return fit(TYPES[kind], W.float(), importance[f"{fqn}.weight"]).values().to(W.dtype)
+        by_fqn = {n.removesuffix(".weight"): n for n in costs}
+        path = {label: {f: p[n] for f, n in by_fqn.items()} for label, p in
+                departures(costs, nbytes, budget, rule[1]).items()}
+        kept, check = holdout.choose(model, reference, {f: rule[1][n] for f, n in by_fqn.items()}, path, stand_in,
+                                     True, progress)
+        plan = {n: kept[f] for f, n in by_fqn.items()}
+        check |= {"baseline_mix": rule[0], "bytes": {"baseline": sum(nbytes[n][rule[1][n]] for n in costs),
+                                                     "kept": sum(nbytes[n][plan[n]] for n in costs),
+                                                     "budget": budget}}
+    elif reference is not None:
+        check = {"baseline_mix": None, "reason": "no llama.cpp mix fits the size"}
+    return {gguf_name(n): kind for n, kind in plan.items()}, check
 
 
 def _file_tensors(model, config: dict) -> dict[str, torch.Tensor]:

@@ -8,6 +8,10 @@ per-window gradients of the model's own loss, so it carries how later blocks amp
 multiple-choice knapsack: a Lagrange multiplier λ (each tensor takes its argmin of cost + λ·bytes), bisected to
 the largest choice that fits, then a greedy pass that spends what is left on the best cost drop per byte.
 Tensors outside the decoder blocks (embedding, output, norms) keep llama.cpp's default types and count in the size.
+
+The Fisher costs are estimates; before a run commits, ``departures`` gives the plans between llama.cpp's own rule
+for the size (``rule_for_size``) and the cost-optimal mix, and ``allocate.holdout`` keeps the one that measures
+best on held-out windows, so the mix departs from the rule only where measured evidence pays.
 """
 from __future__ import annotations
 
@@ -131,3 +135,39 @@ def solve(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]],
         if best is None:
             return choice
         choice[best[0]], left = best[1], left - best[2]
+
+
+RULE_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1", "Q5_K_S",
+              "Q5_K_M", "Q6_K", "Q8_0")  # llama.cpp's named quantized file types
+
+
+def rule_for_size(types_of, nbytes: dict[str, dict[str, int]], budget: int) -> tuple[str, dict[str, str]] | None:
+    """(mix, its types for the sized tensors) of the llama.cpp named mix with the most bytes that fit ``budget``
+    (``types_of(mix)``: tensor -> type for every sized tensor), or None when even the smallest does not fit or a
+    mix's type is not among a tensor's choices."""
+    fitting = []
+    for mix in RULE_MIXES:
+        types = types_of(mix)
+        if all(types[n] in nbytes[n] for n in nbytes):
+            used = sum(nbytes[n][types[n]] for n in nbytes)
+            if used <= budget:
+                fitting.append((used, mix, types))
+    return max(fitting)[1:] if fitting else None
+
+
+DEPARTURE_PENALTIES = (0.5, 0.2, 0.05)  # fractions of a tensor's cost at the rule's type that a change must beat
+
+
+def departures(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int,
+               rule: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Plans from the rule's types to the cost-optimal mix: ``solve`` with every change of a tensor's type charged
+    μ times that tensor's cost at the rule's type, for μ in ``DEPARTURE_PENALTIES`` (labelled 'mu=0.5', ...), then
+    μ = 0, the optimal mix itself (labelled 'plan'). A large μ keeps the rule except where the estimated gain is
+    large; the held-out check decides how far to trust the estimates."""
+    plans = {}
+    for mu in DEPARTURE_PENALTIES:
+        charged = {n: {k: c + (0.0 if k == rule[n] else mu * costs[n][rule[n]]) for k, c in table.items()}
+                   for n, table in costs.items()}
+        plans[f"mu={mu:g}"] = solve(charged, nbytes, budget)
+    plans["plan"] = solve(costs, nbytes, budget)
+    return plans
