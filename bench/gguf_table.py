@@ -64,7 +64,7 @@ def measure(path: Path, text: Path, base: Path, chunks: int, bench: bool) -> dic
     result = llama_perplexity(path, text, 512, chunks, 2, base)
     tensors = _tensors(path)
     row = {"file_bytes": path.stat().st_size, "tensor_bytes": sum(int(t.n_bytes) for t in tensors),
-           "ppl": result["ppl"], "kld": result["kld"]}
+           "ppl": result["perplexity"], "kld": result["kld"]}
     row["bpw"] = 8 * row["tensor_bytes"] / sum(int(t.n_elements) for t in tensors)
     return row | (speed(path) if bench else {})
 

@@ -109,7 +109,7 @@ def quantized_pair(best: dict, work: Path, data_dir: str, repeats: int) -> dict:
         files[label] = to_gguf(model, tok, work / f"{label.split()[0]}.q4km.gguf", "Q4_K_M", method="gptq",
                                data_dir=data_dir, progress=False)
     text = Path(data_dir) / "wikitext2" / "test.raw"
-    ppl = {label: llama_perplexity(path, text, 512, 100)["ppl"] for label, path in files.items()}
+    ppl = {label: llama_perplexity(path, text, 512, 100)["perplexity"] for label, path in files.items()}
     speed = measure_speed([str(files["dense"]), str(files[best["row"]])], "llama.cpp", 64, 64, (1,), repeats, 2,
                           progress=False)
     tg = [m["decode_tok_s"]["1"] for m in speed["models"]]

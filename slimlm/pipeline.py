@@ -136,7 +136,8 @@ def _summary(out: Path, manifest: dict) -> dict:
                "seconds": round(manifest["timings"]["total"], 2),
                **holdout.summary((manifest.get("allocation") or {}).get("check"))}
     if "perplexity" in manifest.get("metrics", {}):
-        summary["perplexity"] = manifest["metrics"]["perplexity"]["perplexity"]
+        measured = manifest["metrics"]["perplexity"]
+        summary |= {key: measured[key] for key in ("perplexity", "source_perplexity") if key in measured}
     return summary
 
 
@@ -144,21 +145,39 @@ def run_steps(recipe: Recipe, ctx: Context, kinds=("analyze", *COMPRESSION, "eva
     """Run the recipe's steps of ``kinds`` in order on ``ctx.model`` (never the file steps, which follow the saved
     run); returns the compression steps' manifests (each with the perplexity of an eval step after it), the
     tensors to save beside the model, and the ``Outcome`` of each analysis and evaluation of the dense model."""
-    manifests, tensors, reports = [], {}, []
+    manifests, tensors, reports, sources = [], {}, [], None
     for kind, c in recipe.steps:
         if kind not in kinds or STEPS[kind].phase != "model":
             continue
         if kind == "eval" and not distributed.is_main():
             continue  # under torchrun the ranks hold the same model: rank 0 measures it
+        if kind in COMPRESSION and sources is None:
+            sources = _source_evals(recipe, ctx, kinds)
         result = STEPS[kind].fn(ctx, c)
         if isinstance(result, Result):
             manifests.append(result.manifest)
             tensors |= result.tensors
         elif kind == "eval" and manifests:
-            manifests[-1].setdefault("metrics", {})["perplexity"] = result
+            source = (sources or {}).get(c)
+            manifests[-1].setdefault("metrics", {})["perplexity"] = result | (
+                {"source_perplexity": source["perplexity"]} if source else {})
         else:
             reports.append(Outcome(kind, {"model": recipe.run.model, **result} if kind == "eval" else result))
     return manifests, tensors, reports
+
+
+def _source_evals(recipe: Recipe, ctx: Context, kinds) -> dict:
+    """Each evaluation that follows a compression step, measured on the model before that step (the source), on
+    the same windows: what the compression cost is the difference. Rank 0 only, as every evaluation; not with
+    ``--offload disk``, whose model is not in memory before its blocks stream."""
+    if ctx.stream is not None or not distributed.is_main():
+        return {}
+    kinds_seen, sources = set(), {}
+    for kind, c in recipe.steps:
+        if kind == "eval" and kinds_seen & set(COMPRESSION) and "eval" in kinds and c not in sources:
+            sources[c] = STEPS["eval"].fn(ctx, c)
+        kinds_seen.add(kind)
+    return sources
 
 
 def text_of(recipe: Recipe, options: RunOptions) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from slimlm.cli import main
+from slimlm.cli.commands import readable
 
 
 def run(capsys, *argv):
@@ -57,8 +58,9 @@ def test_prune_save_eval_and_overwrite(capsys, tmp_path, tiny_folder, data_dir):
     code, stdout, _ = run(capsys, "eval", str(out), "--data-dir", data_dir, "--eval-seqlen", "64",
                           "--eval-windows", "2", "--record", "--quiet")
     assert code == 0
-    ppl = json.loads(stdout)["perplexity"]
-    assert json.loads((out / "slimlm.json").read_text())["metrics"]["perplexity"]["perplexity"] == ppl
+    ppl = json.loads(stdout)["perplexity"]  # printed to four significant digits, recorded in full
+    recorded = json.loads((out / "slimlm.json").read_text())["metrics"]["perplexity"]["perplexity"]
+    assert ppl == readable(recorded) and ppl == pytest.approx(recorded, rel=1e-3)
 
 
 def test_analyze_then_allocate_then_prune_with_budgets(capsys, tmp_path, tiny_folder, data_dir):
@@ -161,3 +163,17 @@ def test_a_missing_run_folder_is_named_as_such(capsys, tmp_path, monkeypatch, ar
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and err == f"slimlm: error: no such model folder: {argv[1]} (runs has no {argv[1][5:]})\n"
+
+
+def test_eval_after_compression_prints_the_source_on_the_same_windows(capsys, tmp_path, tiny_folder, data_dir):
+    """What a compression cost: --eval measures the source too, before the step, on the same windows."""
+    window = ["--data-dir", data_dir, "--eval-seqlen", "64", "--eval-windows", "1", "--quiet"]
+    code, stdout, err = run(capsys, "prune", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.9",
+                            "--out", str(tmp_path / "p"), "--eval", *window)
+    assert code == 0, err
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, err = run(capsys, "eval", str(tiny_folder), *window)
+    assert code == 0, err
+    assert printed["source_perplexity"] == json.loads(stdout)["perplexity"] != printed["perplexity"]
+    recorded = json.loads((tmp_path / "p" / "slimlm.json").read_text())["metrics"]["perplexity"]
+    assert readable(recorded["source_perplexity"]) == printed["source_perplexity"]

@@ -116,7 +116,7 @@ def test_llama_perplexity_agrees_with_slimlm_on_the_same_file(llama_cpp, builtin
 
     model, tok = load_model(str(builtin_folder))
     path = to_gguf(model, tok, tmp_path / "q4km.gguf", "Q4_K_M", method="rtn", progress=False)
-    theirs = llama_perplexity(path, short_text, ctx=128, chunks=4)["ppl"]
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=4)["perplexity"]
     ours = second_half_perplexity(model, tok, short_text, 128, 4)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
@@ -149,7 +149,7 @@ def test_other_architectures_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_fo
             torch.nn.init.normal_(p, std=0.1)  # nonzero biases and norms off their init, so a slip would show
     tok = AutoTokenizer.from_pretrained(builtin_folder)
     path = to_gguf(model, tok, tmp_path / "q8.gguf", "Q8_0", method="rtn", progress=False)
-    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["ppl"]
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["perplexity"]
     ours = second_half_perplexity(model, tok, short_text, 128, 2)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
 
@@ -240,7 +240,10 @@ def test_eval_engine_llama_cpp_and_bad_files(llama_cpp, smollm_f16, tmp_path, da
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["ppl"] > 1 and abs(result["kld"]) < 1e-3 and result["ppl"] == pytest.approx(result["ppl_base"], rel=1e-4)
+    # the native engine's schema: perplexity over windows of seqlen tokens, the source's figure beside it
+    assert (result["engine"], result["windows"], result["seqlen"]) == ("llama.cpp", 2, 128)
+    assert result["perplexity"] > 1 and abs(result["kld"]) < 1e-3
+    assert result["perplexity"] == pytest.approx(result["source_perplexity"], rel=1e-4)
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + b"\0" * 64)
     done = subprocess.run([*argv[:4], str(corrupt), *argv[5:13]], capture_output=True, text=True, cwd=REPO)
@@ -274,6 +277,6 @@ def test_shrunk_models_run_in_llama_cpp_as_in_slimlm(llama_cpp, builtin_folder, 
     arch = "deci" if per_layer else "llama"
     assert gguf.GGUFReader(path).get_field("general.architecture").contents() == arch
     assert isinstance(gguf.GGUFReader(path).get_field(f"{arch}.attention.head_count").contents(), list) == per_layer
-    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["ppl"]
+    theirs = llama_perplexity(path, short_text, ctx=128, chunks=2)["perplexity"]
     ours = second_half_perplexity(model, tok, short_text, 128, 2)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)

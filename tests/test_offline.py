@@ -14,6 +14,7 @@ import torch
 
 import slimlm
 from slimlm.cli import main
+from slimlm.cli.commands import readable
 from slimlm.core import hub
 from slimlm.errors import SlimlmError
 from tests.conftest import tiny_llama
@@ -161,7 +162,7 @@ def test_eval_leaves_the_run_alone_unless_asked_to_record(capsys, tmp_path, tiny
     code, out, err = run(capsys, *args, "--record")
     assert code == 0, err
     manifest = json.loads((tiny_run / "slimlm.json").read_text())
-    assert manifest["metrics"]["perplexity"]["perplexity"] == json.loads(out)["perplexity"]
+    assert readable(manifest["metrics"]["perplexity"]["perplexity"]) == json.loads(out)["perplexity"]
     assert {k: v for k, v in manifest.items() if k != "metrics"} == json.loads(before["slimlm.json"][0])
     assert snapshot(tiny_run).keys() == before.keys()  # no temporary file left
 

@@ -23,6 +23,23 @@ def one_step_recipe(kind: str, args):
     return Recipe(run_config(args, None if kind == "gguf" else args.out), tuple(steps))
 
 
+def readable(value):
+    """``value`` with every float rounded for a reader: four significant digits, one decimal from 1000 up (the
+    manifest keeps full precision)."""
+    if isinstance(value, float):
+        return round(value, 1) if abs(value) >= 1000 else float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: readable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v) for v in value]
+    return value
+
+
+def printed(result: dict) -> str:
+    """One JSON line of a command's result, its floats ``readable``."""
+    return json.dumps(readable(result))
+
+
 def _execute(kind: str, args, recipe=None) -> None:
     """A compression or analysis command line is a one-step recipe: the command and ``slimlm run`` of the recipe it
     writes share one code path. Prints each step's result as one JSON line."""
@@ -31,7 +48,7 @@ def _execute(kind: str, args, recipe=None) -> None:
 
     recipe = recipe or one_step_recipe(kind, args)
     for outcome in execute(recipe, RunOptions.from_args(args), name_steps=False):
-        print(json.dumps(outcome.summary))
+        print(printed(outcome.summary))
 
 
 def cmd_prune(args) -> None:
@@ -81,7 +98,7 @@ def cmd_run(args) -> None:
 
     recipe = read_recipe(args.recipe)
     for outcome in execute(relocated(recipe, args.out) if args.out else recipe, RunOptions.from_args(args)):
-        print(json.dumps(outcome.summary))
+        print(printed(outcome.summary))
 
 
 def _values(text: str, kind, flag: str) -> list:
@@ -212,8 +229,8 @@ def cmd_eval(args) -> None:
         manifest = read_manifest(folder)
         manifest.setdefault("metrics", {}).update(metrics)
         write_manifest(folder, manifest)
-    print(json.dumps({"model": args.model, **metrics.get("perplexity", {}),
-                      **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
+    print(printed({"model": args.model, **metrics.get("perplexity", {}),
+                   **({"zero_shot": metrics["zero_shot"]["tasks"]} if tasks else {})}))
 
 
 def _eval_llama_cpp(args) -> None:
@@ -252,7 +269,7 @@ def _eval_llama_cpp(args) -> None:
         if kld is not None:
             kld.unlink(missing_ok=True)
             kld.parent.rmdir()
-    print(json.dumps({"model": args.model, "dataset": str(text), **result}))
+    print(printed({"model": args.model, "dataset": str(text), **result}))
 
 
 def cmd_gguf(args) -> None:

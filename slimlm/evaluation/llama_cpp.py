@@ -57,9 +57,10 @@ def _number(pattern: str, text: str, what: str) -> float:
 
 def llama_perplexity(model: str | Path, text: str | Path, ctx: int = 512, chunks: int | None = None,
                      threads: int = 2, kld_base: str | Path | None = None, save_base: bool = False) -> dict:
-    """llama-perplexity on ``text``: {'ppl', 'ppl_error', 'chunks', 'ctx'} and, with ``kld_base``, 'kld' (mean
-    KL divergence from the logits saved there). ``save_base`` writes this model's logits to ``kld_base``
-    instead (the reference run)."""
+    """llama-perplexity on ``text``, in the native evaluation's schema: {'engine', 'perplexity',
+    'perplexity_error', 'windows' (the chunks it scored), 'seqlen'} and, with ``kld_base``, 'kld' (mean KL
+    divergence from the logits saved there) and 'source_perplexity' (the reference's perplexity on the same
+    chunks). ``save_base`` writes this model's logits to ``kld_base`` instead (the reference run)."""
     for path in (model, text):
         if not Path(path).is_file():
             raise SlimlmError(f"no such file: {path}")
@@ -69,12 +70,16 @@ def llama_perplexity(model: str | Path, text: str | Path, ctx: int = 512, chunks
     if kld_base is not None:
         args += ["--kl-divergence-base", kld_base] + ([] if save_base else ["--kl-divergence"])
     output = run_tool("llama-perplexity", args)
-    result = {"engine": "llama.cpp", "ctx": ctx, "chunks": chunks}
+    result = {"engine": "llama.cpp", "seqlen": ctx,
+              "windows": int(_number(r"calculating perplexity over (\d+) chunks", output, "chunk count"))}
     if kld_base is not None and not save_base:
-        result["ppl"] = _number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", output, "perplexity")
+        result["perplexity"] = _number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", output, "perplexity")
+        result["perplexity_error"] = _number(r"Mean PPL\(Q\)\s*:\s*[\d.]+\s*\+/-\s*([\d.]+)", output,
+                                             "perplexity error")
         result["kld"] = _number(r"Mean\s+KLD:\s*([-\d.]+)", output, "mean KLD")
-        result["ppl_base"] = _number(r"Mean PPL\(base\)\s*:\s*([\d.]+)", output, "reference perplexity")
+        result["source_perplexity"] = _number(r"Mean PPL\(base\)\s*:\s*([\d.]+)", output, "reference perplexity")
     else:
-        result["ppl"] = _number(r"Final estimate: PPL = ([\d.]+)", output, "perplexity")
-        result["ppl_error"] = _number(r"Final estimate: PPL = [\d.]+ \+/- ([\d.]+)", output, "perplexity error")
+        result["perplexity"] = _number(r"Final estimate: PPL = ([\d.]+)", output, "perplexity")
+        result["perplexity_error"] = _number(r"Final estimate: PPL = [\d.]+ \+/- ([\d.]+)", output,
+                                             "perplexity error")
     return result
