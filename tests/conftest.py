@@ -5,6 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N (the suite's default, pyproject addopts): N workers share the cores, so each computes on one thread
+    # (OpenMP threads oversubscribed spin and stall); its subprocesses inherit the setting
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("SLIMLM_DATA_DIR", REPO.parent / "shared" / "data"))
 
