@@ -71,7 +71,8 @@ def cmd_speed(args) -> None:
     """Speed of MODEL beside its baseline (first), measured in alternating rounds (evaluation.speed)."""
     from slimlm.core.files import read_manifest
     from slimlm.core.models import model_source
-    from slimlm.evaluation.speed import format_table, measure_speed
+    from slimlm.evaluation.speed import measure_speed
+    from slimlm.evaluation.speed_table import format_table
 
     model_source(args.model, args.allow_pickle)  # a missing folder or file is said first, before the baseline
     baseline = args.baseline

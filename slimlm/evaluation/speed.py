@@ -55,7 +55,10 @@ def measure_speed(models: list[str], engine: str = "transformers", prompt_tokens
     Returns ``{'settings': {...}, 'baseline': models[0], 'models': [entry, ...]}``; an entry holds the medians of
     prefill_tok_s (batch 1), ttft_s (batch 1) and decode_tok_s (by batch size, as a string), the peak memory, the
     size, every round's timings under 'samples', 'notes' on figures that are derived or not measured (None) and,
-    after the baseline, 'ratios': entry / baseline for each number (> 1: faster tok/s, slower TTFT, more memory).
+    after the baseline, 'ratios': entry / baseline for each number (> 1: faster tok/s, slower TTFT, more memory)
+    and 'round_ranges': the lowest and highest ratio of a single round; 'warnings' says where the ratios are noise
+    (one round, a loaded machine, rounds on both sides of 1). decode_tok_s at batch b is the b sequences' tokens
+    per second together.
     Batch 1 is always measured: prefill and TTFT are taken there. Progress goes to the log (stderr in the CLI).
     """
     settings = {"engine": engine, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -72,8 +75,11 @@ def measure_speed(models: list[str], engine: str = "transformers", prompt_tokens
             runs.append(run(name, settings))
     entries = [_summary(name, runs) for name, runs in zip(models, rounds)]
     for entry in entries[1:]:
-        entry["ratios"] = _ratios(entry, entries[0])
-    return {"settings": settings, "baseline": models[0], "models": entries}
+        entry["ratios"], entry["round_ranges"] = _ratios(entry, entries[0]), _round_ranges(entry, entries[0])
+    warnings = _noise_warnings(entries, repeats)
+    for warning in warnings:
+        log.warning("speed: %s", warning)
+    return {"settings": settings, "baseline": models[0], "models": entries, "warnings": warnings}
 
 
 def _check_settings(s: dict) -> None:
@@ -344,40 +350,41 @@ def _ratios(entry: dict, base: dict) -> dict:
     return ratios
 
 
+def _round_ranges(entry: dict, base: dict) -> dict:
+    """[lowest, highest] over the rounds of each round's ratio to the baseline's same round (the rounds alternate,
+    so a round's two figures shared the machine's state): where it spans 1, the difference is the machine's noise."""
+    def span(ours, theirs):
+        pairs = [a / b for a, b in zip(ours, theirs) if a is not None and b]
+        return [min(pairs), max(pairs)] if pairs else None
+    mine, theirs = entry["samples"], base["samples"]
+    ranges = {k: span(mine[k], theirs[k]) for k in ("prefill_tok_s", "ttft_s")}
+    ranges["decode_tok_s"] = {b: span([r[b] for r in mine["decode_tok_s"]], [r.get(b) for r in theirs["decode_tok_s"]])
+                              for b in entry["decode_tok_s"]}
+    return ranges
+
+
+def _noise_warnings(entries: list[dict], repeats: int) -> list[str]:
+    """What makes the ratios unreliable: one round (no spread to read), a loaded machine, or a ratio whose rounds
+    fall on both sides of 1."""
+    warnings = []
+    if repeats < 3:
+        warnings.append(f"{repeats} round(s): no spread to judge the ratios by; use --repeats 3 or more")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        warnings.append(f"the machine is loaded (load average {load:.1f} on {cores} cores): timings are noisy")
+    for entry in entries[1:]:
+        ranges = entry["round_ranges"]
+        spans = {"prefill": ranges["prefill_tok_s"], "TTFT": ranges["ttft_s"],
+                 **{f"decode b{b}": r for b, r in ranges["decode_tok_s"].items()}}
+        noisy = [name for name, r in spans.items() if r and r[0] < 1 < r[1]]
+        if noisy:
+            warnings.append(f"{entry['model']}: the rounds' ratios fall on both sides of 1 for "
+                            f"{', '.join(noisy)}: within the machine's noise")
+    return warnings
+
+
 def _ratio(value, base):
     return value / base if value is not None and base else None
-
-
-def format_table(result: dict) -> str:
-    """``measure_speed``'s result as a small text table, one row per model, the baseline first. The 'x' columns
-    are ratios to the baseline; '-' is not measured (or the baseline's own ratio)."""
-    s = result["settings"]
-    batches, peak = s["batches"], "peak_cuda_bytes" if s["device"] != "cpu" else "peak_rss_bytes"
-    head = ["model", "params", "nonzero", "MB", "prefill tok/s", *[f"decode b{b}" for b in batches], "TTFT s",
-            "peak MB", "x prefill", *[f"x b{b}" for b in batches], "x TTFT", "x peak"]
-    rows = [head] + [_row(entry, batches, peak) for entry in result["models"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    title = (f"{s['engine']} on {s['device']}, threads={s['threads']}: {s['prompt_tokens']}-token prompt, "
-             f"{s['new_tokens']} new tokens, median of {s['repeats']} alternating rounds; x = ratio to "
-             f"{result['baseline']}")
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    return "\n".join([title, *lines])
-
-
-def _row(entry: dict, batches: list[int], peak: str) -> list[str]:
-    ratios = entry.get("ratios", {})
-    decode, x_decode = entry["decode_tok_s"], ratios.get("decode_tok_s", {})
-    mega = [None if entry[k] is None else entry[k] / 1e6 for k in ("params", "nonzero_params", "size_bytes", peak)]
-    return [entry["model"], _cell(mega[0], ".2f", "M"), _cell(mega[1], ".2f", "M"), _cell(mega[2], ".1f"),
-            _cell(entry["prefill_tok_s"], ".1f"), *[_cell(decode[str(b)], ".1f") for b in batches],
-            _cell(entry["ttft_s"], ".3f"), _cell(mega[3], ".0f"), _cell(ratios.get("prefill_tok_s"), ".2f"),
-            *[_cell(x_decode.get(str(b)), ".2f") for b in batches], _cell(ratios.get("ttft_s"), ".2f"),
-            _cell(ratios.get(peak), ".2f")]
-
-
-def _cell(value, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
 
 
 def main(argv: list[str] | None = None) -> int:
