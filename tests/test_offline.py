@@ -197,7 +197,7 @@ def test_gguf_copy_is_announced_listed_and_cleared(capsys, monkeypatch, cache, t
     from slimlm.core.models import load_model
 
     model, _ = load_model(str(tiny_gguf))
-    [entry] = list(cache.iterdir())
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
     size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
     err = capsys.readouterr().err
     assert f"kept a float32 copy of tiny.gguf in {entry} ({size / 1e6:.1f} MB;" in err
@@ -234,6 +234,22 @@ def test_gguf_copy_is_announced_listed_and_cleared(capsys, monkeypatch, cache, t
     code, out, _ = run(capsys, "cache", "clear", "--all")
     assert code == 0 and out.count("removed") == 2
     assert [p.name for p in cache.iterdir()] == ["notes"]
+
+
+def test_one_copy_for_the_same_file_anywhere(cache, tiny_gguf, tmp_path):
+    """Another environment's copy of the same GGUF (another path, another mtime) finds the same float32 copy."""
+    import shutil
+
+    from slimlm.core.cache import entry_name, gguf_to_folder
+
+    elsewhere = tmp_path / "other-venv" / "tiny.gguf"
+    elsewhere.parent.mkdir()
+    shutil.copyfile(tiny_gguf, elsewhere)
+    assert elsewhere.stat().st_mtime_ns != tiny_gguf.stat().st_mtime_ns
+    assert gguf_to_folder(elsewhere) == gguf_to_folder(tiny_gguf) == cache / entry_name(tiny_gguf)
+    changed = tmp_path / "tiny.gguf"
+    changed.write_bytes(tiny_gguf.read_bytes()[:-1] + b"\x01")  # other content: another entry
+    assert entry_name(changed) != entry_name(tiny_gguf)
 
 
 def test_no_cache_dequantizes_in_memory(capsys, cache, tiny_gguf):

@@ -36,10 +36,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
 
 
+HASHES = "content-hashes.json"  # where a file (path, size, mtime) was hashed before -> its content's sha256
+
+
 def entry_name(gguf: Path) -> str:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{gguf.stem}-{key}"
+    """The cache folder's name: the file's stem and its content's hash, so that every environment holding the same
+    file (a venv's copy of the built-in model, a download) shares one float32 copy. The hash is read once per file
+    location (remembered in ``HASHES`` by path, size and mtime) and then costs nothing."""
+    return f"{gguf.stem}-{content_hash(gguf)[:12]}"
+
+
+def content_hash(path: Path) -> str:
+    stat = path.stat()
+    where = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    index = cache_dir() / HASHES
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if where not in known:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        known[where] = digest.hexdigest()
+        with contextlib.suppress(OSError):  # a read-only cache hashes again next time
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_name(f"{UNFINISHED}{os.getpid()}-{HASHES}")
+            tmp.write_text(json.dumps(known) + "\n")
+            os.replace(tmp, index)
+    return known[where]
 
 
 def gguf_to_folder(gguf: Path) -> Path:
@@ -137,4 +163,6 @@ def clear_cache(names: list[str], everything: bool = False) -> list[CacheEntry]:
         chosen += [e for e in found if e not in chosen]
     for entry in chosen:
         shutil.rmtree(entry.path)
+    if everything:
+        (cache_dir() / HASHES).unlink(missing_ok=True)
     return chosen
