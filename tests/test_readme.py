@@ -1,4 +1,5 @@
-"""Every command the README shows runs as written, on the built-in model, from a fresh folder beside ../shared.
+"""Every command the README and its pages (docs/*.md) show runs as written, on the built-in model, from a fresh
+folder beside ../shared.
 
 Each ```bash block runs its commands in order (a later command may use an earlier one's output; a block never
 needs another block's), and each ```python block runs as one script, in a fresh temporary folder laid out like a
@@ -25,6 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 NOT_RERUN = ("bash scripts/install.sh && ", "SLIMLM_DATA_DIR=../shared/data python3 -m pytest")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the README and the pages it links
 BENCH_MARK = "<!-- readme-test: bench -->"
 LLAMA_CPP_MARK = "<!-- readme-test: llama.cpp -->"
 
@@ -60,14 +62,15 @@ def _params(bench: bool):
     from slimlm.evaluation.llama_cpp import llama_cpp_bin
 
     params = []
-    for line, commands, mark in readme_blocks((REPO / "README.md").read_text()):
-        if (mark == BENCH_MARK) != bench:
-            continue
-        marks = [pytest.mark.readme_bench] if bench else []
-        if mark == LLAMA_CPP_MARK and llama_cpp_bin() is None and os.environ.get("CI") != "true":
-            # under CI a missing build fails these blocks instead (CI builds the tools first)
-            marks.append(pytest.mark.skip(reason="llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)"))
-        params.append(pytest.param(commands, id=f"line{line}", marks=marks))
+    for page in PAGES:
+        for line, commands, mark in readme_blocks(page.read_text()):
+            if (mark == BENCH_MARK) != bench:
+                continue
+            marks = [pytest.mark.readme_bench] if bench else []
+            if mark == LLAMA_CPP_MARK and llama_cpp_bin() is None and os.environ.get("CI") != "true":
+                # under CI a missing build fails these blocks instead (CI builds the tools first)
+                marks.append(pytest.mark.skip(reason="llama.cpp tools are not built (bash scripts/build_llama_cpp.sh)"))
+            params.append(pytest.param(commands, id=f"{page.stem}-line{line}", marks=marks))
     return params
 
 
@@ -118,3 +121,8 @@ def test_readme_block_runs_as_written(commands, checkout):
 @pytest.mark.parametrize("commands", _params(bench=True))
 def test_readme_bench_block_runs_as_written(commands, checkout):
     run_block(commands, *checkout)
+
+
+def test_every_page_the_readme_links_exists_and_is_tested():
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", (REPO / "README.md").read_text()))
+    assert linked and {REPO / link for link in linked} == set(PAGES[1:])
