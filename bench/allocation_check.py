@@ -117,20 +117,20 @@ def part1(model, planning, reference, layers) -> dict:
 
 
 def part2_sparsity_and_bits(model, planning, reference) -> list[dict]:
-    from slimlm.allocate import allocate_from_metrics, allocation_metrics, holdout, plan_budgets
+    from slimlm.allocate import allocate_from_metrics, allocation_metrics, holdout
     from slimlm.quant.grids import QuantGrid
 
     rows = []
     for allocation in ("owl", "alphapruning", "fisher"):
+        grid = QuantGrid(4, True, 128)
+        metrics = allocation_metrics(model, allocation, planning, progress=False, grid=grid, method="wanda")
         for target in SPARSITIES:
             start = time.perf_counter()
-            budgets = plan_budgets(model, allocation, target, planning, progress=False, method="wanda")
+            budgets = allocate_from_metrics(metrics, allocation, target, "sparsity")
             _, check = holdout.check_sparsity(model, budgets, target, planning, reference,
                                               allocation in holdout.SELECTING, progress=False)
             rows.append({"unit": "sparsity", "allocation": allocation, "target": target, **check,
                          "seconds": time.perf_counter() - start})
-        grid = QuantGrid(4, True, 128)
-        metrics = allocation_metrics(model, allocation, planning, progress=False, grid=grid)
         for target in AVG_BITS:
             start = time.perf_counter()
             continuous = allocate_from_metrics(metrics, allocation, target, "bits")
@@ -180,6 +180,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write(out: str, result: dict, start: float) -> None:
+    """The JSON and its markdown tables, rewritten after each part (a long run keeps what it finished)."""
+    result["seconds"] = time.perf_counter() - start
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(out).with_suffix(".md").write_text(markdown(result) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -204,15 +212,14 @@ def main() -> None:
     start = time.perf_counter()
     if "1" in parts:
         result["correlations"] = part1(model, planning, reference, sampled_layers(model, args.blocks))
+        write(args.out, result, start)
     if "2" in parts:
         result["checks"] += part2_sparsity_and_bits(model, planning, reference)
+        write(args.out, result, start)
     if "gguf" in parts:
         exclude = tuple(t for t in args.exclude_types.split(",") if t)
         result["checks"] += part2_gguf(model, tokenizer, calib, exclude)
-    result["seconds"] = time.perf_counter() - start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
+        write(args.out, result, start)
     print(json.dumps({k: v for k, v in result.items() if k != "correlations"} | {
         "correlations": {k: v for k, v in result["correlations"].items() if k not in ("measured",)}}, indent=1))
 

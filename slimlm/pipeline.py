@@ -134,11 +134,18 @@ def _summary(out: Path, manifest: dict) -> dict:
     keys = ("method", "pattern", "sparsity", "wbits", "abits", "storage", "removed_layers", "params_kept")
     summary = {"out": str(out), **{k: manifest[k] for k in keys if k in manifest},
                "seconds": round(manifest["timings"]["total"], 2),
-               **holdout.summary((manifest.get("allocation") or {}).get("check"))}
+               **holdout.summary(_check_of(manifest))}
     if "perplexity" in manifest.get("metrics", {}):
         measured = manifest["metrics"]["perplexity"]
         summary |= {key: measured[key] for key in ("perplexity", "source_perplexity") if key in measured}
     return summary
+
+
+def _check_of(manifest: dict) -> dict | None:
+    """The allocation check's record of a prune or quantize manifest (shrink and lowrank name their allocation
+    by a string and run no check)."""
+    allocation = manifest.get("allocation")
+    return allocation.get("check") if isinstance(allocation, dict) else None
 
 
 def run_steps(recipe: Recipe, ctx: Context, kinds=("analyze", *COMPRESSION, "eval")):

@@ -71,10 +71,10 @@ def llama_perplexity(model: str | Path, text: str | Path, ctx: int = 512, chunks
         args += ["--kl-divergence-base", kld_base] + ([] if save_base else ["--kl-divergence"])
     output = run_tool("llama-perplexity", args)
     result = {"engine": "llama.cpp", "seqlen": ctx,
-              "windows": int(_number(r"calculating perplexity over (\d+) chunks", output, "chunk count"))}
+              "windows": int(_number(r"(?:calculating perplexity|computing) over (\d+) chunks", output, "chunk count"))}
     if kld_base is not None and not save_base:
         result["perplexity"] = _number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", output, "perplexity")
-        result["perplexity_error"] = _number(r"Mean PPL\(Q\)\s*:\s*[\d.]+\s*\+/-\s*([\d.]+)", output,
+        result["perplexity_error"] = _number(r"Mean PPL\(Q\)\s*:\s*[\d.]+\s*(?:±|\+/-)\s*([\d.]+)", output,
                                              "perplexity error")
         result["kld"] = _number(r"Mean\s+KLD:\s*([-\d.]+)", output, "mean KLD")
         result["source_perplexity"] = _number(r"Mean PPL\(base\)\s*:\s*([\d.]+)", output, "reference perplexity")
