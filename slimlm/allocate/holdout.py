@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from slimlm.allocate.allocators import round_bits
 from slimlm.core.architectures import linear_fqns
+from slimlm.core.engine import compress_blocks
 from slimlm.errors import SlimlmError
 from slimlm.pruning.masks import topk_mask
 from slimlm.pruning.scores import wanda_scores
@@ -117,13 +118,13 @@ def choose(model, reference: Reference, baseline: dict, path: dict[str, dict], s
 
 
 def summary(check: dict | None) -> dict:
-    """What a command prints of the check: the held-out KLD of the baseline, the plan and the kept candidate (four
-    significant digits), and which was kept."""
+    """What a command prints of the check: the held-out KLD of the baseline, the plan and the kept candidate, and
+    which was kept (the CLI rounds what it prints)."""
     if not check or "kept" not in check:
         return {}
     figures = {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
     return {"allocation_check": {"kept": check["kept"], "held_out_kld": {
-        k: float(f"{figures[k]:.4g}") for k in dict.fromkeys(("baseline", "plan", check["kept"]))}}}
+        k: figures[k] for k in dict.fromkeys(("baseline", "plan", check["kept"]))}}}
 
 
 def interpolated(baseline: dict[str, float], plan: dict[str, float], points=PATH) -> dict[str, dict[str, float]]:
@@ -134,24 +135,17 @@ def interpolated(baseline: dict[str, float], plan: dict[str, float], points=PATH
 
 
 def input_sqnorms(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each block linear's input channel norms ‖X_j‖₂² over ``windows`` (Wanda's statistic), on the source model."""
-    linears = linear_fqns(model)
-    sqnorms = {f: torch.zeros(lin.in_features) for f, lin in linears.items()}
+    """Each block linear's input channel norms ‖X_j‖₂² over ``windows`` (Wanda's statistic) on the source model,
+    from one statistics pass of the block loop (``core.engine``) that changes no weight."""
+    sqnorms = {}
 
-    def hook_for(fqn):
-        def hook(module, args):
-            sqnorms[fqn] += args[0].detach().reshape(-1, args[0].shape[-1]).float().square().sum(0).cpu()
-        return hook
+    def record(group, stats):
+        for fqn in group:
+            sqnorms[fqn] = stats.sqnorm
+        return False
 
-    handles = [lin.register_forward_pre_hook(hook_for(f)) for f, lin in linears.items()]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for w in windows.split(1):
-                model(input_ids=w.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    compress_blocks(model, windows, record, set(linear_fqns(model)), hessian=False, progress=False,
+                    results=(sqnorms,))
     return sqnorms
 
 

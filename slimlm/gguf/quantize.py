@@ -172,7 +172,10 @@ def _sized_types(model, weights, types, target, calib, reference, rule_types, gg
     nbytes = {n: {k: tensor_bytes(k, tuple(weights[n].shape)) for k in costs[n]} for n in costs}
     fixed = sum(tensor_bytes(types[gguf_name(n)], tuple(W.shape)) for n, W in weights.items() if n not in costs)
     budget = target.budget(sum(W.numel() for W in weights.values())) - fixed
-    rule = rule_for_size(lambda mix: {n: rule_types(mix)[gguf_name(n)] for n in costs}, nbytes, budget)
+    def sized_rule(mix):
+        types_of_mix = rule_types(mix)  # the whole file's types, computed once per mix
+        return {n: types_of_mix[gguf_name(n)] for n in costs}
+    rule = rule_for_size(sized_rule, nbytes, budget)
     plan, check = solve(costs, nbytes, budget), None
     if reference is not None and rule is not None:
         def stand_in(fqn, W, kind):
