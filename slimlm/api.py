@@ -101,7 +101,7 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None, *, calib: to
             calib, calib_info = _calibration(model, tokenizer, calib, c, data_dir, allocating)
     if allocating:
         with timed(timings, "allocation"):
-            calib, reference = _held_out(model, calib, calib_info, c.holdout)
+            calib, reference = holdout.hold_out(model, calib, calib_info, c.holdout)
             budgets = plan_budgets(model, c.allocation, sparsity, calib, c.owl_m, device, c.batch_size, progress,
                                    c.method, **c.allocation_options())
             if reference is not None:
@@ -126,16 +126,6 @@ def _calibration(model, tokenizer, calib, c, data_dir, allocating: bool):
         raise SlimlmError(f"the allocation check measures '{c.allocation}' against uniform budgets on held-out "
                           "calibration windows: pass a tokenizer or calib, or holdout=0 to skip the check")
     return calibration_for(model, tokenizer, calib, c, data_dir)
-
-
-def _held_out(model, calib, calib_info, windows: int):
-    """(planning windows, the source's reference on the held-out ones) for the allocation check; the calibration
-    record says how many windows were held out (``allocate.holdout``). No check: (calib, None)."""
-    if not windows:
-        return calib, None
-    calib, held = holdout.split(calib, windows)
-    calib_info["held_out"] = held.shape[0]
-    return calib, holdout.Reference(model, held)
 
 
 def _with_resume(result: Result, checkpoint: Checkpoint | None) -> Result:
@@ -280,7 +270,7 @@ def _plan_bits(model, c: QuantizeConfig, calib, calib_info, device, progress):
     bits = {fqn: c.wbits for fqn in layers}
     check = None
     if c.avg_bits is not None:
-        calib, reference = _held_out(model, calib, calib_info, c.holdout if c.allocation != "uniform" else 0)
+        calib, reference = holdout.hold_out(model, calib, calib_info, c.holdout if c.allocation != "uniform" else 0)
         metrics = allocation_metrics(model, c.allocation, calib, device, c.batch_size, progress,
                                      grid=c.grid(c.wbits))
         continuous = allocate_from_metrics(metrics, c.allocation, c.avg_bits, "bits", **c.allocation_options())

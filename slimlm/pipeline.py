@@ -142,10 +142,10 @@ def _summary(out: Path, manifest: dict) -> dict:
 
 
 def _check_of(manifest: dict) -> dict | None:
-    """The allocation check's record of a prune or quantize manifest (shrink and lowrank name their allocation
-    by a string and run no check)."""
+    """The allocation check's record: under ``allocation`` in a prune or quantize manifest, ``allocation_check``
+    in a shrink or lowrank one (which name their allocation by a string)."""
     allocation = manifest.get("allocation")
-    return allocation.get("check") if isinstance(allocation, dict) else None
+    return allocation.get("check") if isinstance(allocation, dict) else manifest.get("allocation_check")
 
 
 def run_steps(recipe: Recipe, ctx: Context, kinds=("analyze", *COMPRESSION, "eval")):

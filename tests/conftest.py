@@ -24,6 +24,31 @@ def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128):
     return LlamaForCausalLM(config).eval()
 
 
+def trapped_llama(layers: int = 4):
+    """A tiny Llama whose block 0 carries the model: its output projections are scaled up, so compressing it hard is
+    measurably costly (the allocation checks' planted trap)."""
+    model = tiny_llama(layers=layers)
+    with torch.no_grad():
+        block = model.model.layers[0]
+        block.self_attn.o_proj.weight.mul_(6)
+        block.mlp.down_proj.weight.mul_(6)
+    return model
+
+
+def held_out_kld(source, model, held: torch.Tensor) -> float:
+    """Mean per-token KL(source ‖ model) over the windows ``held``, computed with torch's kl_div (not slimlm's)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in held:
+            p = F.log_softmax(source(input_ids=w[None], use_cache=False).logits[0].float(), -1)
+            q = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1)
+            total += F.kl_div(q, p, log_target=True, reduction="sum").item()
+            count += w.numel()
+    return total / count
+
+
 def tiny_qwen(version: int = 2, seed: int = 0, layers: int = 2, vocab: int = 128):
     """A tiny Qwen2 (biases on q/k/v) or Qwen3 (RMSNorm on each query and key head), tied embeddings; the biases
     and norms perturbed away from their 0 / 1 initialisation so that transforms which ignored them would show."""

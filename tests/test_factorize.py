@@ -1,4 +1,5 @@
 """slimlm lowrank: parameter targets per allocation, saved factors reload, merging, the CLI and slimlm speed."""
+import copy
 import json
 import subprocess
 import sys
@@ -11,9 +12,11 @@ from slimlm.errors import SlimlmError
 from slimlm.config import LowrankConfig
 from slimlm.config.schema import field_choices
 from slimlm.structured.factorize import lowrank
-from slimlm.structured.lowrank import LowRankLinear
+from slimlm.core.architectures import linear_fqns
+from slimlm.structured.lowrank import LowRankLinear, lowrank_params
 from slimlm.structured.shrink import parameter_counts
-from tests.conftest import REPO, tiny_llama
+from slimlm.structured import factorize
+from tests.conftest import REPO, held_out_kld, tiny_llama, trapped_llama
 
 
 def windows(n=8, length=32, vocab=128):
@@ -38,6 +41,36 @@ def test_allocations_keep_at_most_the_target_and_only_factor_where_it_saves(allo
         assert isinstance(module, LowRankLinear) == (rank is not None)
         if rank is not None:
             assert rank * (module.in_features + module.out_features) < module.in_features * module.out_features
+
+
+def test_a_planted_trap_in_the_rank_costs_is_caught_and_the_figures_equal_a_re_measurement(monkeypatch):
+    real = factorize._fisher_losses
+
+    def planted(*args, **kwargs):  # block 0 called nearly free to truncate, where truncating it costs the most
+        return {f: loss * (1e-6 if ".layers.0." in f else 1.0) for f, loss in real(*args, **kwargs).items()}
+    monkeypatch.setattr(factorize, "_fisher_losses", planted)
+    source, calib = trapped_llama(), windows(8, 64)
+    model = copy.deepcopy(source)
+    manifest = lowrank(model, params=0.6, allocation="fisher", merge=True, calib=calib, progress=False).manifest
+    check = manifest["allocation_check"]
+    assert check["plan"] > check["baseline"]  # the trap works: the planted plan measures worse than uniform ranks
+    figures = {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
+    assert check["kept"] != "plan" and figures[check["kept"]] == min(figures.values()) <= check["baseline"]
+    shapes = {f: tuple(lin.weight.shape) for f, lin in linear_fqns(source).items()}
+    assert lowrank_params(manifest["ranks"], shapes) <= 0.6 * sum(o * i for o, i in shapes.values())
+    assert manifest["calibration"]["held_out"] == 4
+    held = calib[-4:]
+    assert held_out_kld(source, model, held) == pytest.approx(figures[check["kept"]], rel=1e-4)
+    uniform = copy.deepcopy(source)
+    lowrank(uniform, params=0.6, allocation="uniform", merge=True, calib=calib[:-4], progress=False)
+    assert held_out_kld(source, uniform, held) == pytest.approx(check["baseline"], rel=1e-4)
+
+
+def test_the_published_rules_keep_their_ranks_and_report_the_check():
+    done = lowrank(tiny_llama(), params=0.6, method="welore", calib=windows(8, 64), progress=False).manifest
+    ruled = lowrank(tiny_llama(), params=0.6, method="welore", holdout=0, progress=False).manifest
+    assert done["allocation_check"]["kept"] == "plan" and done["allocation_check"]["path"] == {}
+    assert done["ranks"] == ruled["ranks"] and ruled["allocation_check"] is None  # WeLore's own rule, data-free
 
 
 def test_saved_factors_reload_with_the_same_logits_and_merge_loads_in_plain_transformers(tiny_folder, tmp_path):
@@ -83,7 +116,11 @@ def test_cli_lowrank_then_speed_beside_the_source_model(tiny_folder, tmp_path, d
     result = json.loads(done.stdout)
     assert result["baseline"] == str(tiny_folder)
     assert result["models"][1]["params"] < result["models"][0]["params"]
-    done = run_cli("lowrank", tiny_folder, "--params", "0.7", "--method", "welore", "--nsamples", "4")
+    # WeLore's rule is data-free: without its allocation check (--holdout 0) calibration options are refused
+    done = run_cli("lowrank", tiny_folder, "--params", "0.7", "--method", "welore", "--holdout", "0", "--nsamples",
+                   "4")
     assert done.returncode == 2 and "--nsamples only applies with" in done.stderr
+    done = run_cli("lowrank", tiny_folder, "--params", "0.7", "--allocation", "uniform", "--holdout", "2")
+    assert done.returncode == 2 and "--holdout only applies with a non-uniform allocation" in done.stderr
     done = run_cli("speed", tiny_folder, "--quiet")
     assert done.returncode == 2 and "--baseline is needed" in done.stderr

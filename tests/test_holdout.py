@@ -4,29 +4,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import slimlm
 from slimlm.allocate import holdout
 from slimlm.core.architectures import linear_fqns
 from slimlm.errors import SlimlmError
-from tests.conftest import tiny_llama
+from tests.conftest import held_out_kld, tiny_llama, trapped_llama
 
 SPARSITY = 0.6
 
 
 def ids(n=8, seqlen=64, seed=0):
     return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def trapped_llama():
-    """Block 0 carries the model: its output projections are scaled up, so pruning it hard is measurably costly."""
-    model = tiny_llama(layers=4)
-    with torch.no_grad():
-        block = model.model.layers[0]
-        block.self_attn.o_proj.weight.mul_(6)
-        block.mlp.down_proj.weight.mul_(6)
-    return model
 
 
 def planted_fisher_tables(model, fisher, sqnorms, levels, progress=False):
@@ -55,13 +44,7 @@ def independent_kld(source, budgets, planning, held):
             k = int(W.shape[1] * budgets[f])
             order = torch.argsort(W.abs() * norms[f].sqrt(), dim=1, stable=True)
             W.scatter_(1, order[:, :k], 0.0)
-        total, count = 0.0, 0
-        for w in held:
-            p = F.log_softmax(source(input_ids=w[None]).logits[0].float(), -1)
-            q = F.log_softmax(model(input_ids=w[None]).logits[0].float(), -1)
-            total += F.kl_div(q, p, log_target=True, reduction="sum").item()
-            count += w.numel()
-    return total / count
+    return held_out_kld(source, model, held)
 
 
 def test_a_planted_trap_is_caught_and_the_figures_equal_a_re_measurement(monkeypatch):

@@ -12,7 +12,7 @@ from slimlm.core.architectures import decoder_blocks
 from slimlm.errors import SlimlmError
 from slimlm.structured import depth, width, widths
 from slimlm.structured.shrink import parameter_counts, shrink
-from tests.conftest import REPO, tiny_llama, tiny_opt
+from tests.conftest import REPO, held_out_kld, tiny_llama, tiny_opt, trapped_llama
 
 
 def windows(n=6, length=24, vocab=128, seed=0):
@@ -124,6 +124,30 @@ def test_fisher_allocation_puts_the_cuts_where_the_estimated_loss_is_lowest():
              width.BlockUnits(torch.tensor([5.0, 6.0]), torch.full((10,), 0.01), 100, 10)]
     counts = widths.removal_counts(units, "fisher", 1 - 50 / 600)
     assert counts == [(0, 0), (0, 5)]
+
+
+def test_a_planted_trap_in_the_width_costs_is_caught_and_the_figures_equal_a_re_measurement(monkeypatch):
+    real = width.block_units
+
+    def planted(model, method, stats, fisher=None):  # block 0's units called nearly free to remove
+        units = real(model, method, stats, fisher)
+        if method == "fisher":
+            units[0].head_scores, units[0].channel_scores = units[0].head_scores * 1e-6, units[0].channel_scores * 1e-6
+        return units
+    monkeypatch.setattr(width, "block_units", planted)
+    source, calib = trapped_llama(), windows(8, 64)
+    model = copy.deepcopy(source)
+    manifest = shrink(model, params=0.7, method="fisher", calib=calib, progress=False).manifest
+    check = manifest["allocation_check"]
+    assert check["plan"] > check["baseline"]  # the trap works: the planted plan measures worse than uniform widths
+    figures = {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
+    assert check["kept"] != "plan" and figures[check["kept"]] == min(figures.values()) <= check["baseline"]
+    held = calib[-4:]
+    assert held_out_kld(source, model, held) == pytest.approx(figures[check["kept"]], rel=1e-4)
+    uniform = copy.deepcopy(source)
+    shrink(uniform, params=0.7, method="fisher", allocation="uniform", calib=calib[:-4], progress=False)
+    assert held_out_kld(source, uniform, held) == pytest.approx(check["baseline"], rel=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(source.parameters(), trapped_llama().parameters()))
 
 
 @pytest.mark.parametrize("shrink_args", [{"drop_layers": 1}, {"params": 0.6, "allocation": "uniform"},

@@ -55,6 +55,16 @@ def split(calib: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor
     return calib[:-h], calib[-h:, :HOLDOUT_TOKENS]
 
 
+def hold_out(model, calib: torch.Tensor, calib_info: dict, windows: int):
+    """(planning windows, the source's ``Reference`` on the held-out ones) for the check; the calibration record
+    says how many windows were held out. ``windows`` 0 (no check): (calib, None)."""
+    if not windows:
+        return calib, None
+    calib, held = split(calib, windows)
+    calib_info["held_out"] = held.shape[0]
+    return calib, Reference(model, held)
+
+
 class Reference:
     """The source model's next-token log-probabilities on the held-out windows, and the KLD of a changed model."""
 
@@ -106,7 +116,13 @@ def choose(model, reference: Reference, baseline: dict, path: dict[str, dict], s
     allocator's own plan (label 'plan'); with ``select`` the lowest held-out KLD among the baseline and the path
     is kept (ties go to the baseline, then to the earlier point), otherwise the allocator's plan."""
     candidates = {"baseline": baseline, **path}
-    figures = measure(model, reference, candidates, stand_in, progress)
+    return decide(reference, candidates, measure(model, reference, candidates, stand_in, progress), select)
+
+
+def decide(reference: Reference, candidates: dict[str, object], figures: dict[str, float],
+           select: bool) -> tuple[object, dict]:
+    """``choose``'s decision and record from measured ``figures`` (candidate -> held-out KLD), for checks whose
+    candidates are not weight stand-ins (widths change the shapes)."""
     kept = min(candidates, key=lambda k: figures[k]) if select else "plan"
     record = {"measure": "kld", "windows": reference.windows.shape[0], "tokens": reference.windows.numel(),
               "baseline": figures["baseline"], "plan": figures["plan"], "kept": kept,

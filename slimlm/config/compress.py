@@ -45,17 +45,27 @@ class SmallCalibrationConfig(CalibrationConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AllocationConfig(Config):
+class HoldoutConfig(Config):
+    """The allocation check (``allocate.holdout``) of every step that spreads a budget over the layers."""
+
+    # allocate.holdout: 4 x 512 tokens measure a plan in seconds; at most half the windows are held out
+    holdout: int = option(4, "calibration windows held out (never planned on) to measure the allocation against "
+                          "its baseline (uniform budgets; for a GGUF --size, llama.cpp's mix that fits it) before "
+                          "the run commits; slimlm's own allocators keep the better (0: no check)")
+
+    def check(self) -> None:
+        if self.holdout < 0:
+            raise SlimlmError(f"--holdout must be at least 0, got {self.holdout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllocationConfig(HoldoutConfig):
     """How a global budget is spread over the layers (``slimlm.allocate``)."""
 
     allocation: str = option("uniform", "how the target is spread over the layers: uniform, owl, alphapruning, "
                              "errortable, or fisher (slimlm's own)")
     owl_lambda: float = option(0.08, "OWL: budgets span target +- lambda")
     alpha_epsilon: float = option(0.2, "AlphaPruning: ratios span 1 +- epsilon")
-    # allocate.holdout: 4 x 512 tokens measure a plan in seconds; at most half the windows are held out
-    holdout: int = option(4, "calibration windows held out (never planned on) to measure the allocation against "
-                          "uniform budgets before the run commits; fisher and errortable keep the better (0: no "
-                          "check)")
 
     RULES = (Rule(("owl_lambda",), lambda c: c.allocation == "owl", "--allocation owl"),
              Rule(("alpha_epsilon",), lambda c: c.allocation == "alphapruning", "--allocation alphapruning"),
@@ -65,8 +75,7 @@ class AllocationConfig(Config):
         from slimlm.allocate import ALLOCATORS
 
         check_name("allocation", self.allocation, ALLOCATORS, "allocation")
-        if self.holdout < 0:
-            raise SlimlmError(f"--holdout must be at least 0, got {self.holdout}")
+        HoldoutConfig.check(self)
 
     def allocation_options(self) -> dict:
         """The allocator's own keywords (``allocate.allocate_from_metrics``)."""
@@ -249,7 +258,7 @@ class QuantizeConfig(CalibrationConfig, AllocationConfig, GridConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GGUFConfig(SmallCalibrationConfig):
+class GGUFConfig(SmallCalibrationConfig, HoldoutConfig):
     """``slimlm gguf``: any model onto llama.cpp's weight types, one file. Calibration defaults are
     llama-imatrix's protocol (32 windows of 512 tokens)."""
 
@@ -265,8 +274,6 @@ class GGUFConfig(SmallCalibrationConfig):
     size: str | None = option(None, "our own per-tensor types fitted to this size instead of the mix's rule for the "
                               "decoder blocks: bits per weight over all tensors (5.5bpw) or tensor bytes (100MB); "
                               "costs from measured Fisher information on the calibration data")
-    holdout: int = option(4, "with --size: calibration windows held out (never planned on) to measure the size mix "
-                          "against llama.cpp's mix that fits the size; the better is kept (0: no check)")
     token_embedding_type: str | None = option(None, "type of the token embedding (token_embd), as llama-quantize's "
                                               "--token-embedding-type: F16, Q8_0, Q6_K, ... (default: the mix's)")
     out: str = option(MISSING, "new .gguf file (or new folder) to write")
@@ -297,8 +304,7 @@ class GGUFConfig(SmallCalibrationConfig):
         CalibrationConfig.check(self)
         if self.size is not None:
             parse_size(self.size)
-        if self.holdout < 0:
-            raise SlimlmError(f"--holdout must be at least 0, got {self.holdout}")
+        HoldoutConfig.check(self)
         if self.token_embedding_type is not None:
             object.__setattr__(self, "token_embedding_type", self.token_embedding_type.upper())
             check_name("token_embedding_type", self.token_embedding_type, {**TYPES, "F16": None, "F32": None},

@@ -4,13 +4,13 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Literal
 
-from slimlm.config.compress import CALIBRATION, SmallCalibrationConfig
+from slimlm.config.compress import CALIBRATION, HoldoutConfig, SmallCalibrationConfig
 from slimlm.config.schema import Config, Rule, option
 from slimlm.errors import SlimlmError
 
 
 @dataclass(frozen=True, kw_only=True)
-class ShrinkConfig(SmallCalibrationConfig):
+class ShrinkConfig(SmallCalibrationConfig, HoldoutConfig):
     """``slimlm shrink``: remove whole decoder layers (depth) or attention heads and MLP channels (width)."""
 
     drop_layers: int | None = option(None, "depth: remove N whole decoder layers", metavar="N")
@@ -32,12 +32,15 @@ class ShrinkConfig(SmallCalibrationConfig):
     RULES = (Rule(("score", "iterative"), lambda c: c.drop_layers is not None, "--drop-layers"),
              Rule(("method", "allocation", "no_compensate"), lambda c: c.params is not None, "--params"),
              Rule(("no_compensate",), lambda c: c.method != "slicegpt", "--method flap or fisher"),
-             Rule(("owl_m",), lambda c: c.allocation == "owl", "--allocation owl"))
+             Rule(("owl_m",), lambda c: c.allocation == "owl", "--allocation owl"),
+             Rule(("holdout",), lambda c: c.params is not None and c.resolved_allocation != "uniform",
+                  "--params and a non-uniform allocation"))
 
     def check(self) -> None:
         from slimlm.structured.widths import check_keep
 
         SmallCalibrationConfig.check(self)
+        HoldoutConfig.check(self)
         if (self.drop_layers is None) == (self.params is None):
             raise SlimlmError("give --drop-layers N (depth) or --params FRACTION (width), one of the two")
         if self.drop_layers is not None and self.drop_layers < 1:
@@ -61,7 +64,7 @@ def resolve_allocation(allocation: str, method: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowrankConfig(SmallCalibrationConfig):
+class LowrankConfig(SmallCalibrationConfig, HoldoutConfig):
     """``slimlm lowrank``: factor the decoder layers' linears into two smaller ones."""
 
     params: float = option(MISSING, "fraction of the decoder layers' linear parameters to keep", metavar="FRACTION")
@@ -74,16 +77,22 @@ class LowrankConfig(SmallCalibrationConfig):
     merge: bool = option(False, "multiply the factors back into dense weights (the truncation stays, the savings "
                          "go: for engines that cannot hold factors, such as GGUF)")
 
-    RULES = (Rule(CALIBRATION, lambda c: c.uses_data(), "--method svdllm or --allocation owl or fisher"),
-             Rule(("owl_m",), lambda c: c.allocation == "owl", "--allocation owl"))
+    RULES = (Rule(CALIBRATION, lambda c: c.uses_data(), "--method svdllm, --allocation owl or fisher, or the "
+                  "allocation check (--holdout) of a non-uniform allocation"),
+             Rule(("owl_m",), lambda c: c.allocation == "owl", "--allocation owl"),
+             Rule(("holdout",), lambda c: c.resolved_allocation != "uniform", "a non-uniform allocation"))
 
     def uses_data(self) -> bool:
-        return self.method == "svdllm" or self.allocation in ("owl", "fisher")
+        """Whether calibration windows are read: SVD-LLM's Grams, the OWL or Fisher metrics, or the held-out windows
+        the allocation check measures on (WeLore's own rule is data-free; --holdout 0 keeps it so)."""
+        return self.method == "svdllm" or self.allocation in ("owl", "fisher") or (
+            self.resolved_allocation != "uniform" and self.holdout > 0)
 
     def check(self) -> None:
         from slimlm.structured.widths import check_keep
 
         SmallCalibrationConfig.check(self)
+        HoldoutConfig.check(self)
         check_keep(self.params)
 
     @property

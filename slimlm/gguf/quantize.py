@@ -103,10 +103,7 @@ def _plan_types(model, tokenizer, c: GGUFConfig, weights, model_config, calib, d
     if uses_data:
         calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
     if c.size is not None:
-        reference = None
-        if c.holdout:
-            calib, held = holdout.split(calib, c.holdout)
-            calib_info["held_out"], reference = held.shape[0], holdout.Reference(model, held)
+        calib, reference = holdout.hold_out(model, calib, calib_info, c.holdout)
         shapes = {gguf_name(n): tuple(W.shape) for n, W in weights.items()}
         sized, check = _sized_types(model, weights, types, parse_size(c.size), calib, reference,
                                     lambda mix: named_mix(mix, shapes, model_config["num_hidden_layers"], gqa,

@@ -10,6 +10,10 @@ see ``structured.lowrank``. Ranks (``allocation``):
     a unit of output error in layer l costs about c_l = Σ_ij F_ij / Σ_j ‖X_j‖² of loss, the layer's Fisher
     diagonal per unit of input energy (F_ij = E[g_i² x_j²]), so loss_l(k) ≈ ½ c_l · tail_l(k).
 Only factorizations that save parameters are made; a matrix whose rank would not stays dense.
+
+A non-uniform allocation is checked against uniform ranks at the same parameters on held-out calibration windows
+(``allocate.holdout``) by the run's own factors (the check measures exactly what the run makes, merged); ``fisher``
+keeps the better of the plans from uniform to its own, the published rules (WeLore, OWL, AlphaPruning) their own.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 
 import torch
 
+from slimlm.allocate import holdout
 from slimlm.analysis.activations import OWL_M
 from slimlm.config import LowrankConfig
 from slimlm.config.keywords import configure
@@ -79,6 +84,40 @@ def choose_ranks(model, allocation: str, keep: float, spectra: dict, whitened: b
     return _allocated_ranks(model, allocation, keep, shapes, calib, owl_m, device, batch_size, progress)
 
 
+def rank_path(baseline: dict, plan: dict, shapes: dict, points=holdout.PATH) -> dict[str, dict]:
+    """Ranks on the way from ``baseline`` to ``plan`` (label -> ranks, as ``holdout.interpolated``): each matrix's
+    parameters interpolated linearly, so every point keeps the total, then the largest rank they hold (dense where
+    they reach the dense matrix's). The plan itself is the point 1."""
+    def params(f, rank):
+        return shapes[f][0] * shapes[f][1] if rank is None else rank * sum(shapes[f])
+
+    def rank_within(f, p):
+        out, in_ = shapes[f]
+        return None if p >= out * in_ else max(1, min(lr.max_useful_rank(out, in_), int(p // (out + in_))))
+
+    path = holdout.interpolated({f: params(f, baseline[f]) for f in plan}, {f: params(f, r) for f, r in plan.items()},
+                                points)
+    return {label: plan if label == "plan" else {f: rank_within(f, p) for f, p in ps.items()}
+            for label, ps in path.items()}
+
+
+def check_ranks(model, ranks: dict, keep: float, hessians: dict | None, reference: holdout.Reference,
+                allocation: str, progress: bool = True) -> tuple[dict, dict]:
+    """(ranks to run, the check's record): ``ranks`` measured against ``uniform_ranks`` and, for ``fisher``, the
+    points between (``rank_path``), each matrix replaced by its factors' product (the run's own truncation)."""
+    shapes = {f: tuple(lin.weight.shape) for f, lin in linear_fqns(model).items() if f in ranks}
+    select = allocation in holdout.SELECTING
+
+    def stand_in(fqn, W, rank):
+        if rank is None:
+            return W
+        first, second = lr.factors(lr.decomposition(W, hessians[fqn] if hessians else None), rank, W.dtype)
+        return second @ first
+    uniform = lr.uniform_ranks(shapes, keep)
+    path = rank_path(uniform, ranks, shapes, holdout.PATH if select else (1.0,))
+    return holdout.choose(model, reference, uniform, path, stand_in, select, progress)
+
+
 def lowrank(model, tokenizer=None, config: LowrankConfig | None = None, *, calib: torch.Tensor | None = None,
             data_dir: str | None = None, device: str = "cpu", progress: bool = True, **settings) -> Result:
     """Factor every decoder-block linear of ``model`` in place so that about ``params`` of their parameters stay,
@@ -88,19 +127,22 @@ def lowrank(model, tokenizer=None, config: LowrankConfig | None = None, *, calib
     c = configure(LowrankConfig, config, settings)
     allocation = c.resolved_allocation
     torch.manual_seed(c.seed)
-    start, before, calib_info = time.perf_counter(), parameter_counts(model), None
+    start, before, calib_info, reference, check = time.perf_counter(), parameter_counts(model), None, None, None
     if c.uses_data():
         calib, calib_info = calibration_for(model, tokenizer, calib, c, data_dir)
+        calib, reference = holdout.hold_out(model, calib, calib_info, c.holdout if allocation != "uniform" else 0)
     hessians = lr.collect_hessians(model, calib, device, progress, c.batch_size) if c.method == "svdllm" else None
     spectra = _spectra(linear_fqns(model), hessians)
     ranks = choose_ranks(model, allocation, c.params, spectra, hessians is not None, calib, c.owl_m, device,
                          c.batch_size, progress)
+    if reference is not None:
+        ranks, check = check_ranks(model, ranks, c.params, hessians, reference, allocation, progress)
     lr.factorize_(model, ranks, "svdllm" if c.method == "svdllm" else "svd", hessians)
     if c.merge:
         _merge_(model, ranks)
     after = parameter_counts(model)
     return Result({"kind": "lowrank", "method": c.method, "allocation": allocation, "merged": c.merge,
-                   "ranks": ranks, "params_before": before, "params": after,
+                   "ranks": ranks, "allocation_check": check, "params_before": before, "params": after,
                    "params_kept": after["decoder_linears"] / before["decoder_linears"], "config": c.in_effect(),
                    "calibration": calib_info, "device": placement.describe(device), "seed": c.seed,
                    **distributed.record(), "timings": {"total": time.perf_counter() - start}, "versions": versions()})

@@ -149,22 +149,34 @@ def whitened_singular_values(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(W.to(FACTOR_DTYPE) @ S)
 
 
-def svdllm_factors(W: torch.Tensor, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVD-LLM's rank-k factors of W (out, in) for input Gram H (in, in): (first, second) with
-    second·first = U_k Σ_k V_kᵀ S⁻¹, the √Σ_k split between them as in the paper (W′_u = U_k √Σ_k,
-    W′_v = √Σ_k V_kᵀ S⁻¹), which keeps both factors' scales alike for low-precision dtypes."""
+def decomposition(W: torch.Tensor, H: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(U, σ, R) with W = U diag(σ) R in float64: R = Vᵀ S⁻¹ from the SVD of W S for SVD-LLM (S the whitening
+    factor of the input Gram H), R = Vᵀ for the plain SVD (H None). ``factors`` cuts it at any rank."""
+    if H is None:
+        return torch.linalg.svd(W.to(FACTOR_DTYPE), full_matrices=False)
     S = whitening_factor(H.to(W.device))
     U, sigma, Vh = torch.linalg.svd(W.to(FACTOR_DTYPE) @ S, full_matrices=False)
+    return U, sigma, torch.linalg.solve_triangular(S, Vh, upper=False, left=False)
+
+
+def factors(parts: tuple[torch.Tensor, ...], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) = (√Σ_k R_k, U_k √Σ_k) of a ``decomposition``: the √Σ_k split between the factors as in
+    SVD-LLM (W′_u = U_k √Σ_k, W′_v = √Σ_k V_kᵀ S⁻¹), which keeps both factors' scales alike for low-precision
+    dtypes."""
+    U, sigma, R = parts
     root = sigma[:rank].sqrt()
-    first = torch.linalg.solve_triangular(S, Vh[:rank], upper=False, left=False) * root[:, None]  # V_kᵀ S⁻¹
-    return first.to(W.dtype), (U[:, :rank] * root).to(W.dtype)
+    return (R[:rank] * root[:, None]).to(dtype), (U[:, :rank] * root).to(dtype)
+
+
+def svdllm_factors(W: torch.Tensor, H: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's rank-k factors of W (out, in) for input Gram H (in, in): (first, second) with
+    second·first = U_k Σ_k V_kᵀ S⁻¹."""
+    return factors(decomposition(W, H), rank, W.dtype)
 
 
 def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain truncated SVD (Eckart-Young, WeLore's factors): first = √Σ_k V_kᵀ, second = U_k √Σ_k."""
-    U, sigma, Vh = torch.linalg.svd(W.to(FACTOR_DTYPE), full_matrices=False)
-    root = sigma[:rank].sqrt()
-    return (Vh[:rank] * root[:, None]).to(W.dtype), (U[:, :rank] * root).to(W.dtype)
+    return factors(decomposition(W), rank, W.dtype)
 
 
 def singular_values(W: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,14 @@ Llama), plain ``transformers`` loads the folder too.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from slimlm.allocate import holdout
 from slimlm.config import ShrinkConfig
 from slimlm.config.keywords import configure
 from slimlm.core import distributed, placement
@@ -62,8 +65,10 @@ def shrink(model, tokenizer=None, config: ShrinkConfig | None = None, *, calib: 
     elif c.method == "slicegpt":
         record = _slice(model, calib, sparsity, device, c.batch_size, progress)
     else:
+        calib, reference = holdout.hold_out(model, calib, calib_info,
+                                            c.holdout if c.resolved_allocation != "uniform" else 0)
         record = _shrink_width(model, calib, c.params, c.method, c.resolved_allocation, not c.no_compensate,
-                               c.owl_m, device, c.batch_size, progress)
+                               c.owl_m, device, c.batch_size, progress, reference)
     after = parameter_counts(model)
     manifest = {"kind": "shrink", "method": c.score if c.drop_layers is not None else c.method, **record,
                 "params_before": before, "params": after,
@@ -97,7 +102,8 @@ def _width_fractions(model, allocation: str, keep: float, calib, owl_m, device, 
     return out
 
 
-def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, device, batch_size, progress) -> dict:
+def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, device, batch_size, progress,
+                  reference=None) -> dict:
     from slimlm.analysis.sensitivity import FISHER_WINDOWS, fisher_diagonal
 
     stats = width.block_statistics(model, calib, device, batch_size, progress)
@@ -109,18 +115,64 @@ def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, dev
                                                                                            fisher)
     fractions = _width_fractions(model, allocation, keep, calib, owl_m, device, batch_size, progress) \
         if allocation in ("owl", "alphapruning") else None
-    counts = widths.removal_counts(ranking, allocation, keep, fractions)
-    blocks, prefix = decoder_blocks(model), "model.layers"
-    for i, (block, unit, (heads, channels)) in enumerate(zip(blocks, units, counts)):
-        o, down = stats[f"{prefix}.{i}.self_attn.o_proj"], stats[f"{prefix}.{i}.mlp.down_proj"]
-        width.shrink_block_(block, width.lowest_kept(unit.head_scores, heads),
-                            width.lowest_kept(unit.channel_scores, channels),
-                            o.mean if compensate else None, down.mean if compensate else None)
+    counts, check = widths.removal_counts(ranking, allocation, keep, fractions), None
+    shrunk = _Shrunk(units, stats, compensate)
+    if reference is not None:
+        counts, check = check_widths(model, counts, keep, ranking, shrunk, reference, allocation, progress)
+    blocks = decoder_blocks(model)
+    for i, (block, block_counts) in enumerate(zip(blocks, counts)):
+        shrunk(block, i, block_counts)
     config_follows = _config_follows(model, compensate)
-    return {"axis": "width", "allocation": allocation, "compensate": compensate,
+    return {"axis": "width", "allocation": allocation, "compensate": compensate, "allocation_check": check,
             "widths": [{"kv_heads": width.layout(b)[0], "heads": width.layout(b)[0] * width.layout(b)[1],
                         "intermediate": b.mlp.down_proj.in_features} for b in blocks],
             "plain_transformers": config_follows}
+
+
+class _Shrunk:
+    """Shrinks block i in place to given (KV groups, MLP channels) removal counts: the method's lowest-scored units
+    go, their mean output compensated (FLAP) if asked."""
+
+    def __init__(self, units, stats, compensate: bool):
+        self.units, self.stats, self.compensate = units, stats, compensate
+
+    def __call__(self, block, i: int, counts: tuple[int, int]) -> None:
+        o, down = self.stats[f"model.layers.{i}.self_attn.o_proj"], self.stats[f"model.layers.{i}.mlp.down_proj"]
+        width.shrink_block_(block, width.lowest_kept(self.units[i].head_scores, counts[0]),
+                            width.lowest_kept(self.units[i].channel_scores, counts[1]),
+                            o.mean if self.compensate else None, down.mean if self.compensate else None)
+
+
+def check_widths(model, counts, keep: float, ranking, shrunk: _Shrunk, reference: holdout.Reference,
+                 allocation: str, progress: bool = True) -> tuple[list, dict]:
+    """(removal counts to run, the check's record): ``counts`` measured against uniform counts and, for ``fisher``,
+    the points between (per-block attention and MLP fractions interpolated, then ``widths.from_fractions`` at the
+    same parameters). Each candidate is measured exactly as the run makes it: every block is swapped for a shrunk
+    copy, and the source blocks are put back after, also on error."""
+    remove = (1 - keep) * widths.total_params(ranking)
+    select = allocation in holdout.SELECTING
+
+    def fractions(cs):
+        return {(i, part): n / len(u.head_scores if part == 0 else u.channel_scores)
+                for i, (u, c) in enumerate(zip(ranking, cs)) for part, n in enumerate(c)}
+    uniform = widths.removal_counts(ranking, "uniform", keep)
+    candidates = {"baseline": uniform} | {
+        label: counts if label == "plan" else widths.from_fractions(
+            ranking, [(f[(i, 0)], f[(i, 1)]) for i in range(len(ranking))], remove)
+        for label, f in holdout.interpolated(fractions(uniform), fractions(counts),
+                                             holdout.PATH if select else (1.0,)).items()}
+    blocks = decoder_blocks(model)
+    source, figures = list(blocks), {}
+    try:
+        for name, candidate in tqdm(candidates.items(), desc="allocation check", disable=not progress):
+            for i, block_counts in enumerate(candidate):
+                blocks[i] = copy.deepcopy(source[i])
+                shrunk(blocks[i], i, block_counts)
+            figures[name] = reference.kld(model)
+    finally:
+        for i, block in enumerate(source):
+            blocks[i] = block
+    return holdout.decide(reference, candidates, figures, select)
 
 
 def _config_follows(model, compensated: bool) -> bool:
