@@ -8,7 +8,9 @@ read). Cost models: ``fisher`` sparsity tables (Optimal Brain Damage on the weig
 the GGUF type costs of ``--size`` (``gguf.sizing.cost_table``). The same stand-ins as the check compress the layer
 (Wanda masks, RTN, the imatrix-weighted scale search). Reported: Spearman's rank correlation over every
 (layer, level) pair, and the mean over levels of the correlation across layers at one level (what an allocator
-needs: which layers cost more at the same budget).
+needs: which layers cost more at the same budget). ``--parts structure`` does the same for the ``fisher`` rank
+costs (each sampled linear alone factorized by SVD-LLM) and width costs (each sampled block alone losing MLP
+channels or KV groups), measured as those runs make them.
 
 Part 2, the held-out check: per allocator and budget, the baseline's and the plan's held-out KLD and the plan the
 run keeps, as ``slimlm prune/quantize --allocation`` and ``slimlm gguf --size`` compute them (sparsity: Wanda
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +41,8 @@ BIT_LEVELS = (2, 3, 4)
 SPARSITIES = (0.7, 0.8)
 AVG_BITS = (3.0, 3.5)
 GGUF_SIZES = ("Q4_K_M", "Q3_K_M", "Q2_K")
+RANK_KEEPS = (0.2, 0.4, 0.6)  # fractions of a matrix's parameters its factors keep
+WIDTH_LEVELS = ((0.25, 0.5, 0.75), (1, 2))  # fractions of a block's MLP channels; numbers of its KV groups
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -116,6 +121,53 @@ def part1(model, planning, reference, layers) -> dict:
     return out
 
 
+def part1_structure(model, planning, reference, layers) -> dict:
+    """Ranks and widths: the ``fisher`` rank costs (``structured.factorize._fisher_losses`` on SVD-LLM's whitened
+    spectra) against the held-out KLD of each sampled linear alone truncated to keep RANK_KEEPS of its parameters
+    (the run's own factors); the ``fisher`` unit scores of width (sum of the lowest-scored units a block loses)
+    against the KLD of each sampled block alone losing WIDTH_LEVELS of its MLP channels or KV groups (shrunk as
+    the run shrinks it, FLAP's compensation included)."""
+    from slimlm.allocate import holdout
+    from slimlm.analysis.sensitivity import fisher_diagonal
+    from slimlm.core.architectures import decoder_blocks, linear_fqns
+    from slimlm.structured import factorize, width
+    from slimlm.structured import lowrank as lr
+    from slimlm.structured.shrink import BlockShrinker
+
+    linears = linear_fqns(model)
+    hessians = lr.collect_hessians(model, planning, progress=False)
+    spectra = {f: lr.whitened_singular_values(linears[f].weight.data, hessians[f]) for f in layers}
+    losses = factorize._fisher_losses(model, planning, spectra, True, progress=False)
+    ranks = {f: {keep: int(keep * math.prod(linears[f].weight.shape) / sum(linears[f].weight.shape))
+                 for keep in RANK_KEEPS} for f in layers}
+    predicted_ranks = {f: {keep: float(losses[f][r]) for keep, r in ranks[f].items()} for f in layers}
+    measured_ranks = {f: holdout.measure(model, reference, {keep: {f: r} for keep, r in ranks[f].items()},
+                                         lambda fqn, W, r: factorize.truncated(W, r, hessians[fqn]), progress=False)
+                      for f in layers}
+    stats = width.block_statistics(model, planning, progress=False)
+    units = width.block_units(model, "fisher", stats, fisher_diagonal(model, planning[:16], progress=False)[0])
+    shrinker, blocks = BlockShrinker(units, stats, True), decoder_blocks(model)
+    predicted_widths, measured_widths = {}, {}
+    for i in sorted({int(f.split(".layers.")[1].split(".")[0]) for f in layers}):
+        levels = {f"mlp {x}": (0, int(x * len(units[i].channel_scores))) for x in WIDTH_LEVELS[0]} | {
+            f"groups {g}": (g, 0) for g in WIDTH_LEVELS[1] if g < len(units[i].head_scores)}
+        predicted_widths[i] = {lv: float(units[i].head_scores.sort().values[:h].sum()
+                                         + units[i].channel_scores.sort().values[:c].sum())
+                               for lv, (h, c) in levels.items()}
+        measured_widths[i], source = {}, blocks[i]
+        try:
+            for lv, counts in levels.items():
+                blocks[i] = copy.deepcopy(source)
+                shrinker(blocks[i], i, counts)
+                measured_widths[i][lv] = reference.kld(model)
+        finally:
+            blocks[i] = source
+    return {"fisher_ranks": correlations(predicted_ranks, measured_ranks),
+            "fisher_widths": correlations(predicted_widths, measured_widths),
+            "structure_measured": {"ranks": {f: {str(k): v for k, v in m.items()} for f, m in measured_ranks.items()},
+                                   "widths": {str(i): m for i, m in measured_widths.items()}}}
+
+
 def part2_sparsity_and_bits(model, planning, reference) -> list[dict]:
     from slimlm.allocate import allocate_from_metrics, allocation_metrics, holdout
     from slimlm.quant.grids import QuantGrid
@@ -168,7 +220,7 @@ def part2_gguf(model, tokenizer, calib, exclude) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = ["| cost model | pairs | Spearman, pooled | Spearman across layers (mean over levels) |", "|---|---|---|---|"]
-    for name in ("fisher", "errortable", "fisher_bits", "gguf_types"):
+    for name in ("fisher", "errortable", "fisher_bits", "gguf_types", "fisher_ranks", "fisher_widths"):
         if name in result["correlations"]:
             c = result["correlations"][name]
             lines.append(f"| {name} | {c['pairs']} | {c['pooled']:.3f} | {c['across_layers']:.3f} |")
@@ -193,7 +245,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--blocks", type=int, default=3, help="evenly spaced blocks whose linears part 1 samples")
-    p.add_argument("--parts", default="1,2,gguf", help="which parts to run: 1, 2 (sparsity, bits), gguf")
+    p.add_argument("--parts", default="1,2,gguf", help="which parts to run: 1, structure (ranks, widths), 2 (sparsity, bits), "
+                   "gguf")
     p.add_argument("--exclude-types", default="", help="GGUF types the size mix may not choose, e.g. Q4_1")
     p.add_argument("--out", default=str(RESULTS / "allocation_check.json"))
     args = p.parse_args()
@@ -213,6 +266,9 @@ def main() -> None:
     if "1" in parts:
         result["correlations"] = part1(model, planning, reference, sampled_layers(model, args.blocks))
         write(args.out, result, start)
+    if "structure" in parts:
+        result["correlations"] |= part1_structure(model, planning, reference, sampled_layers(model, args.blocks))
+        write(args.out, result, start)
     if "2" in parts:
         result["checks"] += part2_sparsity_and_bits(model, planning, reference)
         write(args.out, result, start)
@@ -221,7 +277,7 @@ def main() -> None:
         result["checks"] += part2_gguf(model, tokenizer, calib, exclude)
         write(args.out, result, start)
     print(json.dumps({k: v for k, v in result.items() if k != "correlations"} | {
-        "correlations": {k: v for k, v in result["correlations"].items() if k not in ("measured",)}}, indent=1))
+        "correlations": {k: v for k, v in result["correlations"].items() if "measured" not in k}}, indent=1))
 
 
 if __name__ == "__main__":

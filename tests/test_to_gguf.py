@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slimlm.errors import SlimlmError
-from slimlm.gguf.sizing import parse_size, solve
+from slimlm.gguf.sizing import departures, parse_size, refine, solve
 from tests.conftest import REPO
 
 
@@ -238,3 +238,29 @@ def test_size_parsing_and_the_knapsack():
     assert solve(costs, nbytes, 68) == {"a": "Q8_0", "b": "Q8_0"}
     with pytest.raises(SlimlmError, match="smallest types need"):
         solve(costs, nbytes, 30)
+
+
+def test_refinement_holds_back_the_kind_the_costs_misprice_and_never_measures_worse():
+    """Three kinds, two blocks, rule = B everywhere (12 bytes). The costs call ffn_down free to shrink to A (the
+    held-out model's failure); the measured damage (a planted table) says it is the costliest. From the Fisher plan
+    the refinement holds ffn_down to the rule, keeps the rest of the plan, and stops when no move helps; from the
+    rule nothing helps, so the rule stays."""
+    kinds = {"down": "mlp.down_proj", "up": "mlp.up_proj", "q": "self_attn.q_proj"}
+    names = {f"model.layers.{i}.{kinds[k]}.weight": k for i in range(2) for k in kinds}
+    priced = {"down": {"A": 0.1, "B": 0.09, "C": 0.0}, "up": {"A": 0.1, "B": 0.09, "C": 0.0},
+              "q": {"A": 5.0, "B": 1.0, "C": 0.0}}
+    damage = {"down": {"A": 10.0, "B": 1.0, "C": 0.9}, "up": {"A": 1.1, "B": 1.0, "C": 0.9},
+              "q": {"A": 5.0, "B": 1.0, "C": 0.2}}
+    costs = {n: priced[k] for n, k in names.items()}
+    nbytes = {n: {"A": 1, "B": 2, "C": 3} for n in names}
+    rule = dict.fromkeys(names, "B")
+
+    def measure(plans):
+        return {label: sum(damage[names[n]][t] for n, t in plan.items()) for label, plan in plans.items()}
+    plan = departures(costs, nbytes, 12, rule)["plan"]
+    assert {names[n]: t for n, t in plan.items()} == {"down": "A", "up": "A", "q": "C"}
+    refined, moves = refine(costs, nbytes, 12, rule, "plan", measure({"p": plan})["p"], measure)
+    assert {names[n]: t for n, t in refined.items()} == {"down": "B", "up": "A", "q": "C"}
+    assert moves == [{"move": "hold model.layers.mlp.down_proj", "kld": pytest.approx(4.6)}]
+    assert sum(nbytes[n][t] for n, t in refined.items()) <= 12
+    assert refine(costs, nbytes, 12, rule, "baseline", 6.0, measure) == (rule, [])

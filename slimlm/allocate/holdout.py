@@ -133,12 +133,17 @@ def decide(reference: Reference, candidates: dict[str, object], figures: dict[st
     return candidates[kept], record
 
 
+def candidate_figures(check: dict) -> dict[str, float]:
+    """Every measured candidate's held-out KLD in a check's record: label -> KLD."""
+    return {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
+
+
 def summary(check: dict | None) -> dict:
     """What a command prints of the check: the held-out KLD of the baseline, the plan and the kept candidate, and
     which was kept (the CLI rounds what it prints)."""
     if not check or "kept" not in check:
         return {}
-    figures = {"baseline": check["baseline"], "plan": check["plan"], **check["path"]}
+    figures = candidate_figures(check)
     return {"allocation_check": {"kept": check["kept"], "held_out_kld": {
         k: figures[k] for k in dict.fromkeys(("baseline", "plan", check["kept"]))}}}
 

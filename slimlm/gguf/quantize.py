@@ -27,8 +27,8 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.source import check_new
 from slimlm.gguf.blocks import pack
 from slimlm.gguf.mixes import block_size, named_mix
-from slimlm.gguf.sizing import (check_size_fits, cost_table, departures, parse_size, rule_for_size, solve,
-                                tensor_bytes)
+from slimlm.gguf.sizing import (check_size_fits, cost_table, departures, parse_size, refine, rule_for_size,
+                                solve, tensor_bytes)
 from slimlm.gguf.types import TYPES, Fitted, fit
 from slimlm.gguf.writer import NORM_SHIFT, T, check_architecture, rope_interleave, rope_rows, tensor_names, write_gguf
 from slimlm.quant.gptq import gptq_gguf
@@ -157,6 +157,30 @@ def layer_widths(model) -> list[tuple[int, int, int]] | None:
     return widths if len(set(widths)) > 1 else None
 
 
+def _checked_mix(model, reference, costs, nbytes, budget, rule, importance, progress) -> tuple[dict, dict]:
+    """(types, the check's record): llama.cpp's ``rule`` (mix name, types), the departures from it towards the
+    cost-optimal mix (``sizing.departures``) and the greedy moves by tensor kind from the best of them
+    (``sizing.refine``), all measured on the held-out windows (``allocate.holdout``, the importance-weighted scale
+    search standing in for the method); the lowest is kept."""
+    def stand_in(fqn, W, kind):
+        return fit(TYPES[kind], W.float(), importance[f"{fqn}.weight"]).values().to(W.dtype)
+
+    def by_fqn(plan):
+        return {n.removesuffix(".weight"): kind for n, kind in plan.items()}
+    path = {label: by_fqn(p) for label, p in departures(costs, nbytes, budget, rule[1]).items()}
+    kept, check = holdout.choose(model, reference, by_fqn(rule[1]), path, stand_in, True, progress)
+    plan = {f"{f}.weight": kind for f, kind in kept.items()}
+    refined, moves = refine(costs, nbytes, budget, rule[1], check["kept"],
+                            holdout.candidate_figures(check)[check["kept"]],
+                            lambda plans: holdout.measure(model, reference, {k: by_fqn(p) for k, p in plans.items()},
+                                                          stand_in, progress))
+    if moves:
+        plan, check["kept"], check["path"]["refined"] = refined, "refined", moves[-1]["kld"]
+    return plan, check | {"refined": moves, "baseline_mix": rule[0], "bytes": {
+        "baseline": sum(nbytes[n][rule[1][n]] for n in costs), "kept": sum(nbytes[n][plan[n]] for n in costs),
+        "budget": budget}}
+
+
 def _sized_types(model, weights, types, target, calib, reference, rule_types, gguf_name, progress):
     """(GGUF name -> type for the decoder blocks' matrices at the ``target`` size, the held-out check's record or
     None): the Fisher-cost mix (``gguf.sizing``), checked against llama.cpp's mix that fits the size
@@ -175,17 +199,7 @@ def _sized_types(model, weights, types, target, calib, reference, rule_types, gg
     rule = rule_for_size(sized_rule, nbytes, budget)
     plan, check = solve(costs, nbytes, budget), None
     if reference is not None and rule is not None:
-        def stand_in(fqn, W, kind):
-            return fit(TYPES[kind], W.float(), importance[f"{fqn}.weight"]).values().to(W.dtype)
-        by_fqn = {n.removesuffix(".weight"): n for n in costs}
-        path = {label: {f: p[n] for f, n in by_fqn.items()} for label, p in
-                departures(costs, nbytes, budget, rule[1]).items()}
-        kept, check = holdout.choose(model, reference, {f: rule[1][n] for f, n in by_fqn.items()}, path, stand_in,
-                                     True, progress)
-        plan = {n: kept[f] for f, n in by_fqn.items()}
-        check |= {"baseline_mix": rule[0], "bytes": {"baseline": sum(nbytes[n][rule[1][n]] for n in costs),
-                                                     "kept": sum(nbytes[n][plan[n]] for n in costs),
-                                                     "budget": budget}}
+        plan, check = _checked_mix(model, reference, costs, nbytes, budget, rule, importance, progress)
     elif reference is not None:
         check = {"baseline_mix": None, "reason": "no llama.cpp mix fits the size"}
     return {gguf_name(n): kind for n, kind in plan.items()}, check

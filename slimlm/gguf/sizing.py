@@ -156,18 +156,53 @@ def rule_for_size(types_of, nbytes: dict[str, dict[str, int]], budget: int) -> t
 
 
 DEPARTURE_PENALTIES = (0.5, 0.2, 0.05)  # fractions of a tensor's cost at the rule's type that a change must beat
+REFINE_ROUNDS = 2  # greedy rounds of ``refine``: each measures one candidate per tensor kind
+
+
+def kind_of(name: str) -> str:
+    """A tensor's kind: its name without the block (and expert) numbers, e.g. model.layers.mlp.down_proj.weight."""
+    return re.sub(r"\.\d+\.", ".", name)
+
+
+def departing(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int,
+              rule: dict[str, str], free: frozenset[str], mu: float) -> dict[str, str]:
+    """``solve`` where only tensors of the kinds in ``free`` may leave the rule's type, and each change is charged
+    ``mu`` times that tensor's cost at the rule's type."""
+    charged = {n: {k: c + (0.0 if k == rule[n] else mu * costs[n][rule[n]]) for k, c in table.items()
+                   if kind_of(n) in free or k == rule[n]} for n, table in costs.items()}
+    return solve(charged, nbytes, budget)
 
 
 def departures(costs: dict[str, dict[str, float]], nbytes: dict[str, dict[str, int]], budget: int,
                rule: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Plans from the rule's types to the cost-optimal mix: ``solve`` with every change of a tensor's type charged
-    μ times that tensor's cost at the rule's type, for μ in ``DEPARTURE_PENALTIES`` (labelled 'mu=0.5', ...), then
-    μ = 0, the optimal mix itself (labelled 'plan'). A large μ keeps the rule except where the estimated gain is
-    large; the held-out check decides how far to trust the estimates."""
-    plans = {}
-    for mu in DEPARTURE_PENALTIES:
-        charged = {n: {k: c + (0.0 if k == rule[n] else mu * costs[n][rule[n]]) for k, c in table.items()}
-                   for n, table in costs.items()}
-        plans[f"mu={mu:g}"] = solve(charged, nbytes, budget)
-    plans["plan"] = solve(costs, nbytes, budget)
-    return plans
+    """Plans from the rule's types to the cost-optimal mix: every change of a tensor's type charged μ times that
+    tensor's cost at the rule's type, for μ in ``DEPARTURE_PENALTIES`` (labelled 'mu=0.5', ...), then μ = 0, the
+    optimal mix itself (labelled 'plan'). A large μ keeps the rule except where the estimated gain is large; the
+    held-out check decides how far to trust the estimates."""
+    every = frozenset(kind_of(n) for n in costs)
+    return {(f"mu={mu:g}" if mu else "plan"): departing(costs, nbytes, budget, rule, every, mu)
+            for mu in (*DEPARTURE_PENALTIES, 0.0)}
+
+
+def refine(costs, nbytes, budget: int, rule: dict[str, str], kept: str, kept_figure: float,
+           measure) -> tuple[dict[str, str], list[dict]]:
+    """Greedy moves from the check's kept candidate, each a whole tensor kind: one that departs is held to the
+    rule's types, or (from the rule) one kind is let depart at μ = 0. Each round measures every such move
+    (``measure``: label -> plan in, label -> held-out KLD out) and takes the best if it lowers the figure; at most
+    ``REFINE_ROUNDS`` rounds. Returns (plan, the moves taken with their figures). The costs said where to depart,
+    the measure says which kinds to trust them on (the held-out model's failure was one kind, ffn_down, pushed to
+    Q2_K); a move is taken only on measured evidence, so the result never measures worse than ``kept``."""
+    every = frozenset(kind_of(n) for n in costs)
+    free, mu = (frozenset(), 0.0) if kept == "baseline" else (every, float(kept.removeprefix("mu=")) if
+                                                                kept.startswith("mu=") else 0.0)
+    plan, best, steps = departing(costs, nbytes, budget, rule, free, mu), kept_figure, []
+    for _ in range(REFINE_ROUNDS):
+        moves = {f"{'hold' if k in free else 'free'} {k.removesuffix('.weight')}": free ^ {k} for k in sorted(every)}
+        plans = {label: departing(costs, nbytes, budget, rule, kinds, mu) for label, kinds in moves.items()}
+        figures = measure(plans)
+        label = min(figures, key=lambda k: figures[k])
+        if figures[label] >= best:
+            break
+        free, best, plan = moves[label], figures[label], plans[label]
+        steps.append({"move": label, "kld": best})
+    return plan, steps

@@ -101,6 +101,13 @@ def rank_path(baseline: dict, plan: dict, shapes: dict, points=holdout.PATH) -> 
             for label, ps in path.items()}
 
 
+def truncated(W: torch.Tensor, rank: int, H: torch.Tensor | None = None) -> torch.Tensor:
+    """The product of ``W``'s rank-``rank`` factors (SVD-LLM's with the Gram ``H``, else the plain SVD's): the
+    weight the factorized linear applies, in W's dtype."""
+    first, second = lr.factors(lr.decomposition(W, H), rank, W.dtype)
+    return second @ first
+
+
 def check_ranks(model, ranks: dict, keep: float, hessians: dict | None, reference: holdout.Reference,
                 allocation: str, progress: bool = True) -> tuple[dict, dict]:
     """(ranks to run, the check's record): ``ranks`` measured against ``uniform_ranks`` and, for ``fisher``, the
@@ -109,10 +116,7 @@ def check_ranks(model, ranks: dict, keep: float, hessians: dict | None, referenc
     select = allocation in holdout.SELECTING
 
     def stand_in(fqn, W, rank):
-        if rank is None:
-            return W
-        first, second = lr.factors(lr.decomposition(W, hessians[fqn] if hessians else None), rank, W.dtype)
-        return second @ first
+        return W if rank is None else truncated(W, rank, hessians[fqn] if hessians else None)
     uniform = lr.uniform_ranks(shapes, keep)
     path = rank_path(uniform, ranks, shapes, holdout.PATH if select else (1.0,))
     return holdout.choose(model, reference, uniform, path, stand_in, select, progress)

@@ -116,7 +116,7 @@ def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, dev
     fractions = _width_fractions(model, allocation, keep, calib, owl_m, device, batch_size, progress) \
         if allocation in ("owl", "alphapruning") else None
     counts, check = widths.removal_counts(ranking, allocation, keep, fractions), None
-    shrunk = _Shrunk(units, stats, compensate)
+    shrunk = BlockShrinker(units, stats, compensate)
     if reference is not None:
         counts, check = check_widths(model, counts, keep, ranking, shrunk, reference, allocation, progress)
     blocks = decoder_blocks(model)
@@ -129,7 +129,7 @@ def _shrink_width(model, calib, keep, method, allocation, compensate, owl_m, dev
             "plain_transformers": config_follows}
 
 
-class _Shrunk:
+class BlockShrinker:
     """Shrinks block i in place to given (KV groups, MLP channels) removal counts: the method's lowest-scored units
     go, their mean output compensated (FLAP) if asked."""
 
@@ -143,7 +143,7 @@ class _Shrunk:
                             o.mean if self.compensate else None, down.mean if self.compensate else None)
 
 
-def check_widths(model, counts, keep: float, ranking, shrunk: _Shrunk, reference: holdout.Reference,
+def check_widths(model, counts, keep: float, ranking, shrunk: BlockShrinker, reference: holdout.Reference,
                  allocation: str, progress: bool = True) -> tuple[list, dict]:
     """(removal counts to run, the check's record): ``counts`` measured against uniform counts and, for ``fisher``,
     the points between (per-block attention and MLP fractions interpolated, then ``widths.from_fractions`` at the
