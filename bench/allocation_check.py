@@ -83,42 +83,61 @@ def correlations(predicted: dict[str, dict], measured: dict[str, dict]) -> dict:
 def part1(model, planning, reference, layers) -> dict:
     from slimlm.allocate import allocation_metrics, holdout
     from slimlm.analysis.sensitivity import fisher_bit_tables, fisher_diagonal, fisher_tables
-    from slimlm.core.architectures import linear_fqns
-    from slimlm.gguf import sizing
-    from slimlm.gguf.types import TYPES, fit
     from slimlm.pruning.masks import topk_mask
     from slimlm.pruning.scores import wanda_scores
     from slimlm.quant.grids import QuantGrid
     from slimlm.quant.rtn import rtn
 
     fisher, sqnorms = fisher_diagonal(model, planning, progress=False)
-    importance = {f: s / planning.numel() for f, s in sqnorms.items()}
     errors = allocation_metrics(model, "errortable", planning, progress=False)
     models = {"fisher": fisher_tables(model, fisher, sqnorms, SPARSITY_LEVELS),
               "errortable": {f: {lv: errors[f]["errors"][lv] for lv in SPARSITY_LEVELS} for f in layers},
-              "fisher_bits": fisher_bit_tables(model, fisher, lambda b: QuantGrid(b, True, 128), BIT_LEVELS),
-              "gguf_types": {f: v for f, v in sizing.cost_table(
-                  {f"{f}.weight": m.weight for f, m in linear_fqns(model).items() if f in layers},
-                  {f"{f}.weight": fisher[f] for f in layers}, {f"{f}.weight": importance[f] for f in layers},
-                  progress=False).items()}}
-    models["gguf_types"] = {k.removesuffix(".weight"): v for k, v in models["gguf_types"].items()}
+              "fisher_bits": fisher_bit_tables(model, fisher, lambda b: QuantGrid(b, True, 128), BIT_LEVELS)}
     stand_ins = {
         "sparsity": lambda f, W, s: W * topk_mask(wanda_scores(W, sqnorms[f]), s, "row"),
-        "bits": lambda f, W, b: rtn(W, QuantGrid(b, True, 128)),
-        "gguf": lambda f, W, k: fit(TYPES[k], W.float(), importance[f]).values()}
-    measured = {"sparsity": {}, "bits": {}, "gguf": {}}
+        "bits": lambda f, W, b: rtn(W, QuantGrid(b, True, 128))}
+    measured = {"sparsity": {}, "bits": {}}
     for f in layers:
-        for unit, levels in (("sparsity", SPARSITY_LEVELS), ("bits", BIT_LEVELS),
-                             ("gguf", tuple(models["gguf_types"][f]))):
+        for unit, levels in (("sparsity", SPARSITY_LEVELS), ("bits", BIT_LEVELS)):
             measured[unit][f] = holdout.measure(model, reference, {lv: {f: lv} for lv in levels}, stand_ins[unit],
                                                 progress=False)
     out = {name: correlations(models[name], measured[unit]) for name, unit in
-           (("fisher", "sparsity"), ("errortable", "sparsity"), ("fisher_bits", "bits"), ("gguf_types", "gguf"))}
-    down = [f for f in layers if f.endswith("down_proj") and "Q2_K" in models["gguf_types"][f]]
-    out["ffn_down_q2k"] = {f: {"predicted": models["gguf_types"][f]["Q2_K"], "measured": measured["gguf"][f]["Q2_K"]}
-                           for f in down}
+           (("fisher", "sparsity"), ("errortable", "sparsity"), ("fisher_bits", "bits"))}
     out["measured"] = {u: {f: {str(k): v for k, v in t.items()} for f, t in m.items()} for u, m in measured.items()}
-    return out
+    return out | gguf_costs(model, planning, reference, layers, (fisher, sqnorms))
+
+
+def gguf_costs(model, planning, reference, layers, fisher_pass=None) -> dict:
+    """The GGUF type costs of ``--size`` (``gguf.sizing.cost_table``) against the held-out KLD of each sampled
+    linear alone fitted to each of its types (the imatrix-weighted scale search), with the scale between them
+    (measured / predicted, median per type: a constant scale does not change the mix, a type whose scale stands
+    out is mispriced) and ``ffn_down`` at Q2_K on its own."""
+    from slimlm.allocate import holdout
+    from slimlm.analysis.sensitivity import fisher_diagonal
+    from slimlm.core.architectures import linear_fqns
+    from slimlm.gguf import sizing
+    from slimlm.gguf.types import TYPES, fit
+
+    fisher, sqnorms = fisher_pass or fisher_diagonal(model, planning, progress=False)
+    importance = {f: s / planning.numel() for f, s in sqnorms.items()}
+    table = sizing.cost_table({f"{f}.weight": m.weight for f, m in linear_fqns(model).items() if f in layers},
+                              {f"{f}.weight": fisher[f] for f in layers},
+                              {f"{f}.weight": importance[f] for f in layers}, progress=False)
+    predicted = {k.removesuffix(".weight"): v for k, v in table.items()}
+    measured = {f: holdout.measure(model, reference, {k: {f: k} for k in predicted[f]},
+                                   lambda fqn, W, k: fit(TYPES[k], W.float(), importance[fqn]).values(),
+                                   progress=False) for f in layers}
+    scale = {}
+    for f in layers:
+        for k, p in predicted[f].items():
+            if p > 0 and measured[f][k] > 0:
+                scale.setdefault(k, []).append(measured[f][k] / p)
+    down = [f for f in layers if f.endswith("down_proj") and "Q2_K" in predicted[f]]
+    return {"gguf_types": correlations(predicted, measured),
+            "gguf_scale": {k: {"median": float(torch.tensor(v).median()), "min": min(v), "max": max(v),
+                               "pairs": len(v)} for k, v in sorted(scale.items())},
+            "ffn_down_q2k": {f: {"predicted": predicted[f]["Q2_K"], "measured": measured[f]["Q2_K"]} for f in down},
+            "gguf_measured": {f: {"predicted": predicted[f], "measured": measured[f]} for f in layers}}
 
 
 def part1_structure(model, planning, reference, layers) -> dict:
@@ -245,8 +264,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--blocks", type=int, default=3, help="evenly spaced blocks whose linears part 1 samples")
-    p.add_argument("--parts", default="1,2,gguf", help="which parts to run: 1, structure (ranks, widths), 2 (sparsity, bits), "
-                   "gguf")
+    p.add_argument("--parts", default="1,2,gguf", help="which parts to run: 1, gguf_costs (part 1's GGUF costs alone), "
+                   "structure (ranks, widths), 2 (sparsity, bits), gguf")
     p.add_argument("--exclude-types", default="", help="GGUF types the size mix may not choose, e.g. Q4_1")
     p.add_argument("--out", default=str(RESULTS / "allocation_check.json"))
     args = p.parse_args()
@@ -265,6 +284,9 @@ def main() -> None:
     start = time.perf_counter()
     if "1" in parts:
         result["correlations"] = part1(model, planning, reference, sampled_layers(model, args.blocks))
+        write(args.out, result, start)
+    if "gguf_costs" in parts:
+        result["correlations"] |= gguf_costs(model, planning, reference, sampled_layers(model, args.blocks))
         write(args.out, result, start)
     if "structure" in parts:
         result["correlations"] |= part1_structure(model, planning, reference, sampled_layers(model, args.blocks))
