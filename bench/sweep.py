@@ -43,10 +43,16 @@ def cells(args) -> dict:
 def markdown(rows: list[dict], allocations) -> str:
     lines = ["| method | sparsity | " + " | ".join(allocations) + " |", "|---|---|" + "---|" * len(allocations)]
     for method, target in sorted({(r["method"], r["target"]) for r in rows}):
-        cells = {r["allocation"]: r["perplexity"] for r in rows if (r["method"], r["target"]) == (method, target)}
-        lines.append(f"| {method} | {target:g} | " + " | ".join(
-            f"{cells[a]:.2f}" if a in cells else "-" for a in allocations) + " |")
+        cells = {r["allocation"]: f"{r['perplexity']:.2f}" + _kept(r) for r in rows
+                 if (r["method"], r["target"]) == (method, target)}
+        lines.append(f"| {method} | {target:g} | " + " | ".join(cells.get(a, "-") for a in allocations) + " |")
     return "\n".join(lines)
+
+
+def _kept(row: dict) -> str:
+    """' (kept t=0.5)' where the allocation check kept another candidate than the allocator's plan."""
+    kept = row.get("allocation_check", {}).get("kept", "plan")
+    return "" if kept == "plan" else f" (kept {kept})"
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from slimlm.allocate import holdout
 from slimlm.core.files import MANIFEST
 from slimlm.errors import SlimlmError, read_json
 from slimlm.recipe import Recipe, RunOptions, dumps, loads, relocated
@@ -102,7 +103,8 @@ def cell_row(name: str, folder: Path, manifest: dict | None = None) -> dict:
             "target": manifest["sparsity_target"], "sparsity": manifest["sparsity"],
             "allocation": manifest["allocation"]["name"], "seed": manifest["seed"],
             "perplexity": manifest["metrics"]["perplexity"]["perplexity"],
-            "seconds": manifest["timings"]["total"], "allocation_seconds": manifest["timings"].get("allocation", 0.0)}
+            "seconds": manifest["timings"]["total"], "allocation_seconds": manifest["timings"].get("allocation", 0.0),
+            **holdout.summary(manifest["allocation"].get("check"))}
 
 
 def sweep(cells: dict[str, Recipe], out: str | Path, address: str | None = None, cpus: float = 1, gpus: float = 0,
