@@ -42,7 +42,7 @@ def tensors(path) -> dict:
 
 # every type appears in one of these files (checked below)
 DECODE_MIXES = {"Q2_K": {"Q2_K", "Q3_K", "Q4_0", "Q6_K"}, "Q4_K_M": {"Q4_K", "Q5_0", "Q6_K", "Q8_0"},
-                "Q5_K_M": {"Q5_K", "Q5_1"}, "Q4_1": {"Q4_1"}}
+                "Q5_K_M": {"Q5_K", "Q5_1"}, "Q4_1": {"Q4_1"}, "IQ4_XS": {"IQ4_XS", "IQ4_NL"}}
 
 
 @pytest.mark.parametrize("mix", DECODE_MIXES)
@@ -76,7 +76,8 @@ def smollm_f16(llama_cpp, builtin_folder, tmp_path_factory):
     return to_gguf(model, tok, tmp_path_factory.mktemp("f16") / "f16.gguf", "F16", method="rtn", progress=False)
 
 
-@pytest.mark.parametrize("mix", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K"])
+@pytest.mark.parametrize("mix", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_NL",
+                                 "IQ4_XS"])
 def test_named_mixes_equal_llama_quantize_types(smollm_f16, tmp_path, mix):
     run_tool("llama-quantize", [smollm_f16, tmp_path / "q.gguf", mix, 1])
     theirs = {name: t.tensor_type.name for name, t in tensors(tmp_path / "q.gguf").items()}
