@@ -98,3 +98,15 @@ def test_named_mix_rules_on_the_built_in_shapes():
     assert [q40[f"blk.{i}.ffn_down.weight"] for i in range(4)] == ["Q4_1", "Q4_1", "Q4_1", "Q4_0"]
     with pytest.raises(SlimlmError, match="unknown GGUF mix"):
         named_mix("Q4_K_X", smollm_shapes(), 30, gqa=3)
+
+
+def test_iq4_mix_rules_on_the_built_in_shapes():
+    """As llama-quantize writes the built-in model (F16 -> IQ4_XS, no imatrix): 576-wide rows fall back from IQ4_XS
+    to IQ4_NL, the 1536-wide ffn_down holds IQ4_XS except the first eighth (Q5_K, dropped with an imatrix), attn_v
+    takes Q5_K only where 4 or more query heads share a KV head."""
+    xs = named_mix("IQ4_XS", smollm_shapes(), 30, gqa=3)
+    assert [xs[f"blk.{i}.ffn_down.weight"] for i in range(5)] == ["Q5_K"] * 3 + ["IQ4_XS"] * 2
+    assert {xs[f"blk.{i}.{r}.weight"] for i in range(30) for r in ("attn_q", "attn_v", "ffn_up")} == {"IQ4_NL"}
+    assert xs["token_embd.weight"] == "Q8_0"
+    assert named_mix("IQ4_XS", smollm_shapes(), 30, gqa=3, has_imatrix=True)["blk.0.ffn_down.weight"] == "IQ4_XS"
+    assert named_mix("IQ4_NL", smollm_shapes(), 30, gqa=4)["blk.7.attn_v.weight"] == "Q5_1"  # Q5_K falls back

@@ -42,7 +42,7 @@ def tensors(path) -> dict:
 
 # every type appears in one of these files (checked below)
 DECODE_MIXES = {"Q2_K": {"Q2_K", "Q3_K", "Q4_0", "Q6_K"}, "Q4_K_M": {"Q4_K", "Q5_0", "Q6_K", "Q8_0"},
-                "Q5_K_M": {"Q5_K", "Q5_1"}, "Q4_1": {"Q4_1"}}
+                "Q5_K_M": {"Q5_K", "Q5_1"}, "Q4_1": {"Q4_1"}, "IQ4_XS": {"IQ4_XS", "IQ4_NL"}}
 
 
 @pytest.mark.parametrize("mix", DECODE_MIXES)
@@ -76,12 +76,32 @@ def smollm_f16(llama_cpp, builtin_folder, tmp_path_factory):
     return to_gguf(model, tok, tmp_path_factory.mktemp("f16") / "f16.gguf", "F16", method="rtn", progress=False)
 
 
-@pytest.mark.parametrize("mix", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K"])
+@pytest.mark.parametrize("mix", ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_NL",
+                                 "IQ4_XS"])
 def test_named_mixes_equal_llama_quantize_types(smollm_f16, tmp_path, mix):
     run_tool("llama-quantize", [smollm_f16, tmp_path / "q.gguf", mix, 1])
     theirs = {name: t.tensor_type.name for name, t in tensors(tmp_path / "q.gguf").items()}
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors(smollm_f16).items()}
     assert named_mix(mix, shapes, 30, gqa=3) == theirs
+
+
+@pytest.mark.parametrize("mix", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_rounding_is_at_least_as_close_as_llama_quantizes(smollm_f16, tmp_path, mix):
+    """The same F16 tensors through llama-quantize and through our fit (no imatrix on either side): our error,
+    weighted as llama-quantize weighs it without an imatrix (x²), is no larger in total than theirs."""
+    from slimlm.gguf.types import TYPES, fit
+
+    run_tool("llama-quantize", [smollm_f16, tmp_path / "q.gguf", mix, 1])
+    source = tensors(smollm_f16)
+    ours_total = theirs_total = 0.0
+    for name, t in tensors(tmp_path / "q.gguf").items():
+        if t.tensor_type.name in ("IQ4_NL", "IQ4_XS") and int(name.split(".")[1]) % 10 == 0:  # blocks 0, 10, 20
+            W = torch.from_numpy(np.asarray(source[name].data, dtype=np.float32).copy()).reshape(
+                int(source[name].shape[1]), int(source[name].shape[0]))
+            theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)).reshape(W.shape)
+            ours_total += (W.square() * (fit(TYPES[t.tensor_type.name], W).values() - W).square()).sum().item()
+            theirs_total += (W.square() * (theirs - W).square()).sum().item()
+    assert theirs_total > 0 and ours_total <= theirs_total * (1 + 1e-6)
 
 
 def second_half_perplexity(model, tok, text: Path, ctx: int, chunks: int) -> float:

@@ -100,8 +100,26 @@ def _q6_k(f: Fitted, q: torch.Tensor) -> torch.Tensor:
     return torch.cat([ql.flatten(-2), qh.flatten(-2), f.sc.to(torch.int8).view(U8), _f16_bytes(f.d)], -1)
 
 
+def _iq4_nl(f: Fitted, q: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL: d, then the codebook indices as Q4_0 stores its nibbles (weight j low, j + 16 high)."""
+    return torch.cat([_f16_bytes(f.d), _nibbles(q[..., :16], q[..., 16:])], -1)
+
+
+def _iq4_xs(f: Fitted, q: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS: d; scales_h, a 16-bit word with the top 2 bits of sub-block i's 6-bit scale (sc + 32) at bit 2i;
+    scales_l, 4 bytes with the low nibbles of scales 2k (low) and 2k + 1 (high); then each 32 weights' nibbles
+    as IQ4_NL's."""
+    v = (f.sc.to(torch.int16) + 32).to(torch.int32)
+    high = ((v >> 4) << torch.arange(0, 16, 2, dtype=torch.int32)).sum(-1)
+    scales_h = torch.stack([high & 0xFF, high >> 8], -1).to(U8)
+    scales_l = _nibbles(v[..., 0::2].to(U8), v[..., 1::2].to(U8))
+    x = q.reshape(*q.shape[:-1], 8, 32)
+    return torch.cat([_f16_bytes(f.d), scales_h, scales_l, _nibbles(x[..., :16], x[..., 16:]).flatten(-2)], -1)
+
+
 PACKERS = {"Q4_0": _legacy, "Q4_1": _legacy, "Q5_0": _legacy, "Q5_1": _legacy, "Q8_0": _legacy,
-           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q45_k, "Q5_K": _q45_k, "Q6_K": _q6_k}
+           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q45_k, "Q5_K": _q45_k, "Q6_K": _q6_k, "IQ4_NL": _iq4_nl,
+           "IQ4_XS": _iq4_xs}
 
 
 def pack(f: Fitted) -> np.ndarray:

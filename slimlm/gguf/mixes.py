@@ -9,8 +9,11 @@ The rules, per tensor in file order (GGUF names ``blk.N.attn_v.weight`` ...):
   layers for Q4_K_S/Q3_K_M, more for Q2_K; attn_output gets Q3_K/Q4_K in Q2_K/Q3_K_M;
 - output.weight (or the token embedding when tied to it): Q6_K, or Q8_0 when its rows do not fit 256-blocks or
   the mix is Q8_0; an untied token embedding takes the main type;
+- IQ4_NL/IQ4_XS: attn_v Q5_K where 4 or more query heads share a KV head, the first eighth of ffn_down Q5_K
+  without an imatrix;
 - then a fallback where the row width is not a multiple of the type's block: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0 (F16 if even 32 does not divide it). 1-D tensors (norms) stay F32.
+  Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL (F16 if even 32 does not divide it). 1-D tensors (norms) stay
+  F32.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from slimlm.errors import SlimlmError
 
 MIXES = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "Q2_K": "Q2_K",
          "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
-         "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "F16": "F16", "F32": "F32"}  # mix -> main type
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+         "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "F16": "F16",
+         "F32": "F32"}  # mix -> main type
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+IQ4 = ("IQ4_NL", "IQ4_XS")
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -41,7 +46,8 @@ def _bumped(mix: str, role: str, i: int, n: int, gqa: int, has_imatrix: bool, ma
                 "Q3_K_L": "Q5_K",
                 "Q4_K_M": "Q6_K" if use_more_bits(i, n) else main,
                 "Q5_K_M": "Q6_K" if use_more_bits(i, n) else main,
-                "Q4_K_S": "Q5_K" if i < 4 else main}.get(mix, main)
+                "Q4_K_S": "Q5_K" if i < 4 else main,
+                **dict.fromkeys(IQ4, "Q5_K" if gqa >= 4 else main)}.get(mix, main)
     if role == "ffn_down":
         rule = {"Q2_K": "Q3_K",
                 "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K",
@@ -51,6 +57,8 @@ def _bumped(mix: str, role: str, i: int, n: int, gqa: int, has_imatrix: bool, ma
                 "Q4_K_S": "Q5_K" if i < n // 8 else main}
         if mix in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
             return {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[mix]  # llama.cpp's guard for the first ffn_down layers
+        if mix in IQ4 and not has_imatrix and i < n // 8:
+            return "Q5_K"  # the same guard for the non-linear types, without an imatrix
         return rule.get(mix, main)
     if role == "attn_output":
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, main)
@@ -58,9 +66,9 @@ def _bumped(mix: str, role: str, i: int, n: int, gqa: int, has_imatrix: bool, ma
 
 
 def block_size(kind: str) -> int:
-    """Weights per block: 256 for K-types, 32 for the legacy types, 1 for floats (no torch import here: the CLI
-    parser lists the mixes)."""
-    return 256 if kind.endswith("_K") else 1 if kind.startswith("F") else 32
+    """Weights per block: 256 for K-types and IQ4_XS, 32 for the legacy types and IQ4_NL, 1 for floats (no torch
+    import here: the CLI parser lists the mixes)."""
+    return 256 if kind.endswith("_K") or kind == "IQ4_XS" else 1 if kind.startswith("F") else 32
 
 
 def fallback(kind: str, width: int) -> str:

@@ -1,10 +1,10 @@
 """Per-tensor GGUF types fitted to a size: our own mixes, where llama.cpp's named mixes use a fixed rule.
 
-Choices are llama.cpp's types that hold a tensor's rows (K-types for rows of multiples of 256, the legacy types
-for multiples of 32). Cost of a (tensor, type): the loss increase the empirical Fisher predicts for that tensor
-rounded onto that type, ½·Σ F_ij (W_ij − Q_ij)² (F from ``analysis.sensitivity.fisher_diagonal``: squared
-per-window gradients of the model's own loss, so it carries how later blocks amplify the error; Q from
-``gguf.types.fit`` weighted by the imatrix). The sum of costs is minimised under the byte budget as a
+Choices are llama.cpp's types that hold a tensor's rows (K-types and IQ4_XS for rows of multiples of 256, the
+legacy types and IQ4_NL for multiples of 32). Cost of a (tensor, type): the loss increase the empirical Fisher
+predicts for that tensor rounded onto that type, ½·Σ F_ij (W_ij − Q_ij)² (F from
+``analysis.sensitivity.fisher_diagonal``: squared per-window gradients of the model's own loss, so it carries how
+later blocks amplify the error; Q from ``gguf.types.fit`` weighted by the imatrix). The sum of costs is minimised under the byte budget as a
 multiple-choice knapsack: a Lagrange multiplier λ (each tensor takes its argmin of cost + λ·bytes), bisected to
 the largest choice that fits, then a greedy pass that spends what is left on the best cost drop per byte.
 Tensors outside the decoder blocks (embedding, output, norms) keep llama.cpp's default types and count in the size.
@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from slimlm.errors import SlimlmError
 from slimlm.gguf.types import TYPES, fit
 
-K_CHOICES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-LEGACY_CHOICES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+K_CHOICES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+LEGACY_CHOICES = ("IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
 @dataclass(frozen=True)

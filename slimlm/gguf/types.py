@@ -6,6 +6,9 @@ weights along the input dimension and each block into sub-blocks of ``sub`` weig
 - legacy (block = sub = 32): Q4_0/Q5_0/Q8_0 x = d·(q - offset); Q4_1/Q5_1 x = d·q + m; d, m float16.
 - K-types (block 256): x = d·sc·(q - offset) (Q3_K, Q6_K: signed sub-block scales sc) or x = d·sc·q - dmin·mn
   (Q2_K, Q4_K, Q5_K: unsigned sub-block scales sc and mins mn of ``scale_bits`` bits); d, dmin float16.
+- non-linear 4-bit (ggml-common.h block_iq4_nl, block_iq4_xs): x = d·v[q] with a 16-entry codebook v
+  (``IQ4_LEVELS``, denser near 0, where weights are); IQ4_NL one float16 d per 32 weights (any row of 32s),
+  IQ4_XS a super-block of 256 with 6-bit signed sub-block scales: x = d·sc·v[q], sc in [-32, 31].
 
 A fitted tensor (``Fitted``) holds the stored integers. Its values are computed as ggml's dequantize_row_* computes
 them, in float32: step a = d·sc and offset b = dmin·mn are exact products (11-bit d times an integer of at most
@@ -16,7 +19,10 @@ handful of candidate inverse scales (symmetric types: ``make_qx_quants``' 19 can
 that the largest weight takes the wider negative end; types with a min: ``make_qkx3_quants``' 37 candidates with the
 2×2 weighted least-squares (scale, min) solve, min ≤ 0). K-types then quantize the sub-block scales (and mins) to
 their bits under one float16 super-block scale chosen among a few candidates by the weighted error of the final
-rounding (the role of ``make_qp_quants``). Element weights follow llama-quantize: with importance weights (imatrix:
+rounding (the role of ``make_qp_quants``). The non-linear types search their sub-block scale the same way over the codebook (``_codebook_search``: the scale
+whose largest weight lands on the codebook's positive end, then 15 scales whose largest weight lands around its
+negative end, each with its least-squares refit; llama.cpp's quantize_row_iq4_nl_impl with ntry 7). Element weights
+follow llama-quantize: with importance weights (imatrix:
 mean x_j² of input j over calibration tokens) w = imp_j·√(σ² + x²), σ² = 2·mean(x²) of the block's row slice;
 without, the per-type defaults of its reference path (|x| + rms of the sub-block for Q4_K/Q5_K and the legacy types,
 x² for Q3_K/Q6_K, |x| for Q2_K).
@@ -48,11 +54,15 @@ class GGUFType:
     signed_scales: bool
     nbytes: int  # bytes per block
     weighting: str  # element weights without importance: "rms+abs", "square" or "abs"
+    levels: tuple[int, ...] | None = None  # a codebook: code q decodes to levels[q] instead of q - offset
 
     @property
     def bpw(self) -> float:
         return 8 * self.nbytes / self.block
 
+
+# ggml-common.h kvalues_iq4nl: the 4-bit non-linear codebook shared by IQ4_NL and IQ4_XS
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 TYPES = {t.name: t for t in [
     GGUFType("Q4_0", 32, 32, 15, 8, False, None, False, 18, "rms+abs"),
@@ -65,6 +75,8 @@ TYPES = {t.name: t for t in [
     GGUFType("Q4_K", 256, 32, 15, 0, True, 6, False, 144, "rms+abs"),
     GGUFType("Q5_K", 256, 32, 31, 0, True, 6, False, 176, "rms+abs"),
     GGUFType("Q6_K", 256, 16, 63, 32, False, 8, True, 210, "square"),
+    GGUFType("IQ4_NL", 32, 32, 15, 0, False, None, False, 18, "square", IQ4_LEVELS),
+    GGUFType("IQ4_XS", 256, 32, 15, 0, False, 6, True, 136, "square", IQ4_LEVELS),
 ]}
 
 
@@ -102,8 +114,15 @@ class Fitted:
         """The float32 weights llama.cpp decodes (rows, n)."""
         rows, n = self.q.shape
         a, c = self.steps()
-        k = (self.q.long() - self.kind.offset).float().reshape(rows, -1, a.shape[-1], self.kind.sub)
+        k = signed_codes(self.kind, self.q).reshape(rows, -1, a.shape[-1], self.kind.sub)
         return _decode(self.kind, a, c, k).reshape(rows, n)
+
+
+def signed_codes(kind: GGUFType, q: torch.Tensor) -> torch.Tensor:
+    """What each stored code multiplies its step by, float32: q - offset, or the codebook's level."""
+    if kind.levels is not None:
+        return torch.tensor(kind.levels, dtype=torch.float32)[q.long()]
+    return (q.long() - kind.offset).float()
 
 
 def check_shape(kind: GGUFType, shape: tuple[int, ...], name: str = "weight") -> None:
@@ -176,6 +195,32 @@ def _min_search(X, W, nmax: int, clamp_min: bool, rmin=-0.9, rdelta=0.05, nstep=
     return best_s.squeeze(-1), best_m.squeeze(-1)
 
 
+def nearest_level(y: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """Index of the codebook level nearest each y (a tie goes to the upper level)."""
+    v = torch.tensor(levels, dtype=torch.float32)
+    return torch.bucketize(y.contiguous(), (v[1:] + v[:-1]) / 2, right=True)
+
+
+def _codebook_search(X, W, levels: tuple[int, ...], tries: int = 7):
+    """Best signed scale per sub-block for x ≈ s·v[l] over a codebook v: the inverse scales -v[0] / xmax (the
+    largest |x|, with its sign, on the positive end) and (v[0] + t) / xmax for t in -tries..tries (on and around
+    the negative end, where the asymmetric codebook reaches further), each with its least-squares s =
+    Σw·x·v / Σw·v²; keeps the largest (Σw·x·v)² / Σw·v², the smallest weighted SSE."""
+    v = torch.tensor(levels, dtype=torch.float32)
+    idx = X.abs().argmax(-1, keepdim=True)
+    xmax = X.gather(-1, idx)
+    safe = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
+    best_s, best_score = torch.zeros_like(xmax), torch.full_like(xmax, -1.0)
+    for inverse in (-levels[0], *(levels[0] + t for t in range(-tries, tries + 1))):
+        q = v[nearest_level(X * (inverse / safe), levels)]
+        swxq, swq2 = (W * X * q).sum(-1, keepdim=True), (W * q * q).sum(-1, keepdim=True)
+        score = torch.where(swq2 > 0, swxq.square() / swq2.clamp(min=1e-30), torch.zeros_like(swq2))
+        better = score > best_score
+        best_s = torch.where(better, swxq / swq2.clamp(min=1e-30), best_s)
+        best_score = torch.where(better, score, best_score)
+    return torch.where(xmax == 0, torch.zeros_like(best_s), best_s).squeeze(-1)
+
+
 def _sse(X, W, s, m, nmax):
     L = torch.round((X - m) / s.clamp(min=1e-30)).clamp(0, nmax)
     return (W * (s * L + m - X).square()).sum(-1, keepdim=True)
@@ -194,7 +239,9 @@ def fit(kind: GGUFType, X: torch.Tensor, importance: torch.Tensor | None = None)
     rows, n = X.shape
     Xb = X.float().reshape(rows, n // kind.block, kind.block // kind.sub, kind.sub)
     W = element_weights(kind, Xb, None if importance is None else importance.float())
-    if kind.has_min:
+    if kind.levels is not None:
+        s, m = _codebook_search(Xb, W, kind.levels), None
+    elif kind.has_min:
         s, m = _min_search(Xb, W, kind.qmax, clamp_min=kind.scale_bits is not None)
     else:
         s, m = _symmetric_search(Xb, W, kind.offset), None
@@ -211,6 +258,8 @@ def nearest_codes(fitted: Fitted, Xb: torch.Tensor) -> torch.Tensor:
     kind = fitted.kind
     a, c = (t.unsqueeze(-1) for t in fitted.steps())
     safe = torch.where(a == 0, torch.ones_like(a), a)
+    if kind.levels is not None:  # a zero step keeps code 0, as ggml's zeroed block does
+        return torch.where(a == 0, 0, nearest_level(Xb / safe, kind.levels)).to(torch.uint8)
     k = torch.round((Xb - c) / safe).clamp(-kind.offset, kind.qmax - kind.offset)
     k = torch.where(a == 0, torch.zeros_like(k), k)
     return (k + kind.offset).to(torch.uint8)
@@ -260,7 +309,7 @@ def _quantized_scales(kind: GGUFType, s, m, d, dmin) -> Fitted:
 def _block_values(fitted: Fitted) -> torch.Tensor:
     """Values of the fitted codes, shaped like the codes (rows, nblocks, nsub, sub)."""
     a, c = fitted.steps()
-    return _decode(fitted.kind, a, c, fitted.q.float() - fitted.kind.offset)
+    return _decode(fitted.kind, a, c, signed_codes(fitted.kind, fitted.q))
 
 
 def _decode(kind: GGUFType, a, c, k):

@@ -8,7 +8,7 @@ import torch
 
 from slimlm.core.linalg import column_loop_threads, drop_dead_inputs, hessian_inverse_cholesky
 from slimlm.errors import SlimlmError
-from slimlm.gguf.types import Fitted, GGUFType, check_shape, fit, nearest_codes
+from slimlm.gguf.types import Fitted, GGUFType, check_shape, fit, nearest_codes, nearest_level, signed_codes
 from slimlm.quant.grids import QuantGrid, grid_values_into, quant_params
 
 
@@ -134,6 +134,8 @@ def gptq_gguf(W: torch.Tensor, H: torch.Tensor, kind: GGUFType, blocksize: int =
 
         def quantize_column(out, w, j):
             p = int(order[j]) - group * B
+            if kind.levels is not None:  # the codebook level nearest w / a
+                return torch.mul(signed_codes(kind, nearest_level(w / safe[:, p], kind.levels)), a[:, p], out=out)
             torch.sub(w, c[:, p], out=out).div_(safe[:, p]).round_().clamp_(lo, hi).mul_(a[:, p])
             return out.add_(c[:, p]) if kind.has_min else out
         return quantize_column
